@@ -42,7 +42,7 @@ def _digest() -> str:
 
 def ensure_env() -> None:
     """Create or refresh .venv from the lock file; a no-op when it is up to date."""
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - a clear message on old Pythons
         sys.exit("replica-router needs Python >= 3.10")
     if STAMP.exists() and STAMP.read_text() == _digest() and PY.exists():
         return
@@ -80,9 +80,20 @@ def main(argv: list[str]) -> int:
         if uv is None:
             sys.exit("'lock' needs uv: pip install uv")
         return _run(
-            uv, "pip", "compile", "pyproject.toml", "--extra", "dev",
-            "--universal", "--python-version", "3.10", "--generate-hashes", "--quiet",
-            "-o", LOCK, *rest,
+            uv,
+            "pip",
+            "compile",
+            "pyproject.toml",
+            "--extra",
+            "dev",
+            "--universal",
+            "--python-version",
+            "3.10",
+            "--generate-hashes",
+            "--quiet",
+            "-o",
+            LOCK,
+            *rest,
         )
     if command not in {"demo", "test", "lint", "bench"}:
         print(__doc__)
@@ -92,8 +103,8 @@ def main(argv: list[str]) -> int:
         return _run(BIN / "replica-router", "demo", *rest)
     if command == "lint":
         return (
-            _run(BIN / "ruff", "check", "src", "tests", "benchmarks", "examples", "dev.py")
-            or _run(BIN / "ruff", "format", "--check", "src", "tests", "benchmarks", "examples")
+            _run(BIN / "ruff", "check", ".")
+            or _run(BIN / "ruff", "format", "--check", ".")
             or _run(BIN / "mypy")
         )
     if command == "bench":
