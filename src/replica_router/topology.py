@@ -79,17 +79,17 @@ class Topology:
     generation: int = 0
     taken_at: float = 0.0
     by_name: Mapping[str, NodeState] = field(init=False, repr=False, compare=False)
+    # Derived once per snapshot so the routing hot path iterates without building.
+    replicas: tuple[NodeState, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_name", MappingProxyType({n.name: n for n in self.nodes}))
+        replicas = tuple(n for n in self.nodes if n.role is Role.REPLICA)
+        object.__setattr__(self, "replicas", replicas)
 
     @property
     def primary_state(self) -> NodeState | None:
         return self.by_name.get(self.primary) if self.primary is not None else None
-
-    @property
-    def replicas(self) -> tuple[NodeState, ...]:
-        return tuple(n for n in self.nodes if n.role is Role.REPLICA)
 
 
 @dataclass(frozen=True, slots=True)
