@@ -1,9 +1,11 @@
 """A small local web page showing a cluster's topology and each replica's lag over time.
 
 The page (``index.html``, no external resources) polls ``/api/status`` about once
-a second and draws the chart itself. The server is the standard library's
-``ThreadingHTTPServer`` on a named daemon thread, bound to 127.0.0.1 by default:
-it shows node names, addresses and lag, never a DSN or a password.
+a second and draws the chart itself. The server samples every replica's lag once
+a second into a bounded history, so a page opened (or reloaded) late still shows
+the last minutes. The server is the standard library's ``ThreadingHTTPServer`` on
+named daemon threads, bound to 127.0.0.1 by default: it shows node names,
+addresses and lag, never a DSN or a password.
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
+from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from types import TracebackType
 from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
 
 from ..metrics import Observable
-from ..topology import Topology
+from ..topology import NodeStatus, Role, Topology
 
-__all__ = ["DashboardServer", "status_payload"]
+__all__ = ["DashboardServer", "LagHistory", "status_payload"]
 
 log = logging.getLogger("replica_router.dashboard")
 
@@ -34,13 +39,50 @@ class Watched(Observable, Protocol):
     def topology(self) -> Topology: ...
 
 
-def status_payload(cluster: Watched, *, max_lag: float | None = None) -> dict[str, Any]:
-    """The JSON document behind ``/api/status`` (display-safe: no DSN, no password)."""
+HISTORY_SECONDS = 300
+SAMPLE_INTERVAL = 1.0
+
+
+class LagHistory:
+    """Each replica's lag, one sample per ``record`` call, the last ``size`` kept.
+
+    A sample is ``{"t": unix time, "lag": {replica: [seconds, bytes]}}``; both are
+    null while the replica is unhealthy, so the chart shows a gap, not a stale value.
+    """
+
+    def __init__(self, size: int = HISTORY_SECONDS) -> None:
+        self._samples: deque[dict[str, Any]] = deque(maxlen=size)
+
+    def record(self, statuses: Sequence[NodeStatus], now: float) -> None:
+        lag = {
+            node.name: [node.lag_seconds, node.lag_bytes] if node.healthy else [None, None]
+            for node in statuses
+            if node.role == Role.REPLICA.value
+        }
+        self._samples.append({"t": now, "lag": lag})  # deque.append is atomic: no lock
+
+    def since(self, t: float) -> list[dict[str, Any]]:
+        return [sample for sample in tuple(self._samples) if sample["t"] > t]
+
+
+def status_payload(
+    cluster: Watched,
+    *,
+    max_lag: float | None = None,
+    history: LagHistory | None = None,
+    since: float = 0.0,
+) -> dict[str, Any]:
+    """The JSON document behind ``/api/status`` (display-safe: no DSN, no password).
+
+    ``history`` samples newer than ``since`` are included, so the page asks only
+    for what it has not seen yet.
+    """
     counters = cluster.counters()
     return {
         "taken_at": time.time(),
         "primary": cluster.topology.primary,
         "max_lag": max_lag,
+        "history": history.since(since) if history is not None else [],
         "nodes": [node.as_dict() for node in cluster.status()],
         "counters": {
             "reads": dict(counters.reads),
@@ -61,12 +103,20 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path in ("/", "/index.html"):
+        url = urlsplit(self.path)
+        if url.path in ("/", "/index.html"):
             self._send(HTTPStatus.OK, "text/html; charset=utf-8", self.server.page)
-        elif path == "/api/status":
+        elif url.path == "/api/status":
             try:
-                payload = status_payload(self.server.cluster, max_lag=self.server.max_lag)
+                since = float(parse_qs(url.query).get("since", ["0"])[0])
+            except ValueError:
+                self._send(HTTPStatus.BAD_REQUEST, "text/plain", b"since: expected a number\n")
+                return
+            server = self.server
+            try:
+                payload = status_payload(
+                    server.cluster, max_lag=server.max_lag, history=server.history, since=since
+                )
             except Exception as exc:
                 log.exception("dashboard: reading the cluster's status failed")
                 body = json.dumps({"error": type(exc).__name__}).encode()
@@ -98,6 +148,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.cluster = cluster
         self.max_lag = max_lag
+        self.history = LagHistory()
         self.page = _page()
 
 
@@ -121,6 +172,8 @@ class DashboardServer:
         self._max_lag = max_lag
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._sampler: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def port(self) -> int:
@@ -135,22 +188,42 @@ class DashboardServer:
         """Bind the socket and start serving on a daemon thread (OSError if the port is taken)."""
         if self._httpd is not None:
             return
-        self._httpd = _Server(self._address, self._cluster, self._max_lag)
+        httpd = self._httpd = _Server(self._address, self._cluster, self._max_lag)
+        self._stopping.clear()
+        self._sampler = threading.Thread(
+            target=self._sample,
+            args=(httpd.history,),
+            name=f"replica-router-dashboard-sampler:{self.port}",
+            daemon=True,
+        )
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
+            target=httpd.serve_forever,
             name=f"replica-router-dashboard:{self.port}",
             daemon=True,
         )
+        self._sampler.start()
         self._thread.start()
         log.info("dashboard on %s", self.url)
 
+    def _sample(self, history: LagHistory) -> None:
+        """Record every replica's lag once a second until ``close()``."""
+        while True:
+            try:
+                history.record(self._cluster.status(), time.time())
+            except Exception:
+                log.exception("dashboard: sampling the cluster's lag failed")
+            if self._stopping.wait(SAMPLE_INTERVAL):
+                return
+
     def close(self, timeout: float = 5.0) -> None:
-        httpd, thread = self._httpd, self._thread
-        self._httpd = self._thread = None
-        if httpd is None or thread is None:
+        httpd, thread, sampler = self._httpd, self._thread, self._sampler
+        self._httpd = self._thread = self._sampler = None
+        if httpd is None or thread is None or sampler is None:
             return
+        self._stopping.set()
         httpd.shutdown()
         thread.join(timeout)
+        sampler.join(timeout)
         httpd.server_close()
 
     def __enter__(self) -> DashboardServer:
