@@ -1,0 +1,830 @@
+"""``LocalCluster``: a real primary and N streaming replicas on this machine."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import psycopg
+from psycopg import conninfo
+
+from ..errors import ConfigurationError, SandboxError
+from ._binaries import Binaries, find_binaries
+from ._processes import (
+    STOP_SIGNALS,
+    RunAs,
+    check_traversable,
+    chown_tree,
+    postmaster_pid,
+    postmaster_status,
+    process_start_marker,
+    resolve_run_as,
+    run,
+    spawn,
+    terminate_postmaster,
+)
+from ._state import (
+    STATE_FILE,
+    NodeRecord,
+    SandboxState,
+    reap_directory,
+    reap_orphans,
+    remove_sandbox,
+    temp_root,
+)
+
+__all__ = ["LocalCluster"]
+
+logger = logging.getLogger("replica_router.sandbox")
+
+PRIMARY = "primary"
+SYNCHRONOUS_COMMIT_LEVELS = ("on", "remote_apply", "remote_write", "local", "off")
+_CONF_FILE = "replica_router_sandbox.conf"
+_PORT_ATTEMPTS = 5
+_MAX_SOCKET_PATH = 100  # sun_path is 104-108 bytes; leave room for /.s.PGSQL.NNNNN
+_LOG_TAIL_LINES = 25
+_POLL = 0.01
+
+_open_clusters: weakref.WeakSet[LocalCluster] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_leftovers() -> None:
+    """An interpreter that exits normally never leaves servers behind."""
+    for cluster in list(_open_clusters):
+        try:
+            cluster.close()
+        except Exception:
+            logger.exception("closing sandbox %r at exit failed", cluster)
+
+
+class _PortInUse(SandboxError):
+    """The port picked for a node was taken before the server could bind it."""
+
+
+def _pick_port(exclude: Iterable[int] = ()) -> int:
+    """A loopback port nobody listens on right now (the OS chooses it)."""
+    taken = set(exclude)
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            return port
+
+
+def _quote_setting(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _tail(path: Path, offset: int = 0, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no server log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"
+
+
+class LocalCluster:
+    """A PostgreSQL primary plus ``replicas`` streaming replicas in a temporary directory.
+
+    Nothing happens in the constructor: ``open()`` (or ``with``) runs initdb, starts
+    the servers on free loopback ports and returns once every replica streams;
+    ``close()`` stops them and deletes the directory. Node names are ``"primary"``,
+    ``"replica1"``, ``"replica2"``, ... and keep naming the same server for the
+    cluster's life; :attr:`primary_name` tells which one takes writes now.
+    """
+
+    def __init__(
+        self,
+        replicas: int = 2,
+        *,
+        sync: bool = False,
+        synchronous_commit: str = "on",
+        base_dir: str | os.PathLike[str] | None = None,
+        os_user: str | None = None,
+        password: str | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise ConfigurationError(f"replicas: expected a whole number >= 0, got {replicas!r}")
+        if sync and replicas == 0:
+            raise ConfigurationError("sync=True needs at least one replica to wait for")
+        if synchronous_commit not in SYNCHRONOUS_COMMIT_LEVELS:
+            raise ConfigurationError(
+                f"synchronous_commit: expected one of {', '.join(SYNCHRONOUS_COMMIT_LEVELS)}, "
+                f"got {synchronous_commit!r}"
+            )
+        if password is not None and (not isinstance(password, str) or not password):
+            raise ConfigurationError("password: expected a non-empty string or None")
+        if startup_timeout <= 0:
+            raise ConfigurationError(f"startup_timeout: expected > 0, got {startup_timeout!r}")
+        self._replica_count = replicas
+        self._sync = sync
+        self._synchronous_commit = synchronous_commit
+        self._base_dir = None if base_dir is None else Path(base_dir).absolute()
+        self._os_user = os_user
+        self._password = password
+        self._startup_timeout = startup_timeout
+        self._lock = threading.RLock()
+        self._directory: Path | None = None
+        self._created_dir = False
+        self._state: SandboxState | None = None
+        self._binaries: Binaries | None = None
+        self._run_as: RunAs | None = None
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._log_offsets: dict[str, int] = {}  # where the current run's log lines begin
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def open(self) -> LocalCluster:
+        """Create the directory, initdb, start every node, wait until replicas stream."""
+        with self._lock:
+            if self._directory is not None:
+                raise SandboxError("this LocalCluster is already open")
+            started = time.monotonic()
+            try:
+                binaries = find_binaries()
+                run_as = resolve_run_as(self._os_user)
+                self._create(binaries, run_as)
+            except BaseException:
+                self.close()
+                raise
+            _open_clusters.add(self)
+            logger.info(
+                "sandbox %s ready in %.2f s: %s", self._directory, time.monotonic() - started, self
+            )
+        return self
+
+    def close(self) -> None:
+        """Stop every server and delete everything this sandbox created. Idempotent."""
+        with self._lock:
+            _open_clusters.discard(self)
+            directory, state = self._directory, self._state
+            processes = dict(self._processes)
+            self._directory, self._state = None, None
+            self._processes.clear()
+            if directory is None:
+                return
+            try:
+                if state is not None:
+                    self._stop_all(directory, state, processes)
+            finally:
+                if state is not None:
+                    remove_sandbox(directory, state)
+                elif self._created_dir:
+                    shutil.rmtree(directory, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def detach(self) -> Path:
+        """Leave the servers running after this process exits (``sandbox up``).
+
+        The sandbox is marked persistent (never reaped as an orphan); operate it
+        later with :meth:`attach` and remove it with ``close()`` on that object.
+        """
+        with self._lock:
+            state, directory = self._require_open()
+            state.persistent = True
+            state.save(directory)
+            _open_clusters.discard(self)
+            self._directory, self._state = None, None
+            self._processes.clear()
+            return directory
+
+    @classmethod
+    def attach(cls, directory: str | os.PathLike[str]) -> LocalCluster:
+        """Operate a sandbox another process made (the state file in ``directory``)."""
+        path = Path(directory).absolute()
+        state = SandboxState.load(path)
+        cluster = cls(
+            replicas=sum(1 for n in state.nodes if n.name != PRIMARY),
+            sync=state.sync,
+            synchronous_commit=state.synchronous_commit,
+            base_dir=path,
+            os_user=state.os_user,
+            password=state.password,
+        )
+        binaries = Binaries(bindir=Path(state.bindir), major=state.major)
+        if not (binaries.bindir / "postgres").exists():
+            raise SandboxError(f"the server binaries this sandbox used are gone: {binaries.bindir}")
+        cluster._binaries = binaries
+        cluster._run_as = resolve_run_as(state.os_user)
+        cluster._directory, cluster._state = path, state
+        cluster._created_dir = state.created_dir
+        return cluster
+
+    # -- what the nodes are ------------------------------------------------------
+
+    @property
+    def directory(self) -> Path:
+        return self._require_open()[1]
+
+    @property
+    def node_names(self) -> list[str]:
+        return [n.name for n in self._require_open()[0].nodes]
+
+    @property
+    def primary_name(self) -> str:
+        """The node that takes writes now (changes after :meth:`promote`)."""
+        return self._require_open()[0].primary_name
+
+    @property
+    def replica_names(self) -> list[str]:
+        """Nodes configured as standbys now, in node order (running or not)."""
+        return [n.name for n in self._require_open()[0].nodes if n.standby]
+
+    @property
+    def primary_dsn(self) -> str:
+        """DSN of the current primary; ``dsn("primary")`` stays the original node's."""
+        return self.dsn(self.primary_name)
+
+    @property
+    def replica_dsns(self) -> list[str]:
+        return [self.dsn(name) for name in self.replica_names]
+
+    @property
+    def system_identifier(self) -> int:
+        ident = self._require_open()[0].system_identifier
+        if ident is None:
+            raise SandboxError("system identifier not known yet")
+        return ident
+
+    def port(self, name: str) -> int:
+        return self._node(name).port
+
+    def dsn(self, name: str) -> str:
+        """A libpq URL for one node: user ``postgres``, database ``postgres``."""
+        auth = (
+            "postgres" if self._password is None else f"postgres:{quote(self._password, safe='')}"
+        )
+        return f"postgresql://{auth}@127.0.0.1:{self._node(name).port}/postgres"
+
+    def log_path(self, name: str) -> Path:
+        self._node(name)
+        return self._require_open()[1] / f"{name}.log"
+
+    def is_running(self, name: str) -> bool:
+        return self._pid(name) is not None
+
+    def __repr__(self) -> str:
+        if self._state is None:
+            return f"<LocalCluster replicas={self._replica_count} closed>"
+        nodes = ", ".join(f"{n.name}:{n.port}" for n in self._state.nodes)
+        return f"<LocalCluster {nodes} primary={self._state.primary_name} dir={self._directory}>"
+
+    # -- operating it ------------------------------------------------------------
+
+    def execute(
+        self, name: str, sql: str, params: Sequence[Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement on a node (autocommit); rows if it returns any."""
+        with psycopg.connect(self.dsn(name), autocommit=True, connect_timeout=10) as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def pause_replay(self, name: str, timeout: float = 10.0) -> None:
+        """Stop applying WAL on a replica (it keeps receiving); returns once paused."""
+        self._require_standby(name)
+        self.execute(name, "SELECT pg_wal_replay_pause()")
+        self._poll(
+            lambda: self._replay_paused(name),
+            timeout,
+            f"replay on {name} did not pause",
+            name,
+        )
+
+    def resume_replay(self, name: str, timeout: float = 10.0) -> None:
+        self._require_standby(name)
+        self.execute(name, "SELECT pg_wal_replay_resume()")
+        self._poll(
+            lambda: not self._replay_paused(name),
+            timeout,
+            f"replay on {name} did not resume",
+            name,
+        )
+
+    def set_apply_delay(self, name: str, seconds: float, timeout: float = 10.0) -> None:
+        """Make a replica apply each commit ``seconds`` late (recovery_min_apply_delay)."""
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+            raise ConfigurationError(f"seconds: expected a number >= 0, got {seconds!r}")
+        with self._lock:
+            node = self._require_standby(name)
+            millis = round(seconds * 1000)
+            if millis:
+                node.settings["recovery_min_apply_delay"] = f"{millis}ms"
+            else:
+                node.settings.pop("recovery_min_apply_delay", None)
+            self._apply_settings(node)
+        if self.is_running(name):
+            expected = f"{millis}ms" if millis % 1000 else f"{millis // 1000}s"
+            self._poll(
+                lambda: self._show(name, "recovery_min_apply_delay") in (expected, f"{millis}ms"),
+                timeout,
+                f"{name} did not take recovery_min_apply_delay={millis}ms",
+                name,
+            )
+
+    def stop(self, name: str, mode: str = "fast", timeout: float = 30.0) -> None:
+        """Shut a node down like ``pg_ctl stop -m MODE``; a stopped node is left alone."""
+        if mode not in ("fast", "immediate", "smart"):
+            raise ConfigurationError(f"mode: expected 'fast' or 'immediate', got {mode!r}")
+        with self._lock:
+            self._node(name)
+            pid = self._pid(name)
+            if pid is None:
+                return
+            terminate_postmaster(pid, mode, timeout, self._processes.pop(name, None))
+            logger.info("stopped %s (%s)", name, mode)
+
+    def start(self, name: str, timeout: float | None = None) -> None:
+        """Start a stopped node; returns when it accepts connections and, for a
+        replica whose primary runs, when it streams (likewise a primary's replicas)."""
+        deadline = time.monotonic() + (timeout or self._startup_timeout)
+        with self._lock:
+            state, _ = self._require_open()
+            node = self._node(name)
+            if self.is_running(name):
+                return
+            self._start_node(node, deadline)
+            if node.standby:
+                waiting = [name] if node.upstream and self.is_running(node.upstream) else []
+                upstream = node.upstream
+            else:
+                waiting = [
+                    n.name
+                    for n in state.nodes
+                    if n.standby and n.upstream == name and self.is_running(n.name)
+                ]
+                upstream = name
+            if upstream and waiting:
+                self._wait_streaming(upstream, waiting, deadline)
+
+    def promote(self, name: str, timeout: float = 30.0) -> None:
+        """Promote a replica, re-point every other replica to it, wait until they stream.
+
+        The old primary is left as it is (running or not, still a primary on the
+        old timeline): that is the split-brain a router must fence.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            state, directory = self._require_open()
+            node = self._require_standby(name)
+            if not self.is_running(name):
+                raise SandboxError(f"cannot promote {name}: it is not running")
+            rows = self.execute(
+                name, "SELECT pg_promote(wait => true, wait_seconds => %s)", (max(1, int(timeout)),)
+            )
+            if not rows or rows[0][0] is not True:
+                raise SandboxError(
+                    f"{name} did not finish promotion in {timeout:g} s; last log lines:\n"
+                    + _tail(directory / f"{name}.log")
+                )
+            node.standby, node.upstream = False, None
+            state.primary_name = name
+            followers = [n for n in state.nodes if n.standby]
+            if self._sync and not followers:
+                # Nobody left to wait for: commits would hang forever.
+                node.settings["synchronous_standby_names"] = ""
+            self._apply_settings(node)
+            for follower in followers:
+                follower.upstream = name
+                self._apply_settings(follower)
+            state.save(directory)
+            logger.info("promoted %s; re-pointed %s", name, [f.name for f in followers])
+            running = [f.name for f in followers if self.is_running(f.name)]
+            if running:
+                self._wait_streaming(name, running, deadline)
+
+    def wait_replicated(self, timeout: float = 10.0) -> str:
+        """Wait until every running, un-paused replica has replayed the primary's
+        current WAL position; returns that position (``'0/3000148'``)."""
+        deadline = time.monotonic() + timeout
+        primary = self.primary_name
+        target = str(self.execute(primary, "SELECT pg_current_wal_lsn()::text")[0][0])
+        for name in self.replica_names:
+            if not self.is_running(name) or self._replay_paused(name):
+                continue
+            self._poll(
+                lambda name=name: bool(
+                    self.execute(name, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,))[
+                        0
+                    ][0]
+                ),
+                max(0.0, deadline - time.monotonic()),
+                f"{name} did not replay up to {target} within {timeout:g} s",
+                name,
+            )
+        return target
+
+    # -- internals: creation -----------------------------------------------------
+
+    def _create(self, binaries: Binaries, run_as: RunAs | None) -> None:
+        self._binaries, self._run_as = binaries, run_as
+        directory = self._make_directory(run_as)
+        names = [PRIMARY, *(f"replica{i}" for i in range(1, self._replica_count + 1))]
+        ports: list[int] = []
+        for _ in names:
+            ports.append(_pick_port(exclude=ports))
+        nodes = [
+            NodeRecord(name=name, port=port, standby=name != PRIMARY, upstream=None)
+            for name, port in zip(names, ports, strict=True)
+        ]
+        for node in nodes[1:]:
+            node.upstream = PRIMARY
+        state = SandboxState(
+            owner_pid=os.getpid(),
+            owner_marker=process_start_marker(os.getpid()),
+            persistent=False,
+            created_dir=self._created_dir,
+            bindir=str(binaries.bindir),
+            major=binaries.major,
+            os_user=run_as.name if run_as else None,
+            password=self._password,
+            sync=self._sync,
+            synchronous_commit=self._synchronous_commit,
+            primary_name=PRIMARY,
+            system_identifier=None,
+            nodes=nodes,
+        )
+        state.save(directory)  # from here on a crash is reaped by the next sandbox
+        self._state = state
+        deadline = time.monotonic() + self._startup_timeout
+        self._initdb(directory / PRIMARY)
+        self._clone_cold(directory / PRIMARY, [directory / n.name for n in nodes[1:]])
+        for node in nodes:
+            self._apply_settings(node, reload=False)
+            if node.standby:
+                self._write(directory / node.name / "standby.signal", "")
+        self._start_node(nodes[0], deadline)
+        for node in nodes[1:]:
+            self._spawn_with_port_retry(node, deadline, wait=False)
+        for node in nodes[1:]:
+            self._await_ready(node, deadline)
+        if len(nodes) > 1:
+            self._wait_streaming(PRIMARY, [n.name for n in nodes[1:]], deadline)
+        state.system_identifier = int(
+            self.execute(PRIMARY, "SELECT system_identifier FROM pg_control_system()")[0][0]
+        )
+        state.save(directory)
+
+    def _make_directory(self, run_as: RunAs | None) -> Path:
+        if self._base_dir is None:
+            root = temp_root()
+            root.mkdir(parents=True, exist_ok=True)
+            root.chmod(0o755)  # the server user must be able to walk through it
+            reap_orphans(root)
+            directory = Path(tempfile.mkdtemp(prefix="rr-", dir=root))
+            self._created_dir = True
+        else:
+            directory = self._base_dir
+            if (directory / STATE_FILE).exists():
+                reap_directory(directory)
+            if directory.exists():
+                if (directory / STATE_FILE).exists():
+                    raise SandboxError(
+                        f"{directory} already holds a running sandbox; stop it first "
+                        "(`replica-router sandbox down`)"
+                    )
+                if any(directory.iterdir()):
+                    raise SandboxError(f"{directory} is not empty; give an empty or new directory")
+                self._created_dir = False
+            else:
+                directory.mkdir(parents=True)
+                self._created_dir = True
+        self._directory = directory
+        check_traversable(directory.parent, run_as)
+        if run_as is not None:
+            os.chown(directory, run_as.uid, run_as.gid)
+        return directory
+
+    def _initdb(self, data_dir: Path) -> None:
+        binaries, run_as = self._require_binaries()
+        args = [
+            binaries.path("initdb"),
+            "-D",
+            str(data_dir),
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "-A",
+            "trust",
+        ]
+        pwfile = data_dir.parent / ".pwfile"
+        if self._password is not None:
+            self._write(pwfile, self._password + "\n", mode=0o600)
+            args.append(f"--pwfile={pwfile}")
+        try:
+            run(args, run_as, cwd=data_dir.parent)
+        finally:
+            pwfile.unlink(missing_ok=True)
+        method = "trust" if self._password is None else "scram-sha-256"
+        self._write(
+            data_dir / "pg_hba.conf",
+            "# written by replica-router's sandbox\n"
+            "local all all trust\n"
+            "local replication all trust\n"
+            f"host all all 127.0.0.1/32 {method}\n"
+            f"host replication all 127.0.0.1/32 {method}\n",
+        )
+        with (data_dir / "postgresql.conf").open("a") as fh:
+            fh.write(f"\ninclude '{_CONF_FILE}'\n")
+
+    def _clone_cold(self, source: Path, targets: list[Path]) -> None:
+        """Copy the freshly initialised, cleanly shut down primary for each replica.
+
+        A cold copy is a valid base backup and much faster than pg_basebackup
+        against a running server; the replicas then stream from the copy's end.
+        """
+        _, run_as = self._require_binaries()
+
+        def clone(target: Path) -> None:
+            shutil.copytree(source, target, symlinks=True)
+            chown_tree(target, run_as)
+
+        if not targets:
+            return
+        with ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="rr-clone") as pool:
+            for future in [pool.submit(clone, t) for t in targets]:
+                future.result()
+
+    # -- internals: configuration ------------------------------------------------
+
+    def _settings(self, node: NodeRecord) -> dict[str, str]:
+        state, directory = self._require_open()
+        socket_dir = str(directory) if len(str(directory)) <= _MAX_SOCKET_PATH else ""
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(node.port),
+            "unix_socket_directories": socket_dir,
+            "fsync": "off",  # a sandbox need not survive a power cut; startup is faster
+            "synchronous_commit": self._synchronous_commit,
+            "wal_level": "replica",
+            "max_wal_senders": "10",
+            "max_replication_slots": "10",
+            "wal_keep_size": "256MB",  # a stopped replica can catch up without a slot
+            "wal_log_hints": "on",  # so pg_rewind can be used after a failover
+            "hot_standby": "on",
+            "hot_standby_feedback": "on",
+            "wal_receiver_status_interval": "1s",  # fresh lag figures on the primary
+            "wal_retrieve_retry_interval": "200ms",  # reconnect quickly after a restart
+            "wal_receiver_timeout": "10s",
+            "wal_sender_timeout": "10s",
+            "recovery_target_timeline": "latest",  # follow a promotion
+            "shared_buffers": "32MB",
+            "max_connections": "100",
+            "jit": "off",
+            "log_line_prefix": "%m [%p] %q%a ",
+        }
+        if self._sync:
+            # Quorum of one: a commit waits for whichever standby confirms first.
+            # Every node is listed so the setting stays right after a promotion.
+            names = ", ".join(f'"{n.name}"' for n in state.nodes)
+            settings["synchronous_standby_names"] = f"ANY 1 ({names})"
+        if node.standby and node.upstream is not None:
+            upstream = self._node(node.upstream)
+            extra = {} if self._password is None else {"password": self._password}
+            settings["primary_conninfo"] = conninfo.make_conninfo(
+                "",
+                host="127.0.0.1",
+                port=str(upstream.port),
+                user="postgres",
+                application_name=node.name,
+                **extra,
+            )
+        settings.update(node.settings)
+        return settings
+
+    def _apply_settings(self, node: NodeRecord, reload: bool = True) -> None:
+        """Rewrite the node's settings file and, if it runs, make it reload."""
+        state, directory = self._require_open()
+        body = "".join(
+            f"{key} = {_quote_setting(value)}\n" for key, value in self._settings(node).items()
+        )
+        self._write(
+            directory / node.name / _CONF_FILE,
+            "# Managed by replica-router's sandbox: rewritten on every change.\n" + body,
+        )
+        if reload:
+            pid = self._pid(node.name)
+            if pid is not None:
+                os.kill(pid, signal.SIGHUP)
+        state.save(directory)
+
+    def _write(self, path: Path, text: str, mode: int = 0o600) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        if self._run_as is not None:
+            os.chown(path, self._run_as.uid, self._run_as.gid)
+
+    # -- internals: processes ----------------------------------------------------
+
+    def _start_node(self, node: NodeRecord, deadline: float) -> None:
+        self._spawn_with_port_retry(node, deadline, wait=True)
+
+    def _spawn_with_port_retry(self, node: NodeRecord, deadline: float, wait: bool) -> None:
+        state, _ = self._require_open()
+        for attempt in range(_PORT_ATTEMPTS):
+            if attempt:
+                old = node.port
+                node.port = _pick_port(exclude=[n.port for n in state.nodes])
+                logger.warning(
+                    "port %d for %s was taken; retrying on %d", old, node.name, node.port
+                )
+                self._apply_settings(node, reload=False)
+                for follower in state.nodes:
+                    if follower.standby and follower.upstream == node.name:
+                        self._apply_settings(follower)
+            self._spawn(node)
+            if not wait:
+                return
+            try:
+                self._await_ready(node, deadline)
+                return
+            except _PortInUse:
+                continue
+        raise SandboxError(f"could not find a free port for {node.name}")
+
+    def _spawn(self, node: NodeRecord) -> None:
+        binaries, run_as = self._require_binaries()
+        _, directory = self._require_open()
+        log_path = directory / f"{node.name}.log"
+        with log_path.open("ab") as log:
+            if run_as is not None:
+                os.chown(log_path, run_as.uid, run_as.gid)
+            self._log_offsets[node.name] = log.tell()
+            self._processes[node.name] = spawn(
+                [binaries.path("postgres"), "-D", str(directory / node.name)],
+                run_as,
+                cwd=directory,
+                log=log,
+            )
+
+    def _await_ready(self, node: NodeRecord, deadline: float) -> None:
+        """Wait until the postmaster reports ``ready`` (a hot standby does too)."""
+        _, directory = self._require_open()
+        process = self._processes[node.name]
+        data_dir = directory / node.name
+        log_path = directory / f"{node.name}.log"
+        while True:
+            code = process.poll()
+            if code is not None:
+                self._processes.pop(node.name, None)
+                tail = _tail(log_path, self._log_offsets.get(node.name, 0))
+                if "could not bind" in tail or "Address already in use" in tail:
+                    raise _PortInUse(f"port {node.port} is taken")
+                raise SandboxError(
+                    f"{node.name} failed to start (exit code {code}); last log lines:\n{tail}"
+                )
+            if postmaster_status(data_dir) == "ready" and postmaster_pid(data_dir) == process.pid:
+                return
+            if time.monotonic() > deadline:
+                terminate_postmaster(process.pid, "immediate", 10.0, process)
+                self._processes.pop(node.name, None)
+                raise SandboxError(
+                    f"{node.name} was not ready in time; last log lines:\n"
+                    + _tail(log_path, self._log_offsets.get(node.name, 0))
+                )
+            time.sleep(_POLL)
+
+    def _wait_streaming(self, upstream: str, names: list[str], deadline: float) -> None:
+        """Poll the upstream's pg_stat_replication until each name streams from it."""
+        _, directory = self._require_open()
+        wanted = set(names)
+        last_error: Exception | None = None
+        rows: list[tuple[Any, ...]] = []
+        while True:
+            try:
+                rows = self.execute(
+                    upstream,
+                    "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'",
+                )
+                if wanted <= {r[0] for r in rows}:
+                    return
+                last_error = None
+            except psycopg.Error as exc:
+                last_error = exc
+            if time.monotonic() > deadline:
+                missing = sorted(wanted - {r[0] for r in rows})
+                logs = "\n".join(
+                    f"--- {name}.log ---\n" + _tail(directory / f"{name}.log", lines=10)
+                    for name in missing
+                )
+                raise SandboxError(
+                    f"{', '.join(missing)} not streaming from {upstream} in time"
+                    + (f" ({last_error})" if last_error else "")
+                    + f":\n{logs}"
+                )
+            time.sleep(_POLL)
+
+    def _stop_all(
+        self, directory: Path, state: SandboxState, processes: dict[str, subprocess.Popen[bytes]]
+    ) -> None:
+        """Immediate shutdown of every node at once: the data is about to be deleted."""
+        pids: dict[str, int] = {}
+        for node in state.nodes:
+            pid = postmaster_pid(directory / node.name)
+            process = processes.get(node.name)
+            if pid is None and process is not None and process.poll() is None:
+                pid = process.pid
+            if pid is not None:
+                pids[node.name] = pid
+                try:
+                    os.kill(pid, STOP_SIGNALS["immediate"])
+                except ProcessLookupError:
+                    pids.pop(node.name)
+        for name, pid in pids.items():
+            terminate_postmaster(pid, "immediate", 10.0, processes.get(name))
+
+    def _pid(self, name: str) -> int | None:
+        _, directory = self._require_open()
+        process = self._processes.get(name)
+        if process is not None:
+            if process.poll() is None:
+                return process.pid
+            self._processes.pop(name, None)
+        return postmaster_pid(directory / name)
+
+    # -- internals: small helpers ------------------------------------------------
+
+    def _require_open(self) -> tuple[SandboxState, Path]:
+        if self._state is None or self._directory is None:
+            raise SandboxError("this LocalCluster is not open; use `with LocalCluster() as lc:`")
+        return self._state, self._directory
+
+    def _require_binaries(self) -> tuple[Binaries, RunAs | None]:
+        if self._binaries is None:
+            raise SandboxError("this LocalCluster is not open")
+        return self._binaries, self._run_as
+
+    def _node(self, name: str) -> NodeRecord:
+        state, _ = self._require_open()
+        for node in state.nodes:
+            if node.name == name:
+                return node
+        known = ", ".join(n.name for n in state.nodes)
+        raise ConfigurationError(f"unknown node {name!r}; nodes are: {known}")
+
+    def _require_standby(self, name: str) -> NodeRecord:
+        node = self._node(name)
+        if not node.standby:
+            raise SandboxError(f"{name} is not a replica (it is a primary now)")
+        return node
+
+    def _replay_paused(self, name: str) -> bool:
+        _, _ = self._require_open()
+        binaries, _ = self._require_binaries()
+        if binaries.major >= 14:
+            sql = "SELECT pg_get_wal_replay_pause_state() <> 'not paused'"
+        else:
+            sql = "SELECT pg_is_wal_replay_paused()"
+        return bool(self.execute(name, sql)[0][0])
+
+    def _show(self, name: str, setting: str) -> str:
+        return str(self.execute(name, "SELECT current_setting(%s)", (setting,))[0][0])
+
+    def _poll(self, condition: Any, timeout: float, message: str, name: str) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if condition():
+                    return
+            except psycopg.Error:
+                pass
+            if time.monotonic() > deadline:
+                _, directory = self._require_open()
+                raise SandboxError(
+                    f"{message} within {timeout:g} s; last log lines of {name}:\n"
+                    + _tail(directory / f"{name}.log", lines=10)
+                )
+            time.sleep(_POLL)

@@ -1,0 +1,133 @@
+"""The sandbox's state file, and reaping sandboxes whose owner died.
+
+Every sandbox directory holds ``sandbox.json``: the nodes, ports and settings
+(so ``replica-router sandbox ...`` from another shell can operate it) and the
+pid of the Python process that owns it. A test run that was SIGKILLed cannot
+clean up after itself; the next sandbox created on the machine finds the dead
+owner and removes what it left. Sandboxes made by ``sandbox up`` are marked
+``persistent`` and are never reaped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import SandboxError
+from ._processes import pid_alive, postmaster_pid, terminate_postmaster
+
+__all__ = ["STATE_FILE", "NodeRecord", "SandboxState", "reap_orphans", "temp_root"]
+
+logger = logging.getLogger("replica_router.sandbox")
+
+STATE_FILE = "sandbox.json"
+_FORMAT = 1
+
+
+@dataclass(slots=True)
+class NodeRecord:
+    name: str
+    port: int
+    standby: bool
+    upstream: str | None = None
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SandboxState:
+    owner_pid: int
+    owner_marker: str
+    persistent: bool
+    created_dir: bool
+    bindir: str
+    major: int
+    os_user: str | None
+    password: str | None
+    sync: bool
+    synchronous_commit: str
+    primary_name: str
+    system_identifier: int | None
+    nodes: list[NodeRecord]
+
+    def save(self, directory: Path) -> None:
+        data = asdict(self)
+        data["format"] = _FORMAT
+        tmp = directory / f".{STATE_FILE}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the password
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2)
+        os.replace(tmp, directory / STATE_FILE)
+
+    @classmethod
+    def load(cls, directory: Path) -> SandboxState:
+        path = directory / STATE_FILE
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SandboxError(
+                f"no sandbox in {directory} (no {STATE_FILE}); start one with "
+                "`replica-router sandbox up`"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise SandboxError(f"cannot read {path}: {exc}") from None
+        if data.pop("format", None) != _FORMAT:
+            raise SandboxError(f"{path} was written by an incompatible version")
+        nodes = [NodeRecord(**n) for n in data.pop("nodes")]
+        return cls(nodes=nodes, **data)
+
+
+def temp_root() -> Path:
+    """Where sandboxes without an explicit directory live (one per OS user)."""
+    return Path(tempfile.gettempdir()) / f"replica-router-sandboxes-{os.getuid()}"
+
+
+def _owner_alive(state: SandboxState) -> bool:
+    return pid_alive(state.owner_pid, state.owner_marker)
+
+
+def reap_directory(directory: Path) -> bool:
+    """Stop and delete one sandbox if it is disposable and its owner is gone."""
+    try:
+        state = SandboxState.load(directory)
+    except SandboxError:
+        return False
+    if state.persistent or _owner_alive(state):
+        return False
+    remove_sandbox(directory, state)
+    logger.info("reaped orphaned sandbox %s (owner pid %d is gone)", directory, state.owner_pid)
+    return True
+
+
+def remove_sandbox(directory: Path, state: SandboxState) -> None:
+    for node in state.nodes:
+        pid = postmaster_pid(directory / node.name)
+        if pid is not None:
+            terminate_postmaster(pid, "immediate", timeout=10.0)
+    if state.created_dir:
+        shutil.rmtree(directory, ignore_errors=True)
+    else:
+        for child in directory.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
+def reap_orphans(root: Path | None = None) -> list[Path]:
+    """Remove every disposable sandbox under ``root`` whose owner process is dead."""
+    base = temp_root() if root is None else root
+    reaped = []
+    try:
+        children = sorted(base.iterdir())
+    except OSError:
+        return []
+    for child in children:
+        if child.is_dir() and reap_directory(child):
+            reaped.append(child)
+    return reaped
