@@ -9,6 +9,7 @@ emitting costs one attribute check: callers test ``bus.active`` first.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
@@ -80,25 +81,33 @@ Subscriber: TypeAlias = Callable[[Event], None]
 
 
 class EventBus:
-    """A tiny synchronous publish/subscribe hub; copy-on-write subscriber tuple."""
+    """A tiny synchronous publish/subscribe hub.
+
+    The subscriber tuple is copied on write (under a lock, so concurrent
+    subscribes are not lost) and read without one: ``emit`` never blocks.
+    """
 
     def __init__(self, *, route_sample: int = 100) -> None:
         self._subscribers: tuple[Subscriber, ...] = ()
+        self._changing = threading.Lock()
         self.route_sample = max(1, route_sample)  # one RouteDecision per N routes
         self.active = False
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
-        """Register ``callback``; returns a function that unsubscribes it."""
-        self._subscribers = (*self._subscribers, callback)
-        self.active = True
+        """Register ``callback``; returns a function that unsubscribes it (idempotent)."""
+        with self._changing:
+            self._subscribers = (*self._subscribers, callback)
+            self.active = True
 
         def unsubscribe() -> None:
-            self._subscribers = tuple(s for s in self._subscribers if s is not callback)
-            self.active = bool(self._subscribers)
+            with self._changing:
+                self._subscribers = tuple(s for s in self._subscribers if s is not callback)
+                self.active = bool(self._subscribers)
 
         return unsubscribe
 
     def emit(self, event: Event) -> None:
+        """Call every subscriber in subscription order; one that raises is logged and kept."""
         for callback in self._subscribers:
             try:
                 callback(event)
