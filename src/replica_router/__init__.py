@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .classify import Intent, classify
 from .errors import (
     ConfigurationError,
     ConsistencyTimeout,
@@ -15,7 +16,9 @@ __all__ = [
     "ConfigurationError",
     "ConsistencyTimeout",
     "Error",
+    "Intent",
     "NoReplicaAvailable",
     "PrimaryUnavailable",
     "TokenError",
+    "classify",
 ]
