@@ -32,11 +32,13 @@ from .errors import TokenError
 from .lsn import format_lsn, parse_lsn
 
 __all__ = [
+    "Mark",
     "Scope",
     "Token",
     "acommit_and_capture",
     "commit_and_capture",
     "current_scope",
+    "peek_scope",
     "session",
 ]
 
@@ -216,6 +218,10 @@ class Scope:
     def raise_floor(self, system_id: int | None, position: int) -> None:
         """Monotonic reads: this scope has seen data as of ``position``."""
         self._update(system_id, Mark(floor=position))
+
+    def merge_mark(self, system_id: int | None, mark: Mark) -> None:
+        """Take what ``mark`` knows about one cluster (e.g. a user's last write)."""
+        self._update(system_id, mark)
 
     def absorb(self, other: Scope) -> None:
         """Take every position ``other`` learned (a nested scope closing into its parent)."""
