@@ -343,9 +343,8 @@ class LocalCluster:
                 node.settings.pop("recovery_min_apply_delay", None)
             self._apply_settings(node)
         if self.is_running(name):
-            expected = f"{millis}ms" if millis % 1000 else f"{millis // 1000}s"
             self._poll(
-                lambda: self._show(name, "recovery_min_apply_delay") in (expected, f"{millis}ms"),
+                lambda: self._setting_in_ms(name, "recovery_min_apply_delay") == millis,
                 timeout,
                 f"{name} did not take recovery_min_apply_delay={millis}ms",
                 name,
@@ -389,6 +388,7 @@ class LocalCluster:
     def promote(self, name: str, timeout: float = 30.0) -> None:
         """Promote a replica, re-point every other replica to it, wait until they stream.
 
+        A replica whose replay is paused follows once resumed (not waited for).
         The old primary is left as it is (running or not, still a primary on the
         old timeline): that is the split-brain a router must fence.
         """
@@ -418,9 +418,14 @@ class LocalCluster:
                 self._apply_settings(follower)
             state.save(directory)
             logger.info("promoted %s; re-pointed %s", name, [f.name for f in followers])
-            running = [f.name for f in followers if self.is_running(f.name)]
-            if running:
-                self._wait_streaming(name, running, deadline)
+            # A paused replica cannot switch timelines until it is resumed.
+            ready = [
+                f.name
+                for f in followers
+                if self.is_running(f.name) and not self._replay_paused(f.name)
+            ]
+            if ready:
+                self._wait_streaming(name, ready, deadline)
 
     def wait_replicated(self, timeout: float = 10.0) -> str:
         """Wait until every running, un-paused replica has replayed the primary's
@@ -810,8 +815,9 @@ class LocalCluster:
             sql = "SELECT pg_is_wal_replay_paused()"
         return bool(self.execute(name, sql)[0][0])
 
-    def _show(self, name: str, setting: str) -> str:
-        return str(self.execute(name, "SELECT current_setting(%s)", (setting,))[0][0])
+    def _setting_in_ms(self, name: str, setting: str) -> int:
+        sql = "SELECT setting FROM pg_settings WHERE name = %s AND unit = 'ms'"
+        return int(self.execute(name, sql, (setting,))[0][0])
 
     def _poll(self, condition: Any, timeout: float, message: str, name: str) -> None:
         deadline = time.monotonic() + timeout

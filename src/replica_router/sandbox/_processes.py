@@ -28,6 +28,7 @@ __all__ = [
     "chown_tree",
     "pid_alive",
     "postmaster_pid",
+    "postmaster_status",
     "process_start_marker",
     "resolve_run_as",
     "run",
@@ -88,9 +89,7 @@ def check_traversable(path: Path, run_as: RunAs | None) -> None:
     """Fail early, and clearly, when the server user cannot reach ``path``."""
     if run_as is None:
         return
-    import os as _os
-
-    groups = set(_os.getgrouplist(run_as.name, run_as.gid))
+    groups = set(os.getgrouplist(run_as.name, run_as.gid))
     for parent in [path, *path.parents]:
         try:
             st = parent.stat()
@@ -158,23 +157,33 @@ def spawn(
     )
 
 
-def process_start_marker(pid: int) -> str:
-    """Something that differs between two processes that got the same pid (Linux)."""
+def _proc_stat_fields(pid: int) -> list[str]:
+    """``/proc/PID/stat`` after the command name (state is [0]); [] off Linux."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return ""
-    return raw.rsplit(")", 1)[-1].split()[19]  # field 22, starttime
+        return []
+    return raw.rsplit(")", 1)[-1].split()
+
+
+def process_start_marker(pid: int) -> str:
+    """Something that differs between two processes that got the same pid (Linux)."""
+    fields = _proc_stat_fields(pid)
+    return fields[19] if len(fields) > 19 else ""  # field 22 of stat: starttime
 
 
 def pid_alive(pid: int, marker: str = "") -> bool:
+    """Whether ``pid`` runs (a zombie does not count), and is the process ``marker`` names."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # exists, owned by someone else
-    return not marker or process_start_marker(pid) in ("", marker)
+    fields = _proc_stat_fields(pid)
+    if fields and fields[0] in ("Z", "X"):
+        return False
+    return not marker or not fields or fields[19] == marker
 
 
 def postmaster_pid(data_dir: Path) -> int | None:
