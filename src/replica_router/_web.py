@@ -1,0 +1,158 @@
+"""What the ASGI and WSGI middlewares share: reading and writing the token.
+
+A request brings its token in a header (preferred: set by API clients on purpose)
+or a cookie (set by us on an earlier response). A token we cannot use -- garbage,
+a truncated cookie, a token from another cluster -- is logged at WARNING and
+ignored: the request is served as if it had none, never failed. The response
+carries the token back only when the request's scope advanced it (it wrote).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
+from typing import Protocol
+
+from .consistency import Scope, Token
+from .errors import ConfigurationError, TokenError
+
+__all__ = ["Incoming", "SessionSource", "TokenTransport", "enter_scope"]
+
+log = logging.getLogger("replica_router.web")
+
+# RFC 6265 cookie-name / RFC 7230 header-name characters ("token").
+_HTTP_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SAMESITE = {"lax": "Lax", "strict": "Strict", "none": "None"}
+_LOGGED_CHARS = 60  # a bad value is quoted in the log only this far
+
+
+class SessionSource(Protocol):
+    """What the middlewares need from a ``Cluster`` or ``AsyncCluster``."""
+
+    @property
+    def system_identifier(self) -> int | None: ...
+
+    def session(self, token: Token | None = None) -> AbstractContextManager[Scope]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """The token a request brought, and whether its cookie should be cleared."""
+
+    token: Token | None
+    clear_cookie: bool  # the cookie held an unusable token: expire it so the warning stops
+
+
+@dataclass(frozen=True, slots=True)
+class TokenTransport:
+    """Where the token travels (cookie and/or header) and the cookie's attributes."""
+
+    cookie_name: str = "rr_token"
+    header_name: str = "X-Replica-Router-Token"
+    secure: bool = True
+    httponly: bool = True
+    samesite: str | None = "lax"
+    max_age: int | None = 3600
+    path: str = "/"
+    use_cookie: bool = True
+    use_header: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.use_cookie or self.use_header):
+            raise ConfigurationError("use_cookie and use_header are both off: nothing carries it")
+        if not _HTTP_TOKEN.fullmatch(self.cookie_name):
+            raise ConfigurationError(f"cookie_name {self.cookie_name!r} is not a valid name")
+        if not _HTTP_TOKEN.fullmatch(self.header_name):
+            raise ConfigurationError(f"header_name {self.header_name!r} is not a valid name")
+        if self.samesite is not None and self.samesite.lower() not in _SAMESITE:
+            raise ConfigurationError(
+                f"samesite={self.samesite!r}: expected 'lax', 'strict', 'none' or None"
+            )
+        if self.samesite is not None and self.samesite.lower() == "none" and not self.secure:
+            raise ConfigurationError("samesite='none' needs secure=True (browsers drop it)")
+        if self.max_age is not None and self.max_age <= 0:
+            raise ConfigurationError(f"max_age={self.max_age!r}: expected seconds > 0 or None")
+        if not self.path.startswith("/") or ";" in self.path:
+            raise ConfigurationError(f"path {self.path!r}: expected an absolute URL path")
+
+    def incoming(self, header_value: str | None, cookie_header: str | None) -> Incoming:
+        """The first usable token of: the header, then each cookie of our name."""
+        if self.use_header and header_value is not None:
+            token = _parse_or_warn(header_value, f"header {self.header_name}")
+            if token is not None:
+                return Incoming(token, clear_cookie=False)
+        clear_cookie = False
+        if self.use_cookie and cookie_header:
+            for value in cookie_values(cookie_header, self.cookie_name):
+                token = _parse_or_warn(value, f"cookie {self.cookie_name}")
+                if token is not None:
+                    return Incoming(token, clear_cookie=False)
+                clear_cookie = True
+        return Incoming(None, clear_cookie=clear_cookie)
+
+    def response_headers(
+        self, incoming: Incoming, scope: Scope, cluster: SessionSource
+    ) -> list[tuple[str, str]]:
+        """Headers to add to the response: the token when the request advanced it."""
+        token = scope.token_for(cluster.system_identifier)
+        if token is None or token == incoming.token:
+            return [("Set-Cookie", self._expired_cookie())] if incoming.clear_cookie else []
+        text = str(token)
+        headers = []
+        if self.use_cookie:
+            headers.append(("Set-Cookie", self._cookie(text, self.max_age)))
+        if self.use_header:
+            headers.append((self.header_name, text))
+        return headers
+
+    def _cookie(self, value: str, max_age: int | None) -> str:
+        parts = [f"{self.cookie_name}={value}", f"Path={self.path}"]
+        if max_age is not None:
+            parts.append(f"Max-Age={max_age}")
+        if self.secure:
+            parts.append("Secure")
+        if self.httponly:
+            parts.append("HttpOnly")
+        if self.samesite is not None:
+            parts.append(f"SameSite={_SAMESITE[self.samesite.lower()]}")
+        return "; ".join(parts)
+
+    def _expired_cookie(self) -> str:
+        return self._cookie("", 0)
+
+
+def cookie_values(cookie_header: str, name: str) -> Iterable[str]:
+    """Every value of cookie ``name`` in a ``Cookie:`` header, in order.
+
+    Hand-rolled rather than ``http.cookies``: that parser gives up on the whole
+    header when *another* cookie is malformed, and we must not lose ours to it.
+    """
+    for pair in cookie_header.split(";"):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            yield value
+
+
+def enter_scope(stack: ExitStack, cluster: SessionSource, token: Token | None) -> Scope:
+    """Open the request's consistency scope; a token the cluster refuses is dropped."""
+    if token is not None:
+        try:
+            return stack.enter_context(cluster.session(token=token))
+        except TokenError as exc:
+            log.warning("ignoring a consistency token from another cluster: %s", exc)
+    return stack.enter_context(cluster.session())
+
+
+def _parse_or_warn(value: str, where: str) -> Token | None:
+    try:
+        return Token.parse(value)
+    except TokenError as exc:
+        shown = value[:_LOGGED_CHARS] + ("..." if len(value) > _LOGGED_CHARS else "")
+        log.warning("ignoring a malformed consistency token in %s (%r): %s", where, shown, exc)
+        return None

@@ -1,0 +1,95 @@
+"""Read-your-writes across requests and worker processes, for ASGI apps.
+
+Each HTTP request runs in its own consistency scope, seeded with the token the
+client sent back (header or cookie). When the request writes, the response
+carries the new token, so the client's next request -- served by any worker
+process, reading from any replica -- sees that write. Pure ASGI: works with
+Starlette, FastAPI and anything else speaking ASGI 3, imports none of them.
+
+The token is read when the app sends ``http.response.start``: headers cannot
+change later. A typical endpoint has written by then; a streaming response
+that writes *while* streaming its body cannot hand that write's token on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import ExitStack
+from typing import Any
+
+from ._web import SessionSource, TokenTransport, enter_scope
+
+__all__ = ["ConsistencyMiddleware"]
+
+Message = MutableMapping[str, Any]
+ASGIScope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[ASGIScope, Receive, Send], Awaitable[None]]
+
+
+class ConsistencyMiddleware:
+    """Carry the consistency token between an HTTP client and the cluster.
+
+    ``cluster`` is a ``Cluster`` or an ``AsyncCluster``. Lifespan and websocket
+    traffic passes through untouched.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        cluster: SessionSource,
+        *,
+        cookie_name: str = "rr_token",
+        header_name: str = "X-Replica-Router-Token",
+        secure: bool = True,
+        httponly: bool = True,
+        samesite: str | None = "lax",
+        max_age: int | None = 3600,
+        path: str = "/",
+        use_cookie: bool = True,
+        use_header: bool = True,
+    ) -> None:
+        self.app = app
+        self.cluster = cluster
+        self.transport = TokenTransport(
+            cookie_name=cookie_name,
+            header_name=header_name,
+            secure=secure,
+            httponly=httponly,
+            samesite=samesite,
+            max_age=max_age,
+            path=path,
+            use_cookie=use_cookie,
+            use_header=use_header,
+        )
+        self._header_key = header_name.lower().encode("latin-1")
+
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header_value = cookie_header = None
+        for key, value in scope["headers"]:
+            if key == self._header_key:
+                header_value = value.decode("latin-1")
+            elif key == b"cookie":
+                cookie_header = value.decode("latin-1")
+        incoming = self.transport.incoming(header_value, cookie_header)
+
+        with ExitStack() as stack:
+            consistency = enter_scope(stack, self.cluster, incoming.token)
+
+            async def send_with_token(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    extra = self.transport.response_headers(incoming, consistency, self.cluster)
+                    if extra:
+                        headers = list(message.get("headers", ()))
+                        headers.extend(
+                            (name.lower().encode("latin-1"), value.encode("latin-1"))
+                            for name, value in extra
+                        )
+                        message = {**message, "headers": headers}
+                await send(message)
+
+            await self.app(scope, receive, send_with_token)
