@@ -70,6 +70,8 @@ def test_intent_values() -> None:
         ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY", "set_read_only"),
         ("SET transaction_read_only = on", "set_read_only"),
         ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
+        ("SET TRANSACTION SNAPSHOT '00000003-0000001B-1'", None),
+        ("SET LOCAL transaction_read_only = off", "set_read_write"),
         ("SELECT 1", None),
         ("INSERT INTO t VALUES (1)", None),
     ],
@@ -104,6 +106,7 @@ def test_multi_statement_reports_last_transaction_control() -> None:
         ("RESET ALL", {"set"}),
         ("SET LOCAL search_path TO app", set()),
         ("SET TRANSACTION READ ONLY", set()),
+        ("SET TRANSACTION SNAPSHOT '00000003-0000001B-1'", set()),
         ("SELECT set_config('search_path', 'app', false)", {"set"}),
         ("SELECT set_config('search_path', 'app', 'off')", {"set"}),
         ("SELECT set_config('search_path', 'app', $1)", {"set"}),  # unknown: assume session

@@ -122,7 +122,7 @@ _PLACEHOLDER_SCAN: Final = re.compile(
 
 def _replace_placeholders(sql: str) -> str:
     """Turn psycopg's ``%s`` / ``%(name)s`` into ``$n`` so PostgreSQL's grammar accepts them."""
-    numbers: dict[str | None, int] = {}
+    numbers: dict[str, int] = {}
     positional = 0
 
     def replace(match: re.Match[str]) -> str:
@@ -226,7 +226,7 @@ _SIDE_EFFECT_FUNCTIONS: Final = frozenset(
         "pg_prepared_statement",
         "pg_cursor",
         "pg_my_temp_schema",
-        # common extensions: adminpack, pg_stat_statements
+        # pg_stat_statements (extension functions are matched by name in any schema)
         "pg_stat_statements_reset",
     }
 )
@@ -383,13 +383,14 @@ def _truth(value: Any) -> bool | None:
     if not isinstance(value, dict):
         return None
     const = value.get("A_Const")
-    if const is not None:
-        if "boolval" in const:
-            return bool(const["boolval"].get("boolval", False))
-        if "ival" in const:
-            return bool(const["ival"].get("ival", 0))
-        value = {"String": const["sval"]} if "sval" in const else {}
-    text = value.get("String", {}).get("sval")
+    if const is None:
+        text = value.get("String", {}).get("sval")
+    elif "boolval" in const:
+        return bool(const["boolval"].get("boolval", False))
+    elif "ival" in const:
+        return bool(const["ival"].get("ival", 0))
+    else:
+        text = const.get("sval", {}).get("sval")
     if isinstance(text, str):
         word = text.lower()
         if word in _TRUE_WORDS:
@@ -463,12 +464,11 @@ class _Scan:
         if self.write_reason is None:
             self.write_reason = reason
 
-    def result(self, read_reason: str, transaction: TransactionControl | None = None) -> Statement:
+    def result(self, read_reason: str) -> Statement:
         reason = self.write_reason
         return Statement(
             intent=Intent.READ if reason is None else Intent.WRITE,
             reason=read_reason if reason is None else reason,
-            transaction=transaction,
             session=frozenset(self.session),
         )
 
@@ -545,14 +545,15 @@ def _statement(rules: _Rules, kind: str, body: Node) -> Statement:
     if kind in ("FetchStmt", "ClosePortalStmt"):
         # A cursor lives in a transaction (pinned to one node) or, WITH HOLD, in a
         # session pinned by its DECLARE: these go where the cursor is.
-        return Statement(Intent.READ, "MOVE" if body.get("ismove") else "FETCH/CLOSE cursor")
+        verb = "CLOSE" if kind == "ClosePortalStmt" else "MOVE" if body.get("ismove") else "FETCH"
+        return Statement(Intent.READ, f"{verb} cursor")
     if kind == "DeclareCursorStmt":
         inner = _query_statement(rules, body["query"])
         held = body.get("options", 0) & _CURSOR_OPT_HOLD
         return Statement(
             inner.intent,
             "DECLARE CURSOR" if inner.intent is Intent.READ else f"DECLARE CURSOR: {inner.reason}",
-            session=inner.session | {"cursor"} if held else inner.session,
+            session=(inner.session | {"cursor"}) if held else inner.session,
         )
     if kind == "CopyStmt":
         return _copy(rules, body)
@@ -654,17 +655,17 @@ def _set(body: Node) -> Statement:
     """SET / RESET: transaction-scoped forms leave no session state behind."""
     name = body.get("name", "")
     args = body.get("args", ())
-    if name in ("TRANSACTION", "transaction_read_only"):
-        if name == "TRANSACTION":
+    if name.startswith("TRANSACTION") or name == "transaction_read_only":
+        if name == "transaction_read_only":  # SET transaction_read_only = on
+            read_only = _truth(args[0]) if args else None
+        else:  # SET TRANSACTION READ ONLY, ISOLATION LEVEL ... / SNAPSHOT ...
             option = _option(args, "transaction_read_only")
             read_only = None if option is None else _option_value(option)
-        else:  # SET transaction_read_only = on
-            read_only = _truth(args[0]) if args else None
         transaction: TransactionControl | None = None
         if read_only is not None:
             transaction = "set_read_only" if read_only else "set_read_write"
         return Statement(Intent.WRITE, "SET TRANSACTION", transaction=transaction)
-    if body.get("is_local") or name.startswith("TRANSACTION"):
+    if body.get("is_local"):
         return Statement(Intent.WRITE, "SET LOCAL")
     verb = "RESET" if body.get("kind", "").startswith("VAR_RESET") else "SET"
     return Statement(Intent.WRITE, verb, session=frozenset({"set"}))
