@@ -307,7 +307,7 @@ def _measure(cluster: Any, name: str, primary_lsn: str | None, node: dict[str, A
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, soft_wrap=True)
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -348,22 +348,19 @@ def _print_nodes(report: dict[str, Any]) -> None:
     console.print(table)
     for node in report["nodes"]:
         if "error" in node:
-            console.print(f"{node['name']}: [red]{node['error']}[/red]", soft_wrap=True)
+            console.print(f"{node['name']}: [red]{node['error']}[/red]")
     for node in report["nodes"]:
-        console.print(f"{node['name']:<10} {node['dsn']}", soft_wrap=True)
+        console.print(f"{node['name']:<10} {node['dsn']}")
 
 
 def _print_up(report: dict[str, Any]) -> None:
     console = _console()
     _print_nodes(report)
     console.print(f"ready in {report['startup_seconds']:.2f} s; the servers keep running.")
-    console.print(f"export DATABASE_URL='{report['primary_dsn']}'", soft_wrap=True)
-    console.print(
-        f"export DATABASE_REPLICA_URLS='{','.join(report['replica_dsns'])}'", soft_wrap=True
-    )
+    console.print(f"export DATABASE_URL='{report['primary_dsn']}'")
+    console.print(f"export DATABASE_REPLICA_URLS='{','.join(report['replica_dsns'])}'")
     console.print(
         "stop it with: replica-router sandbox down" + _dir_hint(report["directory"]),
-        soft_wrap=True,
     )
 
 
