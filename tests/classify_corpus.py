@@ -192,6 +192,16 @@ CORPUS: list[Case] = [
     ),
     Case("explain-update", "EXPLAIN UPDATE t SET a = 1", R, "without ANALYZE", RUNS),
     Case("explain-nextval", "EXPLAIN SELECT nextval('s')", R, "without ANALYZE", RUNS),
+    Case("explain-insert", "EXPLAIN INSERT INTO t (id) VALUES (200)", R, "without ANALYZE", RUNS),
+    Case("explain-select-into", "EXPLAIN SELECT * INTO t_new FROM t", R, "without", RUNS),
+    Case("explain-create-table-as", "EXPLAIN CREATE TABLE t_new AS SELECT 1", R, "without", RUNS),
+    Case(
+        "explain-analyze-create-table-as",
+        "EXPLAIN ANALYZE CREATE TABLE t_new AS SELECT 1",
+        W,
+        "CREATE TABLE AS",
+        REJECTS,
+    ),
     Case("explain-analyze-false", "EXPLAIN (ANALYZE false) DELETE FROM t", R, "", RUNS),
     Case(
         "explain-analyze-delete",
