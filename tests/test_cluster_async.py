@@ -1,0 +1,188 @@
+"""AsyncCluster against real servers: the same rules, with async with / await."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from replica_router import (
+    AsyncCluster,
+    ConfigurationError,
+    NoReplicaAvailable,
+    PrimaryUnavailable,
+    Token,
+    TokenError,
+)
+from replica_router.sandbox import LocalCluster
+
+FAST = {"monitor_interval": 0.1}
+
+
+async def port_of(conn: psycopg.AsyncConnection[Any]) -> int:
+    cursor = await conn.execute("SELECT inet_server_port()")
+    row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def read_port(cluster: AsyncCluster, **kwargs: Any) -> int:
+    async with cluster.read(**kwargs) as conn:
+        return await port_of(conn)
+
+
+async def wait_until(predicate: Any, timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def run(coro: Any) -> Any:
+    """Each test in its own context: no consistency scope leaks between tests."""
+    return contextvars.Context().run(asyncio.run, coro)
+
+
+@pytest.fixture
+def table(replica_cluster: LocalCluster) -> Iterator[str]:
+    name = f"at_{uuid.uuid4().hex[:10]}"
+    replica_cluster.execute("primary", f"CREATE TABLE {name} (id int PRIMARY KEY)")
+    replica_cluster.wait_replicated()
+    yield name
+    replica_cluster.execute("primary", f"DROP TABLE IF EXISTS {name}")
+
+
+def test_reads_and_writes_route_and_commit(replica_cluster: LocalCluster, table: str) -> None:
+    lc = replica_cluster
+
+    async def main() -> None:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, read_your_writes=None,
+                                **FAST) as cluster:  # fmt: skip
+            ports = [await read_port(cluster) for _ in range(6)]
+            assert set(ports) == {lc.port("replica1"), lc.port("replica2")}
+            async with cluster.write() as conn:
+                assert await port_of(conn) == lc.port("primary")
+                await conn.execute(f"INSERT INTO {table} VALUES (1)")
+            with pytest.raises(RuntimeError):
+                async with cluster.write() as conn:
+                    await conn.execute(f"INSERT INTO {table} VALUES (2)")
+                    raise RuntimeError("application error")
+            async with cluster.read() as conn:
+                with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                    await conn.execute(f"INSERT INTO {table} VALUES (3)")
+            assert cluster.counters().writes == {"primary": 2}
+            assert [s.in_use for s in cluster.status()] == [0, 0, 0]
+
+    run(main())
+    assert lc.execute("primary", f"SELECT id FROM {table}") == [(1,)]
+
+
+def test_read_your_writes_with_replay_paused(replica_cluster: LocalCluster, table: str) -> None:
+    lc = replica_cluster
+
+    async def request(cluster: AsyncCluster, row_id: int) -> tuple[int, bool, str]:
+        with cluster.session():
+            async with cluster.write() as conn:
+                await conn.execute(f"INSERT INTO {table} VALUES (%s)", (row_id,))
+            async with cluster.read() as conn:
+                cursor = await conn.execute(f"SELECT 1 FROM {table} WHERE id = %s", (row_id,))
+                seen = await cursor.fetchone() is not None
+                return await port_of(conn), seen, str(cluster.token)
+
+    async def main() -> None:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:
+            lc.pause_replay("replica1")
+            lc.pause_replay("replica2")
+            try:
+                results = await asyncio.gather(*(request(cluster, i) for i in range(8)))
+                assert all(seen for _, seen, _ in results)
+                assert {port for port, _, _ in results} == {lc.port("primary")}
+                # The token string from one task lets another (fresh) task read the row.
+                text = results[0][2]
+
+                async def later() -> int:
+                    with cluster.session(token=Token.parse(text)):
+                        return await read_port(cluster)
+
+                assert await asyncio.create_task(later()) == lc.port("primary")
+                foreign = Token(1, (cluster.system_identifier or 0) + 1)
+                with pytest.raises(TokenError), cluster.session(token=foreign):
+                    pass
+            finally:
+                lc.resume_replay("replica1")
+                lc.resume_replay("replica2")
+                lc.wait_replicated()
+
+    run(main())
+
+
+def test_fallback_error_and_wait(replica_cluster: LocalCluster) -> None:
+    lc = replica_cluster
+
+    async def main() -> None:
+        async with AsyncCluster(lc.primary_dsn, [], fallback="error", **FAST) as cluster:
+            with pytest.raises(NoReplicaAvailable, match="fallback='error'"):
+                await read_port(cluster)
+        async with AsyncCluster(lc.primary_dsn, [], **FAST) as cluster:
+            assert await read_port(cluster) == lc.port("primary")
+
+    run(main())
+
+
+def test_runtime_changes_and_checks(replica_cluster: LocalCluster) -> None:
+    lc = replica_cluster
+
+    async def main() -> None:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns[:1], read_your_writes=None,
+                                **FAST) as cluster:  # fmt: skip
+            assert await cluster.add_replica(lc.dsn("replica2")) == "replica2"
+
+            seen: set[int] = set()
+
+            async def poll() -> None:
+                seen.add(await read_port(cluster))
+
+            deadline = time.monotonic() + 15
+            while lc.port("replica2") not in seen:
+                assert time.monotonic() < deadline, "reads never reached the added replica"
+                await poll()
+            await cluster.remove_replica("replica1")
+            assert {await read_port(cluster) for _ in range(6)} == {lc.port("replica2")}
+            with pytest.raises(ConfigurationError):
+                await cluster.remove_replica("primary")
+            assert await cluster.check_connections() == {"primary": True, "replica2": True}
+
+    run(main())
+
+
+@pytest.mark.destructive
+def test_primary_down_and_replica_killed(fresh_replica_cluster: LocalCluster) -> None:
+    lc = fresh_replica_cluster
+
+    async def main() -> None:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:
+            failures = 0
+            for i in range(300):
+                if i == 50:
+                    lc.stop("replica1", mode="immediate")
+                if i == 150:
+                    lc.stop("primary", mode="immediate")
+                try:
+                    await read_port(cluster)
+                except psycopg.Error:
+                    failures += 1
+            assert failures == 0
+            started = time.monotonic()
+            with pytest.raises(PrimaryUnavailable):
+                async with cluster.write():
+                    pass
+            assert time.monotonic() - started < 2.0
+
+    run(main())
