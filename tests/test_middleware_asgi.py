@@ -8,12 +8,14 @@ got the write (which proves each test can fail).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
@@ -22,6 +24,7 @@ from starlette.websockets import WebSocket
 
 from replica_router import AsyncCluster, Cluster, Token
 from replica_router.asgi import ConsistencyMiddleware
+from replica_router.consistency import Scope, current_scope
 from replica_router.errors import ConfigurationError
 from replica_router.sandbox import LocalCluster
 
@@ -295,13 +298,28 @@ def test_token_is_captured_before_a_streamed_body(
 def test_requests_do_not_share_a_scope(
     lc: LocalCluster, sync_pair: tuple[Cluster, Cluster]
 ) -> None:
-    """One client's write does not make another client's response carry a token."""
+    """A request neither inherits nor feeds a scope of the task that runs the app.
+
+    ``httpx.ASGITransport`` runs the app in the caller's task, whose context
+    already holds a scope here (as after startup code wrote something).
+    """
     app = sync_app(sync_pair[0])
-    with TestClient(app) as client:
-        assert set_cookie_token(client.post(f"/profiles/{uuid.uuid4().hex}", params={"name": "a"}))
-        later = TestClient(app).get(f"/profiles/{uuid.uuid4().hex}")
+    pid = uuid.uuid4().hex
+
+    async def two_requests() -> tuple[httpx.Response, Scope]:
+        ambient = current_scope()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            written = await client.post(f"/profiles/{pid}", params={"name": "Ada"})
+            assert set_cookie_token(written) is not None
+            return await client.get(f"/profiles/{pid}"), ambient  # no cookie
+
+    with replay_paused(lc):
+        later, ambient = asyncio.run(two_requests())
+    assert later.json()["name"] is None
     assert set_cookie_token(later) is None
     assert HEADER not in later.headers
+    assert ambient.token is None
 
 
 def test_lifespan_and_websocket_pass_through(lc: LocalCluster) -> None:

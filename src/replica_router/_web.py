@@ -16,6 +16,7 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from typing import Protocol
 
+from . import consistency
 from .consistency import Scope, Token
 from .errors import ConfigurationError, TokenError
 
@@ -140,7 +141,15 @@ def cookie_values(cookie_header: str, name: str) -> Iterable[str]:
 
 
 def enter_scope(stack: ExitStack, cluster: SessionSource, token: Token | None) -> Scope:
-    """Open the request's consistency scope; a token the cluster refuses is dropped."""
+    """Open the request's consistency scope; a token the cluster refuses is dropped.
+
+    A request is its own unit of work: it starts from a new root scope, so it
+    neither inherits nor feeds a scope that the server's thread or task may
+    carry (a sync WSGI worker serves every request on one thread, whose context
+    would otherwise collect every request's writes and hand them to the next).
+    """
+    # TODO(core-cluster): replace with cluster.session(..., inherit=False) once it exists.
+    stack.callback(consistency._SCOPE.reset, consistency._SCOPE.set(Scope()))
     if token is not None:
         try:
             return stack.enter_context(cluster.session(token=token))

@@ -1,0 +1,117 @@
+"""Read-your-writes across requests and worker processes, for WSGI apps (Flask, ...).
+
+Each request runs in its own consistency scope, seeded with the token the client
+sent back (header or cookie); when the request writes, the response carries the
+new token. The scope lives in a private copy of the context that also covers
+iterating the response body, so a streamed body still reads with the token and
+nothing leaks into the server thread's context.
+
+The token is read when the app calls ``start_response`` (after a Flask view has
+returned): headers cannot change later, so writes made while the body is being
+iterated cannot hand their token on. Write before you respond.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
+from types import TracebackType
+from typing import Any, Protocol
+
+from ._web import SessionSource, TokenTransport, enter_scope
+
+__all__ = ["ConsistencyMiddleware"]
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+Headers = list[tuple[str, str]]
+
+
+class StartResponse(Protocol):
+    def __call__(
+        self, status: str, headers: Headers, exc_info: ExcInfo | None = ..., /
+    ) -> Callable[[bytes], object]: ...
+
+
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+class ConsistencyMiddleware:
+    """Carry the consistency token between an HTTP client and a ``Cluster``."""
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        cluster: SessionSource,
+        *,
+        cookie_name: str = "rr_token",
+        header_name: str = "X-Replica-Router-Token",
+        secure: bool = True,
+        httponly: bool = True,
+        samesite: str | None = "lax",
+        max_age: int | None = 3600,
+        path: str = "/",
+        use_cookie: bool = True,
+        use_header: bool = True,
+    ) -> None:
+        self.app = app
+        self.cluster = cluster
+        self.transport = TokenTransport(
+            cookie_name=cookie_name,
+            header_name=header_name,
+            secure=secure,
+            httponly=httponly,
+            samesite=samesite,
+            max_age=max_age,
+            path=path,
+            use_cookie=use_cookie,
+            use_header=use_header,
+        )
+        self._environ_key = "HTTP_" + header_name.upper().replace("-", "_")
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        incoming = self.transport.incoming(
+            environ.get(self._environ_key), environ.get("HTTP_COOKIE")
+        )
+        context = contextvars.copy_context()
+        stack = ExitStack()
+        consistency = context.run(enter_scope, stack, self.cluster, incoming.token)
+
+        def start_with_token(
+            status: str, headers: Headers, exc_info: ExcInfo | None = None, /
+        ) -> Callable[[bytes], object]:
+            extra = self.transport.response_headers(incoming, consistency, self.cluster)
+            return start_response(status, [*headers, *extra], exc_info)
+
+        try:
+            body = context.run(self.app, environ, start_with_token)
+        except BaseException:
+            context.run(stack.close)
+            raise
+        return _ScopedBody(body, context, stack)
+
+
+class _ScopedBody:
+    """The app's body, iterated and closed inside the request's context."""
+
+    def __init__(self, body: Iterable[bytes], context: contextvars.Context, stack: ExitStack):
+        self._body = body
+        self._iterator: Iterator[bytes] | None = None
+        self._context = context
+        self._stack = stack
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._iterator is None:
+            self._iterator = self._context.run(iter, self._body)
+        return self._context.run(next, self._iterator)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                self._context.run(close)
+        finally:
+            self._context.run(self._stack.close)
