@@ -108,10 +108,14 @@ def _serve(nodes: dict[str, str], args: argparse.Namespace) -> int:
 
     cluster = Cluster(nodes=nodes, max_lag=args.max_lag)
     dashboard = DashboardServer(cluster, host=args.host, port=args.port, max_lag=args.max_lag)
-    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop closes cleanly too
     with contextlib.suppress(KeyboardInterrupt), cluster, dashboard:
         print(f"dashboard on {dashboard.url} (Ctrl-C to stop)", flush=True)
-        threading.Event().wait()
+        # a service manager's SIGTERM stops it as cleanly as Ctrl-C
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            threading.Event().wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
