@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from replica_router import metrics
+from replica_router.cluster import Cluster
+from replica_router.sandbox import LocalCluster
 from replica_router.topology import NodeStatus
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "monitoring"
@@ -306,3 +309,88 @@ def test_grafana_dashboard_panels_query_our_metrics() -> None:
     assert split["type"] == "timeseries"
     health = panel_with("db_node_healthy", "node")
     assert health["type"] in {"state-timeline", "status-history", "stat", "timeseries"}
+
+
+# -- a real cluster -----------------------------------------------------------------------
+
+
+def poll(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.destructive
+def test_metrics_follow_a_scripted_scenario(fresh_replica_cluster: LocalCluster) -> None:
+    lc = fresh_replica_cluster
+    registry = CollectorRegistry()
+    nodes = {name: lc.dsn(name) for name in lc.node_names}
+    with Cluster(nodes=nodes, monitor_interval=0.2) as cluster:
+        collector = metrics.register(cluster, registry)
+
+        def metric(name: str, **labels: str) -> float | None:
+            return value(registry, name, **labels)
+
+        # all up, caught up
+        lc.wait_replicated()
+        for name in lc.node_names:
+            assert metric("db_node_healthy", node=name) == 1
+        assert metric("db_node_role", node="primary", role="primary") == 1
+        assert metric("db_node_role", node="replica1", role="replica") == 1
+        assert metric("db_replicas_healthy") == 2
+        poll(lambda: metric("db_replication_lag_bytes", replica="replica1") == 0, 10, "no lag")
+        assert metric("db_replication_lag_seconds", replica="replica1") == 0
+        assert metric("db_failover_total") == 0
+
+        # routes are counted per target
+        for _ in range(4):
+            with cluster.read() as conn:
+                conn.execute("SELECT 1")
+        with cluster.write() as conn:
+            conn.execute("CREATE TABLE metrics_probe (x int)")
+        assert metric("db_read_route_total", target="replica1") == 2
+        assert metric("db_read_route_total", target="replica2") == 2
+        assert metric("db_read_route_total", target="primary") == 0
+        assert metric("db_write_route_total", target="primary") == 1
+
+        # replay paused on replica1: its lag shows in bytes and seconds
+        lc.pause_replay("replica1")
+        with cluster.write() as conn:
+            conn.execute("INSERT INTO metrics_probe SELECT generate_series(1, 1000)")
+        poll(
+            lambda: (
+                (metric("db_replication_lag_bytes", replica="replica1") or 0) > 0
+                and (metric("db_replication_lag_seconds", replica="replica1") or 0) > 0
+            ),
+            10,
+            "replica1's lag gauges to rise",
+        )
+        assert metric("db_node_healthy", node="replica1") == 1  # lagging is not unhealthy
+
+        # replica2 stopped: unhealthy; a read that no replica can serve is a "lag" fallback
+        lc.stop("replica2", mode="immediate")
+        poll(lambda: metric("db_node_healthy", node="replica2") == 0, 10, "replica2 unhealthy")
+        assert metric("db_replicas_healthy") == 1
+        with cluster.read(max_lag_bytes=0) as conn:
+            conn.execute("SELECT 1")
+        assert metric("db_consistency_fallback_total", reason="lag") == 1
+        assert metric("db_read_route_total", target="primary") == 1
+
+        lc.resume_replay("replica1")
+        lc.start("replica2")
+        poll(lambda: metric("db_replicas_healthy") == 2, 15, "both replicas healthy again")
+
+        # promotion with the old primary still running: failover, and the old one fenced
+        lc.promote("replica1")
+        poll(lambda: metric("db_failover_total") == 1, 15, "the failover to be counted")
+        assert metric("db_node_role", node="replica1", role="primary") == 1
+        poll(lambda: metric("db_node_fenced", node="primary") == 1, 10, "the old primary fenced")
+        assert metric("db_fenced_total") == 1
+        assert metric("db_node_timeline", node="replica1") == 2
+
+        text = generate_latest(registry).decode()
+        assert "postgresql://" not in text and "127.0.0.1" not in text  # names, never DSNs
+        metrics.unregister(collector, registry)
