@@ -218,7 +218,7 @@ def test_fallback_modes_when_every_replica_lags(
 ) -> None:
     lc = replica_cluster
     with Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=0.2, read_your_writes=None,
-                 fallback=fallback, consistency_timeout=0.3, **FAST) as cluster:  # fmt: skip
+                 fallback=fallback, consistency_timeout=1.0, **FAST) as cluster:  # fmt: skip
         paused("replica1")
         paused("replica2")
         with cluster.write() as conn:
@@ -239,7 +239,7 @@ def test_fallback_modes_when_every_replica_lags(
             started = time.monotonic()
             with pytest.raises(ConsistencyTimeout, match="consistency_timeout"):
                 read_port(cluster)
-            assert time.monotonic() - started >= 0.3
+            assert time.monotonic() - started >= 1.0
             # Waiting does help once a replica catches up within the timeout.
             timer = threading.Timer(0.2, lc.resume_replay, args=("replica2",))
             timer.start()

@@ -703,23 +703,30 @@ class _ClusterCore:
 
     # -- counting --------------------------------------------------------------------------
 
-    def _count_out(self, node: str) -> None:
+    def _count_out(self, node: str, routes: dict[str, int] | None) -> None:
+        """A connection to ``node`` left its pool (and, with ``routes``, served a route)."""
         with self._count_lock:
             self._in_use[node] = self._in_use.get(node, 0) + 1
+            if routes is not None:
+                routes[node] = routes.get(node, 0) + 1
 
     def _count_in(self, node: str) -> None:
         with self._count_lock:
             self._in_use[node] = self._in_use.get(node, 0) - 1
 
     def _count_route(self, intent: Literal["read", "write"], node: str, reason: str = "") -> None:
+        """Count a read or write served on ``node`` without a checkout of ours."""
         counts = self._reads if intent == "read" else self._writes
         with self._count_lock:
             counts[node] = counts.get(node, 0) + 1
-        events = self.events
-        if events.active:
-            self._route_seq += 1
-            if self._route_seq % events.route_sample == 0:
-                events.emit(RouteDecision(intent, node, reason or intent))
+        if self.events.active:
+            self._route_event(intent, node, reason)
+
+    def _route_event(self, intent: Literal["read", "write"], node: str, reason: str) -> None:
+        """One ``RouteDecision`` per ``events.route_sample`` routes (callers check ``active``)."""
+        self._route_seq += 1
+        if self._route_seq % self.events.route_sample == 0:
+            self.events.emit(RouteDecision(intent, node, reason or intent))
 
     def _count_fallback(self, reason: str, target: str | None) -> None:
         with self._count_lock:
@@ -764,6 +771,9 @@ class _ClusterCore:
             if spec.name == name:
                 return spec
         raise NodeUnavailableError(name, "not configured (removed?)", broken=False)
+
+    def _unavailable(self, node: str, exc: Exception, broken: bool = False) -> NodeUnavailableError:
+        return NodeUnavailableError(node, self._scrub(node, str(exc).strip()) or "", broken=broken)
 
     def _routable(self, node: str, purpose: Purpose) -> bool:
         topology = self.topology
@@ -977,36 +987,50 @@ class Cluster(_ClusterCore):
         *,
         timeout: float | None = None,
         give_up_when_down: bool = True,
+        routes: dict[str, int] | None = None,
     ) -> Lease[psycopg.Connection[Any]]:
-        source = self._source(node, purpose)
+        source = self._sources.get((node, purpose)) or self._source(node, purpose)
         wait = self._checkout_timeout if timeout is None else timeout
-        deadline = time.monotonic() + wait
+        try:
+            conn = source.getconn(min(_CHECKOUT_SLICE, wait))
+        except PoolTimeout:
+            conn = self._wait_for_connection(source, node, purpose, wait, give_up_when_down)
+        except psycopg.Error as exc:  # e.g. the pool was closed by remove_replica
+            raise self._unavailable(node, exc) from None
+        try:
+            source.check(conn)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                source.putconn(conn)
+            message = f"connection check failed: {self._scrub(node, str(exc).strip())}"
+            raise NodeUnavailableError(node, message, broken=True) from None
+        self._count_out(node, routes)
+        return Lease(conn, node, purpose, source)
+
+    def _wait_for_connection(
+        self,
+        source: ConnectionSource,
+        node: str,
+        purpose: Purpose,
+        wait: float,
+        give_up_when_down: bool,
+    ) -> psycopg.Connection[Any]:
+        """The pool had nothing idle: wait in slices, giving up early if the node goes down."""
+        deadline = time.monotonic() + wait - _CHECKOUT_SLICE
         while True:
-            try:
-                conn = source.getconn(min(_CHECKOUT_SLICE, max(deadline - time.monotonic(), 1e-3)))
-            except PoolTimeout:
-                if time.monotonic() >= deadline:
-                    raise NodeUnavailableError(
-                        node, f"no connection within {wait:g} s", broken=False
-                    ) from None
-                if give_up_when_down and not self._routable(node, purpose):
-                    raise NodeUnavailableError(
-                        node, "became unavailable while waiting for a connection", broken=False
-                    ) from None
-                continue
-            except psycopg.Error as exc:  # e.g. the pool was closed by remove_replica
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NodeUnavailableError(node, f"no connection within {wait:g} s", broken=False)
+            if give_up_when_down and not self._routable(node, purpose):
                 raise NodeUnavailableError(
-                    node, self._scrub(node, str(exc)) or "", broken=False
-                ) from None
+                    node, "became unavailable while waiting for a connection", broken=False
+                )
             try:
-                source.check(conn)
-            except Exception as exc:
-                with contextlib.suppress(Exception):
-                    source.putconn(conn)
-                message = f"connection check failed: {self._scrub(node, str(exc).strip())}"
-                raise NodeUnavailableError(node, message, broken=True) from None
-            self._count_out(node)
-            return Lease(conn, node, purpose, source)
+                return source.getconn(min(_CHECKOUT_SLICE, remaining))
+            except PoolTimeout:
+                continue
+            except psycopg.Error as exc:
+                raise self._unavailable(node, exc) from None
 
     def _checkin(self, lease: Lease[psycopg.Connection[Any]]) -> None:
         try:
@@ -1020,7 +1044,7 @@ class Cluster(_ClusterCore):
         max_lag_bytes: int | None = None,
         max_staleness: float | None = None,
     ) -> Lease[psycopg.Connection[Any]]:
-        monitor = self._require_monitor()
+        monitor = self._monitor or self._require_monitor()
         topology = monitor.topology
         plan = self._plan_read(topology, max_lag, max_lag_bytes, max_staleness)
         exclude: frozenset[str] = frozenset()
@@ -1053,14 +1077,15 @@ class Cluster(_ClusterCore):
             if target is None:
                 raise self._read_failed(decision, failures)
             try:
-                lease = self._checkout(target, "read")
+                lease = self._checkout(target, "read", routes=self._reads)
             except NodeUnavailableError as exc:
                 exclude = self._failed(monitor, exc, exclude, failures)
                 topology = monitor.topology
                 continue
             if reason is not None:
                 self._count_fallback(reason, target)
-            self._count_route("read", target, reason or "replica")
+            if self.events.active:
+                self._route_event("read", target, reason or "replica")
             return lease
 
     def _caught_up(
@@ -1076,9 +1101,7 @@ class Cluster(_ClusterCore):
         except psycopg.Error as exc:
             broken = lease.conn.broken
             self._checkin(lease)
-            raise NodeUnavailableError(
-                target, self._scrub(target, str(exc)) or "", broken=broken
-            ) from None
+            raise self._unavailable(target, exc, broken) from None
         position = _position(row[0] if row else None)
         if position is None or plan.req.min_position is None or position < plan.req.min_position:
             self._checkin(lease)
@@ -1119,13 +1142,14 @@ class Cluster(_ClusterCore):
             target = route_write(topology)
             if target is not None:
                 try:
-                    lease = self._checkout(target, "write")
+                    lease = self._checkout(target, "write", routes=self._writes)
                 except NodeUnavailableError as exc:
                     error = exc
                     if exc.broken:
                         monitor.mark_suspect(target, exc.message)
                 else:
-                    self._count_route("write", target)
+                    if self.events.active:
+                        self._route_event("write", target, "primary")
                     return lease
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -1361,38 +1385,49 @@ class AsyncCluster(_ClusterCore):
         *,
         timeout: float | None = None,
         give_up_when_down: bool = True,
+        routes: dict[str, int] | None = None,
     ) -> Lease[psycopg.AsyncConnection[Any]]:
-        source = await self._source(node, purpose)
+        source = self._sources.get((node, purpose)) or await self._source(node, purpose)
         wait = self._checkout_timeout if timeout is None else timeout
-        deadline = time.monotonic() + wait
+        try:
+            conn = await source.getconn(min(_CHECKOUT_SLICE, wait))
+        except PoolTimeout:
+            conn = await self._wait_for_connection(source, node, purpose, wait, give_up_when_down)
+        except psycopg.Error as exc:
+            raise self._unavailable(node, exc) from None
+        try:
+            await source.check(conn)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await source.putconn(conn)
+            message = f"connection check failed: {self._scrub(node, str(exc).strip())}"
+            raise NodeUnavailableError(node, message, broken=True) from None
+        self._count_out(node, routes)
+        return Lease(conn, node, purpose, source)
+
+    async def _wait_for_connection(
+        self,
+        source: AsyncConnectionSource,
+        node: str,
+        purpose: Purpose,
+        wait: float,
+        give_up_when_down: bool,
+    ) -> psycopg.AsyncConnection[Any]:
+        deadline = time.monotonic() + wait - _CHECKOUT_SLICE
         while True:
-            try:
-                conn = await source.getconn(
-                    min(_CHECKOUT_SLICE, max(deadline - time.monotonic(), 1e-3))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NodeUnavailableError(node, f"no connection within {wait:g} s", broken=False)
+            if give_up_when_down and not self._routable(node, purpose):
+                raise NodeUnavailableError(
+                    node, "became unavailable while waiting for a connection", broken=False
                 )
+            try:
+                return await source.getconn(min(_CHECKOUT_SLICE, remaining))
             except PoolTimeout:
-                if time.monotonic() >= deadline:
-                    raise NodeUnavailableError(
-                        node, f"no connection within {wait:g} s", broken=False
-                    ) from None
-                if give_up_when_down and not self._routable(node, purpose):
-                    raise NodeUnavailableError(
-                        node, "became unavailable while waiting for a connection", broken=False
-                    ) from None
                 continue
             except psycopg.Error as exc:
-                raise NodeUnavailableError(
-                    node, self._scrub(node, str(exc)) or "", broken=False
-                ) from None
-            try:
-                await source.check(conn)
-            except Exception as exc:
-                with contextlib.suppress(Exception):
-                    await source.putconn(conn)
-                message = f"connection check failed: {self._scrub(node, str(exc).strip())}"
-                raise NodeUnavailableError(node, message, broken=True) from None
-            self._count_out(node)
-            return Lease(conn, node, purpose, source)
+                raise self._unavailable(node, exc) from None
 
     async def _checkin(self, lease: Lease[psycopg.AsyncConnection[Any]]) -> None:
         try:
@@ -1406,7 +1441,7 @@ class AsyncCluster(_ClusterCore):
         max_lag_bytes: int | None = None,
         max_staleness: float | None = None,
     ) -> Lease[psycopg.AsyncConnection[Any]]:
-        monitor = self._require_monitor()
+        monitor = self._monitor or self._require_monitor()
         topology = monitor.topology
         plan = self._plan_read(topology, max_lag, max_lag_bytes, max_staleness)
         exclude: frozenset[str] = frozenset()
@@ -1441,14 +1476,15 @@ class AsyncCluster(_ClusterCore):
             if target is None:
                 raise self._read_failed(decision, failures)
             try:
-                lease = await self._checkout(target, "read")
+                lease = await self._checkout(target, "read", routes=self._reads)
             except NodeUnavailableError as exc:
                 exclude = self._failed(monitor, exc, exclude, failures)
                 topology = monitor.topology
                 continue
             if reason is not None:
                 self._count_fallback(reason, target)
-            self._count_route("read", target, reason or "replica")
+            if self.events.active:
+                self._route_event("read", target, reason or "replica")
             return lease
 
     async def _caught_up(
@@ -1464,9 +1500,7 @@ class AsyncCluster(_ClusterCore):
         except psycopg.Error as exc:
             broken = lease.conn.broken
             await self._checkin(lease)
-            raise NodeUnavailableError(
-                target, self._scrub(target, str(exc)) or "", broken=broken
-            ) from None
+            raise self._unavailable(target, exc, broken) from None
         position = _position(row[0] if row else None)
         if position is None or plan.req.min_position is None or position < plan.req.min_position:
             await self._checkin(lease)
@@ -1513,13 +1547,14 @@ class AsyncCluster(_ClusterCore):
             target = route_write(topology)
             if target is not None:
                 try:
-                    lease = await self._checkout(target, "write")
+                    lease = await self._checkout(target, "write", routes=self._writes)
                 except NodeUnavailableError as exc:
                     error = exc
                     if exc.broken:
                         monitor.mark_suspect(target, exc.message)
                 else:
-                    self._count_route("write", target)
+                    if self.events.active:
+                        self._route_event("write", target, "primary")
                     return lease
             remaining = deadline - time.monotonic()
             if remaining <= 0:
