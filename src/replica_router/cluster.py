@@ -99,7 +99,7 @@ from .sources import (
 )
 from .topology import NodeSpec, NodeState, NodeStatus, Role, Topology
 
-__all__ = ["AsyncCluster", "Cluster", "Counters", "Lease", "NodeUnavailableError"]
+__all__ = ["AsyncCluster", "Cluster", "Counters", "Lease", "NodeUnavailableError", "node_status"]
 
 log = logging.getLogger("replica_router.cluster")
 
@@ -270,6 +270,37 @@ def _build_specs(
             raise ConfigurationError(f"node name {spec.name!r} is used twice")
         seen.add(spec.name)
     return specs
+
+
+def node_status(
+    spec: NodeSpec,
+    state: NodeState | None,
+    *,
+    error: str | None,
+    in_use: int = 0,
+    reads: int = 0,
+    writes: int = 0,
+) -> NodeStatus:
+    """The display-safe status row of one node (``error`` must already be redacted)."""
+    state = state or NodeState(name=spec.name)
+    return NodeStatus(
+        name=spec.name,
+        host=spec.info.host,
+        port=spec.info.port,
+        role=str(state.role),
+        healthy=state.healthy,
+        lag_seconds=state.lag_seconds,
+        lag_bytes=state.lag_bytes,
+        replay_lsn=None if state.position is None else format_lsn(state.position),
+        latency_ms=state.latency_ms,
+        last_error=error,
+        timeline=state.timeline,
+        fenced=state.fenced,
+        configured_role=str(spec.role),
+        in_use=in_use,
+        reads=reads,
+        writes=writes,
+    )
 
 
 def _password(dsn: str) -> str | None:
@@ -492,22 +523,12 @@ class _ClusterCore:
             reads, writes, in_use = dict(self._reads), dict(self._writes), dict(self._in_use)
         rows = []
         for spec in self._specs:
-            state = topology.by_name.get(spec.name) or NodeState(name=spec.name)
+            state = topology.by_name.get(spec.name)
             rows.append(
-                NodeStatus(
-                    name=spec.name,
-                    host=spec.info.host,
-                    port=spec.info.port,
-                    role=str(state.role),
-                    healthy=state.healthy,
-                    lag_seconds=state.lag_seconds,
-                    lag_bytes=state.lag_bytes,
-                    replay_lsn=None if state.position is None else format_lsn(state.position),
-                    latency_ms=state.latency_ms,
-                    last_error=self._scrub(spec.name, state.last_error),
-                    timeline=state.timeline,
-                    fenced=state.fenced,
-                    configured_role=str(spec.role),
+                node_status(
+                    spec,
+                    state,
+                    error=self._scrub(spec.name, state.last_error if state else None),
                     in_use=in_use.get(spec.name, 0),
                     reads=reads.get(spec.name, 0),
                     writes=writes.get(spec.name, 0),
