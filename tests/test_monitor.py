@@ -171,6 +171,22 @@ def wait_for(monitor: Monitor, predicate: Callable[[Topology], bool], timeout: f
     return topology
 
 
+def wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not true within {timeout} s"
+        time.sleep(0.02)
+
+
+def monitor_connections(lc: LocalCluster, node: str) -> int:
+    rows = lc.execute(
+        node,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+        (APPLICATION_NAME,),
+    )
+    return int(rows[0][0])
+
+
 def read_targets(topology: Topology, req: ReadRequirements, picks: int) -> set[str | None]:
     policy = RoundRobin()
     return {
@@ -212,13 +228,9 @@ def test_probe_reports_roles_positions_timeline_and_identity(
         assert node.system_identifier == lc.system_identifier
         assert node.latency_ms is not None and 0 < node.latency_ms < 1000
         assert node.last_error is None
-    # The probe's connection says who it is, and it is one connection per node.
-    rows = lc.execute(
-        "primary",
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-        (APPLICATION_NAME,),
-    )
-    assert rows == [(1,)]
+    # The probe's connection says who it is, and it is one connection per node
+    # (polled: connections of monitors from earlier tests may take a moment to end).
+    wait_until(lambda: monitor_connections(lc, "primary") == 1, 5.0)
 
 
 def test_positions_track_the_primary(
@@ -517,3 +529,47 @@ def test_external_promotion_followed_and_old_primary_fenced(
     assert orphaned.primary is None
     assert orphaned.by_name["primary"].fenced
     assert route_write(orphaned) is None
+
+
+def monitor_threads(name: str) -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(name)]
+
+
+def test_stop_ends_every_thread_it_started(
+    replica_cluster: LocalCluster, make_monitor: MonitorFactory
+) -> None:
+    monitor = make_monitor(replica_cluster, name="rr-test-stop")
+    monitor.start()
+    assert set(monitor_threads("rr-test-stop")) == {
+        "rr-test-stop",
+        "rr-test-stop:primary",
+        "rr-test-stop:replica1",
+        "rr-test-stop:replica2",
+    }
+    monitor.stop(timeout=5)
+    assert not monitor.running
+    wait_until(lambda: not monitor_threads("rr-test-stop"), 5.0)  # workers end when told
+    wait_until(lambda: monitor_connections(replica_cluster, "primary") == 0, 5.0)
+
+
+def test_a_failing_round_is_logged_and_the_loop_goes_on(
+    replica_cluster: LocalCluster,
+    make_monitor: MonitorFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monitor = make_monitor(replica_cluster, interval=0.1)
+    monitor.start()
+    real_round = monitor._round
+    calls = []
+
+    def broken_once(*, everyone: bool) -> Topology:  # a bug in one round, injected
+        calls.append(everyone)
+        if len(calls) == 1:
+            raise RuntimeError("injected bug")
+        return real_round(everyone=everyone)
+
+    monitor._round = broken_once  # type: ignore[method-assign]
+    generation = monitor.topology.generation
+    wait_for(monitor, lambda t: t.generation >= generation + 3, 3.0)
+    assert monitor.running
+    assert "probe round failed" in caplog.text and "injected bug" in caplog.text

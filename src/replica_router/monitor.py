@@ -1,8 +1,10 @@
 """The node monitor: one cheap probe per node per interval -> immutable ``Topology``.
 
 Each round probes every due node with one query on its own dedicated connection
-(autocommit, short connect and statement timeouts), in one short-lived thread per
-node so that a hung node costs the others nothing. The current primary is probed
+(autocommit, short connect and statement timeouts), each node in its own worker
+thread, so that a hung node costs the others nothing: the round waits at most
+the probe timeout, and a node still busy after that simply misses the round
+(and counts a failure once its probe is overdue). The current primary is probed
 first, so replica lag in bytes compares against a fresh primary position. Then
 the round elects the primary from what the nodes *say* (roles are measured, not
 configured), derives lag, builds a new ``Topology`` and swaps it in as a whole:
@@ -73,6 +75,7 @@ _SYSTEM_ID_SQL = "SELECT system_identifier FROM pg_control_system()"
 _LATENCY_WEIGHT = 0.3  # EWMA: the newest probe counts 30%, history 70%
 _MAX_BACKOFF = 4.0  # seconds between retries of a node that keeps failing
 _MIN_ROUND_GAP = 0.05  # mark_suspect can pull a round forward, but not into a busy loop
+_WORKER_IDLE = 10.0  # seconds a node's worker thread waits for its next probe
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +157,13 @@ def _reverse_name(name: str) -> tuple[int, ...]:
 
 class _Node:
     """Mutable per-node bookkeeping; owned by the monitor, changed under its lock
-    (the connection only by the probe thread that holds ``in_flight``)."""
+    (the connection only by the node's worker thread while ``in_flight``).
+
+    Each node has its own worker thread, started on the first probe and gone
+    after ``idle`` seconds without one (so a ``refresh()`` without ``start()``
+    leaves nothing behind). A worker is reused round after round: handing it a
+    probe costs a fraction of starting a thread.
+    """
 
     def __init__(self, spec: NodeSpec) -> None:
         self.spec = spec
@@ -165,7 +174,12 @@ class _Node:
         self.successes = 0
         self.last_error: str | None = None
         self.next_attempt = 0.0  # time.monotonic() before which we do not probe
-        self.thread: threading.Thread | None = None
+        self.worker: threading.Thread | None = None
+        self._signal = threading.Condition(threading.Lock())
+        self._requested = False
+        self._busy = False  # a probe is requested or running
+        self._done = threading.Event()
+        self._retired = False
         self.started_at = 0.0
         self.connecting = False
         self.outcome: _Sample | _Failure | None = None  # finished, not yet applied
@@ -178,7 +192,46 @@ class _Node:
 
     @property
     def in_flight(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
+        return self._busy
+
+    def submit(self, probe: Callable[[_Node], None], thread_name: str, idle: float) -> None:
+        """Have the worker run ``probe(self)`` (starting the worker if needed)."""
+        with self._signal:
+            self._busy, self._requested, self._retired = True, True, False
+            self._done.clear()
+            if self.worker is None:
+                self.worker = threading.Thread(
+                    target=self._work, args=(probe, idle), name=thread_name, daemon=True
+                )
+                self.worker.start()
+            else:
+                self._signal.notify()
+
+    def wait_done(self, timeout: float) -> bool:
+        return self._done.wait(max(0.0, timeout))
+
+    def retire(self) -> None:
+        """Let the worker end once its current probe (if any) returns."""
+        with self._signal:
+            self._retired = True
+            self._signal.notify()
+
+    def _work(self, probe: Callable[[_Node], None], idle: float) -> None:
+        while True:
+            with self._signal:
+                while not self._requested:
+                    if self._retired or not self._signal.wait(idle):
+                        if self._requested:
+                            break
+                        self.worker = None
+                        return
+                self._requested = False
+            try:
+                probe(self)
+            finally:
+                with self._signal:
+                    self._busy = False
+                    self._done.set()
 
     def scrub(self, text: str) -> str:
         text = redact(text)
@@ -389,32 +442,24 @@ class Monitor:
         return node.spec.role is Role.PRIMARY
 
     def _dispatch(self, nodes: list[_Node]) -> None:
+        idle = max(_WORKER_IDLE, 3 * self.interval)
         for node in nodes:
             node.started_at = time.monotonic()
             node.connecting = node.conn is None or node.conn.closed
-            node.thread = threading.Thread(
-                target=self._probe_thread,
-                args=(node,),
-                name=f"{self.name}:{node.spec.name}",
-                daemon=True,
-            )
-            node.thread.start()
+            node.submit(self._probe_node, f"{self.name}:{node.spec.name}", idle)
 
     def _wait(self, nodes: list[_Node], everyone: bool) -> None:
         """Wait for probes to finish, up to the probe timeout (or, when asked for
         everyone, until a connection attempt could have timed out too)."""
         for node in nodes:
-            thread = node.thread
-            if thread is None:
-                continue
             limit = self.probe_timeout
             if node.connecting and everyone:
                 limit += self.connect_timeout
-            thread.join(max(0.0, node.started_at + limit - time.monotonic()))
+            node.wait_done(node.started_at + limit - time.monotonic())
 
-    # -- probing (runs in the per-node thread; never under the monitor's lock) ------
+    # -- probing (runs in the node's worker thread; never under the monitor's lock) --
 
-    def _probe_thread(self, node: _Node) -> None:
+    def _probe_node(self, node: _Node) -> None:
         outcome: _Sample | _Failure
         connects = 0
         try:
@@ -490,11 +535,9 @@ class Monitor:
         )
 
     def _close_node(self, node: _Node, deadline: float) -> None:
-        thread = node.thread
-        if thread is not None and thread.is_alive():
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                return  # still stuck in I/O; it closes its connection when it returns
+        node.retire()
+        if node.in_flight and not node.wait_done(deadline - time.monotonic()):
+            return  # still stuck in I/O; it closes its connection when it returns
         with self._cond:
             self._discard_connection(node)
 
@@ -633,18 +676,16 @@ class Monitor:
     def _with_lag(
         self, node: _Node, state: NodeState, reference: tuple[int, float] | None, now: float
     ) -> NodeState:
-        """Lag from this round's sample: bytes behind the reference position;
+        """Lag from the node's latest sample: bytes behind the reference position;
         seconds 0 when nothing is missing, else bounded both by the last replayed
-        commit's age and by how long ago the node last had everything."""
+        commit's age and by how long ago the node last had everything. A sample
+        from an earlier round (probe failed or still running) is aged, not trusted."""
         sample = node.last_sample
         if state.role is Role.PRIMARY:
             return replace(state, lag_bytes=0, lag_seconds=0.0)
-        if (
-            state.role is not Role.REPLICA
-            or sample is None
-            or sample.started_at != state.probed_at  # kept from an earlier round
-        ):
+        if state.role is not Role.REPLICA or sample is None or not sample.in_recovery:
             return state
+        since_sample = max(0.0, now - sample.started_at)
         lag_bytes: int | None = None
         if reference is not None and sample.replay_lsn is not None:
             position, measured_at = reference
@@ -654,11 +695,16 @@ class Monitor:
         lag_seconds: float | None
         if lag_bytes == 0:
             lag_seconds = 0.0
-        elif lag_bytes is None:
+        elif lag_bytes is None:  # nothing to compare with: the node's own view
             lag_seconds = sample.lag_seconds
+            if lag_seconds:
+                lag_seconds += since_sample
         else:
-            bounds = [b for b in (sample.replay_age, _age(node.fresh_as_of, now)) if b is not None]
-            lag_seconds = max(0.0, min(bounds)) if bounds else None
+            bounds = [_age(node.fresh_as_of, now)]
+            if sample.replay_age is not None:
+                bounds.append(sample.replay_age + since_sample)
+            known = [b for b in bounds if b is not None]
+            lag_seconds = max(0.0, min(known)) if known else None
         return replace(state, lag_bytes=lag_bytes, lag_seconds=lag_seconds)
 
     def _publish(self, states: list[NodeState], pending: list[Event]) -> Topology:
