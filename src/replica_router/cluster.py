@@ -36,6 +36,14 @@ and metrics use them — keep them documented here):
   window mode still works, LSN mode keeps what it had).
 * ``_count_route(intent, node)``: count a statement routed by another path
   (RoutedConnection) in ``counters()`` without a checkout.
+* ``_decide(topology, plan, exclude, prefer=node)``: the routing decision,
+  keeping ``prefer`` while it is a candidate (a RoutedConnection's held node).
+* ``_learn_functions()``: teach ``classifier`` the user functions' volatility
+  from the primary, once per open (the RoutedConnection calls it).
+* ``_read_target(exclude) -> (node, fallback)`` / ``_write_target() -> node``:
+  where a read or a write goes, for integrations that hold their own
+  connections (psycopg2); the rules of ``read()``/``write()`` without a
+  checkout (no on-demand catch-up check, which needs a connection).
 * ``topology``, ``events``, ``system_identifier``, ``counters()``, ``status()``,
   ``in_use(name)``, ``monitor`` (None until opened) for observability.
 """
@@ -52,17 +60,18 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Any, Generic, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
 import psycopg
 from psycopg import conninfo
 from psycopg.pq import TransactionStatus
 
 from . import consistency
+from .classify import Classifier
 from .consistency import (
     Mark,
     Scope,
@@ -98,6 +107,11 @@ from .sources import (
     validate_pool_kwargs,
 )
 from .topology import NodeSpec, NodeState, NodeStatus, Role, Topology
+
+if TYPE_CHECKING:
+    from psycopg.rows import RowFactory
+
+    from .connection import AsyncRoutedConnection, RoutedConnection
 
 __all__ = ["AsyncCluster", "Cluster", "Counters", "Lease", "NodeUnavailableError", "node_status"]
 
@@ -186,6 +200,22 @@ class _MostCaughtUp:
         best = max(-1 if n.replay_lsn is None else n.replay_lsn for n in candidates)
         ties = [n for n in candidates if (-1 if n.replay_lsn is None else n.replay_lsn) == best]
         return ties[next(self._turn) % len(ties)]
+
+
+class _Prefer:
+    """The cluster's policy, except that ``node`` is kept while it is a candidate."""
+
+    __slots__ = ("_node", "_policy")
+
+    def __init__(self, node: str, policy: Policy) -> None:
+        self._node = node
+        self._policy = policy
+
+    def choose(self, candidates: Sequence[NodeState], in_use: Callable[[str], int]) -> NodeState:
+        for candidate in candidates:
+            if candidate.name == self._node:
+                return candidate
+        return self._policy.choose(candidates, in_use)
 
 
 _FIRST = _First()
@@ -343,6 +373,8 @@ class _ClusterCore:
         connect_kwargs: Mapping[str, Any] | None = None,
         sources: Any = None,
         events: EventBus | None = None,
+        read_only_functions: Iterable[str] = (),
+        write_functions: Iterable[str] = (),
     ) -> None:
         self._specs: tuple[NodeSpec, ...] = tuple(
             _build_specs(primary, replicas, nodes, primary_name)
@@ -415,6 +447,11 @@ class _ClusterCore:
         self._in_use_fn = self.in_use  # bound once: the policy calls it per read
         self._plain = _Plan(ReadRequirements(self._max_lag, self._max_lag_bytes), False)
         self._tracks_scope = read_your_writes is not None or self._monotonic
+        # Classifies the RoutedConnection's statements; learns volatility once per open.
+        self.classifier = Classifier(
+            read_only_functions=read_only_functions, write_functions=write_functions
+        )
+        self._functions_learned = False
 
     # -- construction from URLs and the environment ----------------------------------
 
@@ -641,7 +678,13 @@ class _ClusterCore:
             lag = bound if lag is None else min(lag, bound)
         return _Plan(ReadRequirements(lag, lag_bytes, min_position), force_primary)
 
-    def _decide(self, topology: Topology, plan: _Plan, exclude: frozenset[str]) -> ReadDecision:
+    def _decide(
+        self,
+        topology: Topology,
+        plan: _Plan,
+        exclude: frozenset[str],
+        prefer: str | None = None,
+    ) -> ReadDecision:
         req = plan.req
         if exclude:
             req = ReadRequirements(
@@ -654,7 +697,7 @@ class _ClusterCore:
         return route_read(
             topology,
             req,
-            self._policy,
+            self._policy if prefer is None else _Prefer(prefer, self._policy),
             self._in_use_fn,
             fallback_to_primary=self._fallback_to_primary,
         )
@@ -967,6 +1010,28 @@ class Cluster(_ClusterCore):
         for source in gone:
             source.close(timeout)
 
+    def connection(
+        self,
+        *,
+        autocommit: bool = True,
+        read_only: bool | None = None,
+        row_factory: RowFactory[Any] | None = None,
+    ) -> RoutedConnection:
+        """A :class:`~replica_router.connection.RoutedConnection`: one psycopg-like
+        connection that sends each statement where it may run.
+
+        Autocommit by default, so statements are routed one by one; use
+        ``conn.transaction()`` for a transaction (pinned to the primary, or a
+        replica with ``read_only=True``). Node connections are taken from the
+        pools when first needed: nothing happens before the first statement.
+        """
+        from .connection import RoutedConnection
+
+        self._require_monitor()
+        return RoutedConnection(
+            self, autocommit=autocommit, read_only=read_only, row_factory=row_factory
+        )
+
     def check_connections(self, timeout: float | None = None) -> dict[str, bool]:
         """``{name: True}`` for each node a checked connection could be had from now."""
         self._require_monitor()
@@ -1198,6 +1263,77 @@ class Cluster(_ClusterCore):
         finally:
             self._checkin(lease)
 
+    def _learn_functions(self) -> None:
+        """Learn user functions' volatility from the primary (once per open; retried
+        by the next caller if the primary could not be asked)."""
+        if self._functions_learned:
+            return
+        primary = route_write(self.topology)
+        if primary is None:
+            return
+        try:
+            lease = self._checkout(primary, "read", timeout=self._connect_timeout)
+        except NodeUnavailableError:
+            return
+        try:
+            self.classifier.learn_functions(lease.conn)
+            self._functions_learned = True
+        except psycopg.Error as exc:
+            log.warning("could not learn function volatility from %s: %s", primary,
+                        self._scrub(primary, str(exc)))  # fmt: skip
+        finally:
+            self._checkin(lease)
+
+    def _read_target(self, exclude: frozenset[str] = frozenset()) -> tuple[str, str | None]:
+        """Where a read goes now: ``(node, fallback reason or None)``, counted as routed.
+
+        The rules of ``read()`` for callers with their own connections: lag
+        bounds, the scope's token, ``fallback`` (waiting up to
+        ``consistency_timeout`` with ``"wait"``). Raises ``NoReplicaAvailable``
+        (or ``ConsistencyTimeout``) like ``read()``.
+        """
+        monitor = self._require_monitor()
+        topology = monitor.topology
+        plan = self._plan_read(topology, None, None, None)
+        wait_until: float | None = None
+        while True:
+            decision = self._decide(topology, plan, exclude)
+            reason = decision.fallback
+            if (reason is not None and not plan.force_primary and self._fallback == "wait"
+                    and decision.waitable):  # fmt: skip
+                now = time.monotonic()
+                if wait_until is None:
+                    wait_until = now + self._consistency_timeout
+                if now >= wait_until:
+                    raise self._read_failed(decision, (), timed_out=True)
+                waited = monitor.wait_for(
+                    self._ready(plan, exclude), min(wait_until - now, _WAIT_SLICE)
+                )
+                topology = waited or monitor.topology
+                continue
+            target = decision.target
+            if target is None:
+                raise self._read_failed(decision, ())
+            if reason is not None:
+                self._count_fallback(reason, target)
+            self._count_route("read", target, reason or "replica")
+            return target, reason
+
+    def _write_target(self) -> str:
+        """The primary to write to now (waiting up to ``write_timeout``), counted as routed."""
+        monitor = self._require_monitor()
+        deadline = time.monotonic() + (self._write_timeout or 0.0)
+        while True:
+            topology = monitor.topology
+            target = route_write(topology)
+            if target is not None:
+                self._count_route("write", target)
+                return target
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._no_primary(monitor.topology, None)
+            monitor.wait_for(_new_primary_after(topology.generation), remaining)
+
     def _capture_commit(self, conn: psycopg.Connection[Any]) -> int | None:
         """COMMIT ``conn`` (on the primary) and advance the current scope past it."""
         if self._ryw != "lsn":
@@ -1363,6 +1499,21 @@ class AsyncCluster(_ClusterCore):
         self._sources = {k: v for k, v in sources.items() if k[0] != name}
         for source in gone:
             await source.close(timeout)
+
+    def connection(
+        self,
+        *,
+        autocommit: bool = True,
+        read_only: bool | None = None,
+        row_factory: RowFactory[Any] | None = None,
+    ) -> AsyncRoutedConnection:
+        """``async with cluster.connection() as conn``: see :meth:`Cluster.connection`."""
+        from .connection import AsyncRoutedConnection
+
+        self._require_monitor()
+        return AsyncRoutedConnection(
+            self, autocommit=autocommit, read_only=read_only, row_factory=row_factory
+        )
 
     async def check_connections(self, timeout: float | None = None) -> dict[str, bool]:
         self._require_monitor()
@@ -1601,6 +1752,26 @@ class AsyncCluster(_ClusterCore):
                 row = await cursor.fetchone()
                 self._note_write(_position(row[0] if row else None))
                 await conn.set_autocommit(False)
+        finally:
+            await self._checkin(lease)
+
+    async def _learn_functions(self) -> None:
+        """See :meth:`Cluster._learn_functions`."""
+        if self._functions_learned:
+            return
+        primary = route_write(self.topology)
+        if primary is None:
+            return
+        try:
+            lease = await self._checkout(primary, "read", timeout=self._connect_timeout)
+        except NodeUnavailableError:
+            return
+        try:
+            await self.classifier.alearn_functions(lease.conn)
+            self._functions_learned = True
+        except psycopg.Error as exc:
+            log.warning("could not learn function volatility from %s: %s", primary,
+                        self._scrub(primary, str(exc)))  # fmt: skip
         finally:
             await self._checkin(lease)
 
