@@ -489,7 +489,9 @@ def test_primary_down_writes_have_nowhere_reads_go_on(
 @pytest.mark.slow
 @pytest.mark.destructive
 def test_external_promotion_followed_and_old_primary_fenced(
-    fresh_replica_cluster: LocalCluster, make_monitor: MonitorFactory
+    fresh_replica_cluster: LocalCluster,
+    make_monitor: MonitorFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     lc = fresh_replica_cluster
     interval = 0.5
@@ -511,6 +513,8 @@ def test_external_promotion_followed_and_old_primary_fenced(
     assert monitor.failovers == 1
     fenced = recorder.of(NodeFenced)
     assert fenced == [NodeFenced("primary", 1, 2)]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("primary fenced" in m and "timeline 1" in m for m in errors), errors
     reads = read_targets(topology, NO_REQUIREMENTS, 6)
     assert "primary" not in reads
 

@@ -737,13 +737,9 @@ class Monitor:
             if state.fenced and not (old is not None and old.fenced):
                 self.fenced_events += 1
                 log.error(
-                    "%s fenced (no reads, no writes): it claims primary on timeline %s, "
-                    "the primary is on timeline %s; or its system identifier %s is "
-                    "another cluster's",
+                    "%s fenced (no reads, no writes): %s",
                     state.name,
-                    state.timeline,
-                    primary_tl,
-                    state.system_identifier,
+                    _why_fenced(state, primary_state, primary_tl),
                 )
                 pending.append(NodeFenced(state.name, state.timeline, primary_tl))
             if old is None or (old.role, old.healthy, old.fenced) != (
@@ -770,6 +766,19 @@ class Monitor:
         if spec.name in self._nodes:
             raise ConfigurationError(f"a node named {spec.name!r} is already monitored")
         self._nodes[spec.name] = _Node(spec)
+
+
+def _why_fenced(state: NodeState, primary: NodeState | None, primary_timeline: int | None) -> str:
+    theirs = primary.system_identifier if primary is not None else None
+    if theirs is not None and state.system_identifier not in (None, theirs):
+        return (
+            f"its system identifier {state.system_identifier} is not the primary's "
+            f"{theirs}: it belongs to another cluster"
+        )
+    return (
+        f"it claims primary on timeline {state.timeline}, "
+        f"but a primary has been on timeline {primary_timeline}"
+    )
 
 
 def _age(since: float | None, now: float) -> float | None:
