@@ -281,6 +281,7 @@ def test_paused_replay_grows_lag_and_resume_brings_it_back(
 ) -> None:
     lc = replica_cluster
     monitor = make_monitor(lc, interval=0.2)
+    recorder = Recorder(monitor.events)
     monitor.start()
     lc.pause_replay("replica1")
     try:
@@ -316,6 +317,10 @@ def test_paused_replay_grows_lag_and_resume_brings_it_back(
         5.0,
     )
     assert not back.by_name["replica1"].replay_paused
+    # Lag came and went, but role, health and fencing never changed: one event only
+    # (the first probe: unknown -> replica).
+    changes = [e for e in recorder.of(NodeStateChanged) if isinstance(e, NodeStateChanged)]
+    assert [e.name for e in changes].count("replica1") == 1
 
 
 @pytest.mark.slow
