@@ -538,6 +538,15 @@ def test_external_promotion_followed_and_old_primary_fenced(
     assert orphaned.primary is None
     assert orphaned.by_name["primary"].fenced
     assert route_write(orphaned) is None
+    assert (monitor.last_primary, monitor.newest_timeline) == ("replica1", 2)
+
+    # A promotion the router made itself (as failover="promote" does) is reported so.
+    monitor.note_promoted("replica2")
+    lc.promote("replica2")
+    third = wait_for(monitor, lambda t: t.primary == "replica2", 3 * interval)
+    assert third.by_name["replica2"].timeline == 3
+    assert recorder.of(FailoverDetected)[-1] == FailoverDetected("replica1", "replica2", 3, True)
+    assert monitor.failovers == 2
 
 
 def monitor_threads(name: str) -> list[str]:

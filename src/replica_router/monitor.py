@@ -289,6 +289,7 @@ class Monitor:
         self._thread: threading.Thread | None = None
         self._newest_timeline: int | None = None
         self._last_primary: str | None = None  # last elected, survives "no primary"
+        self._promoted_by_router: str | None = None
         self._topology = Topology(
             nodes=tuple(NodeState(name=s.name) for s in specs), primary=None, generation=0
         )
@@ -303,6 +304,29 @@ class Monitor:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def specs(self) -> tuple[NodeSpec, ...]:
+        """The nodes being monitored (configuration, in the order they were added)."""
+        with self._cond:
+            return tuple(node.spec for node in self._nodes.values())
+
+    @property
+    def last_primary(self) -> str | None:
+        """The last elected primary; unlike ``topology.primary`` it survives the
+        primary going down (it is whom a failover moves writes away from)."""
+        return self._last_primary
+
+    @property
+    def newest_timeline(self) -> int | None:
+        """The newest timeline any elected primary has had (fencing's yardstick)."""
+        return self._newest_timeline
+
+    def note_promoted(self, name: str) -> None:
+        """The router itself promoted ``name``: the failover to it is reported with
+        ``promoted_by_router=True``."""
+        with self._cond:
+            self._promoted_by_router = name
 
     def start(self) -> None:
         """Probe every node once, publish, then keep probing in a daemon thread."""
@@ -759,7 +783,9 @@ class Monitor:
                     primary,
                     primary_tl,
                 )
-                pending.append(FailoverDetected(self._last_primary, primary, primary_tl, False))
+                ours = primary == self._promoted_by_router
+                pending.append(FailoverDetected(self._last_primary, primary, primary_tl, ours))
+            self._promoted_by_router = None
             self._last_primary = primary
 
     def _add(self, spec: NodeSpec) -> None:
