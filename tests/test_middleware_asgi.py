@@ -9,10 +9,13 @@ got the write (which proves each test can fail).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -224,9 +227,9 @@ def test_unusable_cookie_is_logged_ignored_and_cleared(
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         expected = "malformed" if kind == "malformed" else "another cluster"
         assert any(expected in r.getMessage() for r in warnings), [r.getMessage() for r in warnings]
-        if kind == "malformed":  # expired, so the browser stops sending it
-            cleared = [h for h in read.headers.get_list("set-cookie") if h.startswith(COOKIE)]
-            assert cleared and "Max-Age=0" in cleared[0]
+        # Expired, so that the browser stops sending it (and we stop warning).
+        cleared = [h for h in read.headers.get_list("set-cookie") if h.startswith(COOKIE)]
+        assert cleared == [f"{COOKIE}=; Path=/; Max-Age=0; Secure; HttpOnly; SameSite=Lax"]
 
 
 def test_a_write_under_an_unusable_token_still_hands_on_a_good_one(
@@ -391,3 +394,35 @@ def test_cookie_parsing_survives_other_broken_cookies(
         messy = f'junk; theme="dark; {COOKIE}="{cookie}"; other=1'
         read = client_b.get(f"/profiles/{pid}", headers={"Cookie": messy})
         assert read.json()["name"] == "Frances"
+
+
+def _example_app_module() -> Any:
+    path = Path(__file__).resolve().parent.parent / "examples" / "fastapi_app" / "app.py"
+    spec = importlib.util.spec_from_file_location("fastapi_example_app", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pydantic resolves the models' annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_app_reads_the_users_own_update(lc: LocalCluster) -> None:
+    """examples/fastapi_app through TestClient: seed 004's endpoint, with the cookie."""
+    example = _example_app_module()
+    user = uuid.uuid4().int % 2**40
+    app = example.create_app(cluster_for(lc, AsyncCluster))
+    with TestClient(app, base_url="https://testserver") as client:  # Secure cookies need https
+        assert client.get(f"/users/{user}/profile").status_code == 404
+        assert client.post(f"/users/{user}/profile", json={"name": ""}).status_code == 422
+        assert client.post(f"/users/{user}/profile", json={"name": "before"}).status_code == 200
+        lc.wait_replicated()
+        with replay_paused(lc):
+            updated = client.post(f"/users/{user}/profile", json={"name": "after", "bio": "b"})
+            assert updated.json()["served_by"] == "primary"
+            assert client.cookies.get(COOKIE) == set_cookie_token(updated)
+            seen = client.get(f"/users/{user}/profile").json()  # the client sends the cookie
+            assert (seen["name"], seen["bio"], seen["served_by"]) == ("after", "b", "primary")
+            client.cookies.clear()
+            stale = client.get(f"/users/{user}/profile").json()
+            assert stale["name"] == "before"  # what the seed's version can show
+            assert stale["served_by"] != "primary"

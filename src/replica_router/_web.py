@@ -44,7 +44,8 @@ class Incoming:
     """The token a request brought, and whether its cookie should be cleared."""
 
     token: Token | None
-    clear_cookie: bool  # the cookie held an unusable token: expire it so the warning stops
+    from_cookie: bool = False
+    clear_cookie: bool = False  # the cookie held an unusable token: expire it (no more warnings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +85,13 @@ class TokenTransport:
         if self.use_header and header_value is not None:
             token = _parse_or_warn(header_value, f"header {self.header_name}")
             if token is not None:
-                return Incoming(token, clear_cookie=False)
+                return Incoming(token)
         clear_cookie = False
         if self.use_cookie and cookie_header:
             for value in cookie_values(cookie_header, self.cookie_name):
                 token = _parse_or_warn(value, f"cookie {self.cookie_name}")
                 if token is not None:
-                    return Incoming(token, clear_cookie=False)
+                    return Incoming(token, from_cookie=True)
                 clear_cookie = True
         return Incoming(None, clear_cookie=clear_cookie)
 
@@ -140,8 +141,11 @@ def cookie_values(cookie_header: str, name: str) -> Iterable[str]:
             yield value
 
 
-def enter_scope(stack: ExitStack, cluster: SessionSource, token: Token | None) -> Scope:
-    """Open the request's consistency scope; a token the cluster refuses is dropped.
+def enter_scope(
+    stack: ExitStack, cluster: SessionSource, incoming: Incoming
+) -> tuple[Scope, Incoming]:
+    """Open the request's consistency scope; a token the cluster refuses is dropped
+    (and, when it came in the cookie, the cookie is cleared).
 
     A request is its own unit of work: it starts from a new root scope, so it
     neither inherits nor feeds a scope that the server's thread or task may
@@ -150,12 +154,13 @@ def enter_scope(stack: ExitStack, cluster: SessionSource, token: Token | None) -
     """
     # TODO(core-cluster): replace with cluster.session(..., inherit=False) once it exists.
     stack.callback(consistency._SCOPE.reset, consistency._SCOPE.set(Scope()))
-    if token is not None:
+    if incoming.token is not None:
         try:
-            return stack.enter_context(cluster.session(token=token))
+            return stack.enter_context(cluster.session(token=incoming.token)), incoming
         except TokenError as exc:
             log.warning("ignoring a consistency token from another cluster: %s", exc)
-    return stack.enter_context(cluster.session())
+            incoming = Incoming(None, clear_cookie=incoming.from_cookie)
+    return stack.enter_context(cluster.session()), incoming
 
 
 def _parse_or_warn(value: str, where: str) -> Token | None:

@@ -78,7 +78,7 @@ class ConsistencyMiddleware:
         incoming = self.transport.incoming(header_value, cookie_header)
 
         with ExitStack() as stack:
-            consistency = enter_scope(stack, self.cluster, incoming.token)
+            consistency, incoming = enter_scope(stack, self.cluster, incoming)
 
             async def send_with_token(message: Message) -> None:
                 if message["type"] == "http.response.start":

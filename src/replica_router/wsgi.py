@@ -75,7 +75,7 @@ class ConsistencyMiddleware:
         )
         context = contextvars.copy_context()
         stack = ExitStack()
-        consistency = context.run(enter_scope, stack, self.cluster, incoming.token)
+        consistency, incoming = context.run(enter_scope, stack, self.cluster, incoming)
 
         def start_with_token(
             status: str, headers: Headers, exc_info: ExcInfo | None = None, /
