@@ -671,6 +671,8 @@ class RoutedConnection(_Base):
         if st.session & PINNING_EFFECTS and not self._pinned:
             self._pin()
         link = self._write_link()
+        if st.session:
+            link.dirty = True  # it may leave state behind: cleaned before it goes back
         self._checked(link, self._run, rc, link, query, params, how)
         self._count(link, st)
         if link.conn.pgconn.transaction_status != _IDLE:  # e.g. "BEGIN; INSERT ..."
@@ -1250,6 +1252,8 @@ class AsyncRoutedConnection(_Base):
         if st.session & PINNING_EFFECTS and not self._pinned:
             await self._pin()
         link = await self._write_link()
+        if st.session:
+            link.dirty = True
         await self._checked(link, self._run, rc, link, query, params, how)
         self._count(link, st)
         if link.conn.pgconn.transaction_status != _IDLE:

@@ -1,0 +1,654 @@
+"""RoutedConnection against real servers: where each statement runs, checked server-side.
+
+Every placement is verified by the server itself (``inet_server_port()`` compared with
+the sandbox's ports), never by asking the router where it thinks it sent something.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from replica_router import Cluster, Intent, consistency
+from replica_router.classify import Statement
+from replica_router.connection import (
+    ROUTE_BEGIN_READ,
+    ROUTE_BEGIN_WRITE,
+    ROUTE_READ,
+    ROUTE_SETTING,
+    ROUTE_WRITE,
+    begin_sql,
+    query_text,
+    route,
+    writes_data,
+)
+from replica_router.consistency import Scope
+from replica_router.sandbox import LocalCluster
+
+T = TypeVar("T")
+FAST = {"monitor_interval": 0.1}
+# One connection per pool, so a test can see that what it left behind was cleaned.
+SINGLE = {"pool_kwargs": {"primary": {"max_size": 1}, "replica": {"max_size": 1}}}
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.01)
+
+
+def port(conn: Any, query: str = "SELECT inet_server_port()") -> int:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture(autouse=True)
+def fresh_scope() -> Iterator[None]:
+    """Each test starts with an empty consistency scope (tests share one context)."""
+    reset = consistency._SCOPE.set(Scope())
+    yield
+    consistency._SCOPE.reset(reset)
+
+
+@pytest.fixture
+def lc(replica_cluster: LocalCluster) -> LocalCluster:
+    return replica_cluster
+
+
+@pytest.fixture
+def cluster(lc: LocalCluster) -> Iterator[Cluster]:
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST, **SINGLE) as c:  # type: ignore[arg-type]
+        yield c
+
+
+@pytest.fixture
+def table(lc: LocalCluster) -> Iterator[str]:
+    name = f"rc_{uuid.uuid4().hex[:10]}"
+    lc.execute("primary", f"CREATE TABLE {name} (id int PRIMARY KEY, v text)")
+    lc.wait_replicated()
+    yield name
+    lc.execute("primary", f"DROP TABLE IF EXISTS {name}")
+
+
+@pytest.fixture
+def paused(lc: LocalCluster) -> Iterator[Callable[[str], None]]:
+    done: list[str] = []
+
+    def pause(name: str) -> None:
+        lc.pause_replay(name)
+        done.append(name)
+
+    yield pause
+    for name in done:
+        lc.resume_replay(name)
+    lc.wait_replicated()
+
+
+def replica_ports(lc: LocalCluster) -> set[int]:
+    return {lc.port(n) for n in lc.replica_names}
+
+
+# -- pure decisions (no server) ----------------------------------------------------------
+
+
+def st(
+    intent: Intent = Intent.READ,
+    reason: str = "SELECT",
+    transaction: Any = None,
+    session: frozenset[Any] = frozenset(),
+    statements: int = 1,
+) -> Statement:
+    return Statement(intent, reason, transaction, session, statements)
+
+
+def test_route_autocommit_reads_writes_and_settings() -> None:
+    common = {"autocommit": True, "read_only": None, "pinned": False}
+    assert route(st(), **common) == ROUTE_READ  # type: ignore[arg-type]
+    assert route(st(Intent.WRITE, "INSERT"), **common) == ROUTE_WRITE  # type: ignore[arg-type]
+    plain_set = st(Intent.WRITE, "SET", session=frozenset({"set"}))
+    assert route(plain_set, **common) == ROUTE_SETTING  # type: ignore[arg-type]
+    # set_config() in a query, or SET among other statements: run on the primary, read back
+    in_query = st(Intent.WRITE, "calls set_config()", session=frozenset({"set"}))
+    assert route(in_query, **common) == ROUTE_WRITE  # type: ignore[arg-type]
+    several = st(Intent.WRITE, "statement 1 of 2: SET", session=frozenset({"set"}), statements=2)
+    assert route(several, **common) == ROUTE_WRITE  # type: ignore[arg-type]
+    # a read that leaves session state (PREPARE of a read, DECLARE WITH HOLD) pins: primary
+    prepared = st(Intent.READ, "PREPARE of a read", session=frozenset({"prepare"}))
+    assert route(prepared, **common) == ROUTE_WRITE  # type: ignore[arg-type]
+    assert route(st(), autocommit=True, read_only=None, pinned=True) == ROUTE_WRITE
+
+
+def test_route_transactions() -> None:
+    begin = st(Intent.WRITE, "transaction control: BEGIN", "begin")
+    begin_ro = st(Intent.WRITE, "transaction control: BEGIN READ ONLY", "begin_read_only")
+    set_ro = st(Intent.WRITE, "SET TRANSACTION", "set_read_only")
+    for autocommit in (True, False):
+        assert route(begin, autocommit=autocommit, read_only=None, pinned=False) == (
+            ROUTE_BEGIN_WRITE
+        )
+        assert route(begin_ro, autocommit=autocommit, read_only=None, pinned=False) == (
+            ROUTE_BEGIN_READ
+        )
+        assert route(begin, autocommit=autocommit, read_only=True, pinned=False) == (
+            ROUTE_BEGIN_READ
+        )
+        # a pinned session's transactions run where its state is
+        assert route(begin_ro, autocommit=autocommit, read_only=True, pinned=True) == (
+            ROUTE_BEGIN_WRITE
+        )
+    # not autocommit: every statement opens a transaction; a SELECT does not make it read-only
+    assert route(st(), autocommit=False, read_only=None, pinned=False) == ROUTE_BEGIN_WRITE
+    assert route(st(), autocommit=False, read_only=True, pinned=False) == ROUTE_BEGIN_READ
+    assert route(set_ro, autocommit=False, read_only=None, pinned=False) == ROUTE_BEGIN_READ
+    # SET TRANSACTION READ ONLY outside a transaction does nothing: not a declaration
+    assert route(set_ro, autocommit=True, read_only=None, pinned=False) == ROUTE_WRITE
+
+
+def test_writes_data_and_begin_sql() -> None:
+    assert writes_data(st(Intent.WRITE, "INSERT"))
+    assert writes_data(st(Intent.WRITE, "transaction control: COMMIT PREPARED", "commit_prepared"))
+    assert not writes_data(st())
+    assert not writes_data(st(Intent.WRITE, "SET LOCAL"))
+    assert not writes_data(st(Intent.WRITE, "transaction control: COMMIT", "commit"))
+    assert begin_sql(None, None, None) == "BEGIN"
+    assert begin_sql(psycopg.IsolationLevel.SERIALIZABLE, True, True) == (
+        "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE"
+    )
+    assert begin_sql(None, False, False) == "BEGIN READ WRITE NOT DEFERRABLE"
+
+
+def test_query_text_of_psycopg_query_types() -> None:
+    assert query_text(b"SELECT 1") == "SELECT 1"
+    composed = sql.SQL("SELECT * FROM {} WHERE id = {}").format(
+        sql.Identifier("t"), sql.Placeholder()
+    )
+    assert query_text(composed) == 'SELECT * FROM "t" WHERE id = %s'
+    with pytest.raises(TypeError, match=r"str, bytes or psycopg\.sql\.Composable"):
+        query_text(42)
+
+
+# -- autocommit: statement by statement ---------------------------------------------------
+
+
+def test_reads_go_to_replicas_and_writes_to_the_primary(lc: LocalCluster, table: str) -> None:
+    primary = lc.port("primary")
+    # Without read-your-writes, so that every read may go to a replica right after a write.
+    with (
+        Cluster(lc.primary_dsn, lc.replica_dsns, read_your_writes=None, **FAST) as cluster,  # type: ignore[arg-type]
+        cluster.connection() as conn,
+    ):
+        assert port(conn) in replica_ports(lc)
+        for i in range(5):
+            cur = conn.execute(
+                f"INSERT INTO {table} VALUES (%s, 'x') RETURNING inet_server_port()", (i,)
+            )
+            assert cur.fetchone() == (primary,)
+            assert port(conn) in replica_ports(lc)
+        # writes the classifier catches: row locks, side-effect functions, writable CTEs
+        assert port(conn, f"SELECT inet_server_port() FROM {table} LIMIT 1 FOR UPDATE") == primary
+        assert port(conn, "SELECT inet_server_port() + 0 * txid_current()") == primary
+        cte = (
+            f"WITH d AS (DELETE FROM {table} WHERE id = 4 RETURNING id) "
+            "SELECT inet_server_port() FROM d"
+        )
+        assert port(conn, cte) == primary
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (4,)
+        assert not conn.pinned
+
+
+def test_node_connections_are_held_while_open_and_returned_on_close(
+    cluster: Cluster, table: str
+) -> None:
+    conn = cluster.connection()
+    assert conn.nodes == {}  # nothing is leased before the first statement
+    conn.execute("SELECT 1")
+    conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+    held = conn.nodes
+    assert set(held) == {"read", "write"} and held["write"] == "primary"
+    assert cluster.in_use(held["read"]) == 1 and cluster.in_use("primary") == 1
+    conn.close()
+    assert conn.closed
+    assert cluster.in_use(held["read"]) == 0 and cluster.in_use("primary") == 0
+    # the write pool's only connection is usable (and transactional again) after the return
+    with cluster.write() as w:
+        assert not w.autocommit
+        assert w.execute(f"SELECT count(*) FROM {table}").fetchone() == (1,)
+
+
+def test_unparsable_sql_goes_to_the_primary_and_raises_the_servers_error(
+    cluster: Cluster,
+) -> None:
+    with cluster.connection() as conn:
+        before = cluster.counters().writes.get("primary", 0)
+        with pytest.raises(psycopg.errors.SyntaxError, match="syntax error"):
+            conn.execute("SELEC 1 FROM")
+        assert conn.nodes == {"write": "primary"}
+        assert cluster.counters().writes.get("primary", 0) == before + 1
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the connection goes on
+
+
+def test_closed_connection_and_cursor_raise(cluster: Cluster) -> None:
+    conn = cluster.connection()
+    cur = conn.cursor()
+    cur.execute("SELECT 1")
+    cur.close()
+    with pytest.raises(psycopg.InterfaceError, match="cursor is closed"):
+        cur.fetchone()
+    conn.close()
+    conn.close()  # idempotent
+    for call in (lambda: conn.execute("SELECT 1"), conn.cursor, conn.transaction, conn.commit):
+        with pytest.raises(psycopg.InterfaceError, match="connection is closed") as info:
+            call()
+        assert isinstance(info.value, psycopg.OperationalError)  # what psycopg itself raises
+
+
+# -- transactions ---------------------------------------------------------------------------
+
+
+def test_a_transaction_starting_with_a_select_never_leaves_the_primary(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    primary = lc.port("primary")
+    with cluster.connection() as conn:
+        with conn.transaction():
+            first = port(conn)
+            conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+            assert port(conn) == first == primary
+            with conn.transaction():  # a savepoint, same node
+                conn.execute(f"UPDATE {table} SET v = 'b'")
+                assert port(conn) == primary
+        # autocommit again after the block: reads go back to replicas (once they replayed it)
+        wait_until(lambda: port(conn) in replica_ports(lc), what="reads back on replicas")
+    with cluster.write() as w:
+        assert w.execute(f"SELECT v FROM {table}").fetchall() == [("b",)]
+
+
+def test_not_autocommit_pins_each_transaction_to_the_primary(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    primary = lc.port("primary")
+    with cluster.connection(autocommit=False) as conn:
+        assert port(conn) == primary  # a SELECT opens the transaction; it may write later
+        conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        assert port(conn) == primary
+        conn.commit()
+        assert port(conn) == primary
+        conn.execute(f"INSERT INTO {table} VALUES (2, 'b')")
+        conn.rollback()
+        assert port(conn) == primary
+    # the with block committed the last (read-only) transaction; row 2 was rolled back
+    with cluster.write() as w:
+        assert w.execute(f"SELECT id FROM {table}").fetchall() == [(1,)]
+
+
+def test_begin_statements_open_pinned_transactions(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    primary = lc.port("primary")
+    with cluster.connection() as conn:
+        conn.execute("BEGIN")
+        assert port(conn) == primary
+        conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+        assert port(conn) == primary
+        conn.execute("COMMIT")
+        assert cluster.token is not None  # the COMMIT statement advanced the token
+        wait_until(lambda: port(conn) in replica_ports(lc), what="reads back on replicas")
+        conn.execute("BEGIN READ ONLY")
+        ro = port(conn)
+        assert ro in replica_ports(lc)
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (1,)
+        assert port(conn) == ro
+        conn.execute("ROLLBACK")
+
+
+def test_read_only_transactions_run_on_one_replica(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    with cluster.connection() as conn:
+        conn.read_only = True
+        with conn.transaction():
+            first = port(conn)
+            assert first in replica_ports(lc)
+            for _ in range(5):
+                assert port(conn) == first
+            # a write inside it is refused by the server, as in any read-only transaction
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+            raise psycopg.Rollback
+        # session state cannot be taken inside it: it would be left behind on a replica
+        with (
+            pytest.raises(psycopg.NotSupportedError, match="read-only transaction"),
+            conn.transaction(),
+        ):
+            conn.execute("SELECT pg_advisory_lock(1)")
+    with cluster.connection(autocommit=False) as conn:
+        conn.execute("SET TRANSACTION READ ONLY")  # first statement: declares it
+        assert port(conn) in replica_ports(lc)
+        conn.commit()
+
+
+def test_transaction_blocks_follow_psycopg(cluster: Cluster, table: str) -> None:
+    with cluster.connection() as conn:
+        with conn.transaction():
+            conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+            with conn.transaction() as inner:
+                conn.execute(f"INSERT INTO {table} VALUES (2, 'b')")
+                raise psycopg.Rollback(inner)  # only the savepoint is undone
+        with pytest.raises(ZeroDivisionError), conn.transaction():
+            conn.execute(f"INSERT INTO {table} VALUES (3, 'c')")
+            raise ZeroDivisionError
+        with conn.transaction(force_rollback=True):
+            conn.execute(f"INSERT INTO {table} VALUES (4, 'd')")
+        with conn.transaction() as outer:
+            conn.execute(f"INSERT INTO {table} VALUES (5, 'e')")
+            with conn.transaction():
+                raise psycopg.Rollback(outer)  # unwinds both blocks, no error
+        with conn.transaction(), pytest.raises(psycopg.ProgrammingError, match="forbidden"):
+            conn.commit()
+        assert conn.execute(f"SELECT id FROM {table} ORDER BY id").fetchall() == [(1,)]
+
+
+def test_context_manager_commits_or_rolls_back(cluster: Cluster, table: str) -> None:
+    with cluster.connection(autocommit=False) as conn:
+        conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+    with pytest.raises(ZeroDivisionError), cluster.connection(autocommit=False) as conn:
+        conn.execute(f"INSERT INTO {table} VALUES (2, 'b')")
+        raise ZeroDivisionError
+    assert conn.closed
+    with cluster.connection() as conn:
+        conn.execute("BEGIN")
+        conn.execute(f"INSERT INTO {table} VALUES (3, 'c')")  # committed on exit
+    with cluster.write() as w:
+        assert w.execute(f"SELECT id FROM {table} ORDER BY id").fetchall() == [(1,), (3,)]
+    assert cluster.in_use("primary") == 0
+
+
+# -- session state --------------------------------------------------------------------------
+
+
+def test_set_is_replayed_on_every_node_the_session_uses(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    schema = f"s_{uuid.uuid4().hex[:8]}"
+    lc.execute("primary", f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.only_here (x int)")
+    lc.execute("primary", f"INSERT INTO {schema}.only_here VALUES (7)")
+    lc.wait_replicated()
+    try:
+        with cluster.connection() as conn:
+            conn.execute("SET statement_timeout = '4s'")
+            conn.execute(f"SET search_path = {schema}, public")
+            reader = port(conn)
+            assert reader in replica_ports(lc)
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("4s",)
+            assert conn.execute("SELECT x FROM only_here").fetchone() == (7,)  # on the replica
+            assert port(conn) == reader
+            # the primary's connection gets the same settings before its first statement
+            cur = conn.execute(
+                f"INSERT INTO public.{table} VALUES (1, current_setting('statement_timeout')) "
+                "RETURNING v, inet_server_port(), current_setting('search_path')"
+            )
+            assert cur.fetchone() == ("4s", lc.port("primary"), f"{schema}, public")
+            conn.execute("RESET statement_timeout")
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("0",)
+            cur = conn.execute(
+                f"INSERT INTO public.{table} VALUES (2, current_setting('statement_timeout'))"
+                " RETURNING v"
+            )
+            assert cur.fetchone() == ("0",)  # the RESET reached the primary's connection too
+        # set_config(..., false) and SET inside a committed transaction are read back
+        with cluster.connection() as conn:
+            conn.execute("SELECT set_config('application_name', 'rr-test', false)")
+            with conn.transaction():
+                conn.execute("SET work_mem = '7MB'")
+            with conn.transaction():
+                conn.execute("SET work_mem = '9MB'")
+                raise psycopg.Rollback  # undone, on the node and in what is replayed
+            assert port(conn) in replica_ports(lc)
+            assert conn.execute("SHOW application_name").fetchone() == ("rr-test",)
+            assert conn.execute("SHOW work_mem").fetchone() == ("7MB",)
+    finally:
+        lc.execute("primary", f"DROP SCHEMA {schema} CASCADE")
+    # each node's single pooled connection came back clean (DISCARD ALL)
+    for name in lc.node_names:
+        lease = cluster._checkout(name, "read")
+        try:
+            settings = lease.conn.execute(
+                "SELECT current_setting('statement_timeout'), current_setting('work_mem'),"
+                " current_setting('application_name'), current_setting('search_path'),"
+                " current_setting('default_transaction_read_only')"
+            ).fetchone()
+        finally:
+            cluster._checkin(lease)
+        assert settings is not None
+        assert settings[:2] == ("0", "4MB") and settings[2] != "rr-test"
+        assert settings[3] == '"$user", public' and settings[4] == "on"
+    with cluster.write() as w:
+        row = w.execute("SELECT current_setting('statement_timeout'), current_setting('work_mem')")
+        assert row.fetchone() == ("0", "4MB")
+
+
+def test_temp_tables_pin_the_session_to_the_primary(lc: LocalCluster, cluster: Cluster) -> None:
+    primary = lc.port("primary")
+    with cluster.connection() as conn:
+        assert port(conn) in replica_ports(lc)
+        conn.execute("CREATE TEMP TABLE scratch (id int)")
+        assert conn.pinned and "read" not in conn.nodes
+        conn.execute("INSERT INTO scratch VALUES (1), (2)")
+        assert conn.execute("SELECT count(*) FROM scratch").fetchone() == (2,)  # a read: here
+        assert port(conn) == primary
+        conn.read_only = True
+        with conn.transaction():  # even a read-only transaction stays with the state
+            assert port(conn) == primary
+    with cluster.write() as w:  # the pool's connection came back without the temp table
+        assert w.execute("SELECT to_regclass('pg_temp.scratch')").fetchone() == (None,)
+
+
+def test_listen_pins_and_receives_notifications(lc: LocalCluster, cluster: Cluster) -> None:
+    channel = f"ch_{uuid.uuid4().hex[:8]}"
+    with cluster.connection() as conn:
+        with pytest.raises(psycopg.ProgrammingError, match="LISTEN"):
+            conn.notifies(timeout=0)
+        conn.execute(f"LISTEN {channel}")
+        assert conn.pinned
+        assert port(conn) == lc.port("primary")
+        lc.execute("primary", f"NOTIFY {channel}, 'hello'")
+        received = list(conn.notifies(timeout=5, stop_after=1))
+        assert [(n.channel, n.payload) for n in received] == [(channel, "hello")]
+
+
+def test_session_advisory_locks_pin_and_are_released_on_close(
+    lc: LocalCluster, cluster: Cluster
+) -> None:
+    key = int(uuid.uuid4().int % 1_000_000)
+    primary = lc.port("primary")
+    other = psycopg.connect(lc.primary_dsn, autocommit=True)
+    try:
+        with cluster.connection() as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+            assert conn.pinned and port(conn) == primary
+            assert other.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone() == (False,)
+        assert other.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone() == (True,)
+    finally:
+        other.close()
+
+
+def test_prepare_pins_and_execute_finds_it(lc: LocalCluster, cluster: Cluster) -> None:
+    with cluster.connection() as conn:
+        conn.execute("PREPARE two AS SELECT 2, inet_server_port()")
+        assert conn.execute("EXECUTE two").fetchone() == (2, lc.port("primary"))
+
+
+# -- read-your-writes -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_writes_advance_the_token_and_reads_see_them_with_replay_paused(
+    fresh_replica_cluster: LocalCluster,
+) -> None:
+    lc = fresh_replica_cluster
+    lc.execute("primary", "CREATE TABLE ryw (id int PRIMARY KEY)")
+    lc.wait_replicated()
+    for name in lc.replica_names:
+        lc.pause_replay(name)
+    # max_lag=None: the paused replicas still serve reads that carry no token
+    with Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST) as cluster:  # type: ignore[arg-type]
+        with cluster.session(), cluster.connection() as conn:
+            assert cluster.token is None
+            conn.execute("INSERT INTO ryw VALUES (1)")  # autocommit write
+            first = cluster.token
+            assert first is not None
+            assert conn.execute("SELECT count(*) FROM ryw").fetchone() == (1,)
+            with conn.transaction():  # transaction: captured with the COMMIT
+                conn.execute("INSERT INTO ryw VALUES (2)")
+            second = cluster.token
+            assert second is not None and second.lsn > first.lsn
+            assert conn.execute("SELECT array_agg(id ORDER BY id) FROM ryw").fetchone() == ([1, 2],)
+            cur = conn.cursor()
+            cur.executemany("INSERT INTO ryw VALUES (%s)", [(3,), (4,)])
+            third = cluster.token
+            assert third is not None and third.lsn > second.lsn
+            assert conn.execute("SELECT count(*) FROM ryw").fetchone() == (4,)
+            # a write the server refuses (duplicate key) moves nothing
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                conn.execute("INSERT INTO ryw VALUES (1)")
+            assert cluster.token == third
+
+        # without the token (a fresh context: no scope) a replica serves the read, and it
+        # has none of the rows: the replicas really are behind
+        def untokened() -> Any:
+            with cluster.connection() as conn:
+                query = "SELECT count(*), inet_server_port() <> %s FROM ryw"
+                return conn.execute(query, (lc.port("primary"),)).fetchone()
+
+        assert contextvars.Context().run(untokened) == (0, True)
+        # the token crosses to another thread as a string
+        token = str(third)
+        seen: list[Any] = []
+
+        def reader() -> None:
+            with cluster.session(token=token), cluster.connection() as conn:
+                seen.append(conn.execute("SELECT count(*) FROM ryw").fetchone())
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        thread.join(10)
+        assert seen == [(4,)]
+
+
+def test_the_held_replica_is_left_when_it_falls_behind(
+    lc: LocalCluster, table: str, paused: Callable[[str], None]
+) -> None:
+    with (
+        Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=0.5, **FAST) as cluster,  # type: ignore[arg-type]
+        cluster.connection() as conn,
+    ):
+        assert port(conn) in replica_ports(lc)
+        held = conn.nodes["read"]
+        other = next(n for n in lc.replica_names if n != held)
+        paused(held)
+        lc.execute("primary", f"INSERT INTO {table} VALUES (1, 'a')")  # the held one lags now
+
+        def moved() -> bool:
+            return port(conn) == lc.port(other)
+
+        wait_until(moved, what="reads to leave the lagging replica")
+        assert conn.nodes["read"] == other
+
+
+# -- the cursor surface -------------------------------------------------------------------
+
+
+def test_cursor_api(cluster: Cluster, table: str) -> None:
+    with cluster.connection() as conn:
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {table} VALUES (%s, %s)", [(i, f"v{i}") for i in range(10)]
+            )
+            assert cur.rowcount == 10
+            cur.execute(f"SELECT id, v FROM {table} ORDER BY id")
+            assert [c.name for c in cur.description or ()] == ["id", "v"]
+            assert cur.rowcount == 10
+            assert cur.fetchone() == (0, "v0")
+            assert cur.fetchmany(2) == [(1, "v1"), (2, "v2")]
+            cur.arraysize = 3
+            assert cur.fetchmany() == [(3, "v3"), (4, "v4"), (5, "v5")]
+            assert list(cur) == [(i, f"v{i}") for i in range(6, 10)]
+            assert cur.fetchone() is None
+            cur.execute(f"UPDATE {table} SET v = 'w' WHERE id < 4")
+            assert cur.rowcount == 4 and cur.statusmessage == "UPDATE 4"
+            cur.execute(f"SELECT v FROM {table} WHERE id = %(id)s", {"id": 3})
+            assert cur.fetchall() == [("w",)]
+            returned = conn.cursor()
+            returned.executemany(
+                f"INSERT INTO {table} VALUES (%s, 'r') RETURNING id", [(20,), (21,)], returning=True
+            )
+            assert returned.fetchone() == (20,)
+            assert returned.nextset() and returned.fetchone() == (21,)
+        assert cur.closed
+        with pytest.raises(psycopg.ProgrammingError, match="no result"):
+            conn.cursor().fetchone()
+        with pytest.raises(psycopg.NotSupportedError, match="named"):
+            conn.cursor("server_side")
+
+
+def test_row_factory(cluster: Cluster) -> None:
+    with cluster.connection(row_factory=dict_row) as conn:
+        assert conn.execute("SELECT 1 AS one").fetchone() == {"one": 1}
+        cur = conn.cursor(row_factory=psycopg.rows.namedtuple_row)
+        row = cur.execute("SELECT 2 AS two").fetchone()
+        assert row.two == 2
+        cur.row_factory = psycopg.rows.tuple_row
+        assert cur.execute("SELECT 3").fetchone() == (3,)
+        conn.row_factory = psycopg.rows.tuple_row
+        assert conn.execute("SELECT 4").fetchone() == (4,)
+
+
+def test_results_stay_readable_after_the_next_statement_went_elsewhere(
+    cluster: Cluster, table: str
+) -> None:
+    with cluster.connection() as conn:
+        read = conn.execute("SELECT generate_series(1, 3)")
+        write = conn.execute(f"INSERT INTO {table} VALUES (1, 'a') RETURNING id")
+        assert read.fetchall() == [(1,), (2,), (3,)]
+        assert write.fetchall() == [(1,)]
+
+
+def test_attributes_cannot_change_inside_a_transaction(cluster: Cluster) -> None:
+    with cluster.connection() as conn:
+        assert conn.autocommit and conn.read_only is None
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with conn.transaction():
+            row = conn.execute("SHOW transaction_isolation").fetchone()
+            assert row == ("repeatable read",)
+            for attribute, value in (("autocommit", False), ("read_only", True)):
+                with pytest.raises(psycopg.ProgrammingError, match="can't change"):
+                    setattr(conn, attribute, value)
+        assert "RoutedConnection open autocommit" in repr(conn)
+
+
+def test_composed_queries_are_classified_and_routed(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    with cluster.connection() as conn:
+        read = sql.SQL("SELECT inet_server_port() FROM {}").format(sql.Identifier(table))
+        assert conn.execute(read).fetchall() == []
+        assert port(conn, b"SELECT inet_server_port()") in replica_ports(lc)  # type: ignore[arg-type]
+        insert = sql.SQL("INSERT INTO {} VALUES (%s, 'a') RETURNING inet_server_port()").format(
+            sql.Identifier(table)
+        )
+        assert conn.execute(insert, (1,)).fetchone() == (lc.port("primary"),)
