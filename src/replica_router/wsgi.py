@@ -16,24 +16,15 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
-from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
 from ._web import SessionSource, TokenTransport, enter_scope
 
+if TYPE_CHECKING:  # typeshed's WSGI types, the ones Flask and werkzeug are typed with
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
 __all__ = ["ConsistencyMiddleware"]
-
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
-Headers = list[tuple[str, str]]
-
-
-class StartResponse(Protocol):
-    def __call__(
-        self, status: str, headers: Headers, exc_info: ExcInfo | None = ..., /
-    ) -> Callable[[bytes], object]: ...
-
-
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 class ConsistencyMiddleware:
@@ -41,7 +32,7 @@ class ConsistencyMiddleware:
 
     def __init__(
         self,
-        app: WSGIApp,
+        app: WSGIApplication,
         cluster: SessionSource,
         *,
         cookie_name: str = "rr_token",
@@ -69,7 +60,7 @@ class ConsistencyMiddleware:
         )
         self._environ_key = "HTTP_" + header_name.upper().replace("-", "_")
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         incoming = self.transport.incoming(
             environ.get(self._environ_key), environ.get("HTTP_COOKIE")
         )
@@ -78,7 +69,7 @@ class ConsistencyMiddleware:
         consistency, incoming = context.run(enter_scope, stack, self.cluster, incoming)
 
         def start_with_token(
-            status: str, headers: Headers, exc_info: ExcInfo | None = None, /
+            status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None, /
         ) -> Callable[[bytes], object]:
             extra = self.transport.response_headers(incoming, consistency, self.cluster)
             return start_response(status, [*headers, *extra], exc_info)
