@@ -237,9 +237,6 @@ def test_cli_argument_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert main(["dashboard", "postgresql://u@h:notaport/db"]) == 2
     assert "port" in capsys.readouterr().err
 
-    assert main(["dashboard", "postgresql://u@h:5432/db", "host=h port=5432 dbname=x"]) == 2
-    assert "h:5432 is listed twice" in capsys.readouterr().err
-
 
 def test_cli_reports_a_busy_port(
     replica_cluster: LocalCluster, capsys: pytest.CaptureFixture[str]

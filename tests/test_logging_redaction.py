@@ -104,7 +104,7 @@ def test_password_never_leaks(
     events: list[Event] = []
     nodes = {name: lc.dsn(name) for name in lc.node_names}
 
-    def snapshot(cluster: Cluster, registry: CollectorRegistry) -> None:
+    def snapshot(cluster: Cluster, registry: CollectorRegistry, *, commands: bool = False) -> None:
         seen.append(repr(cluster))
         seen.append(repr(cluster.topology))
         seen.append(repr(cluster.status()))
@@ -112,7 +112,12 @@ def test_password_never_leaks(
         seen.append(repr(cluster.counters()))
         seen.append(json.dumps(status_payload(cluster)))
         seen.append(generate_latest(registry).decode())
-        seen.append(cli("sandbox", "status", "--json", "--dir", str(lc.directory)))
+        if commands:  # each CLI run costs a Python start-up: only at the interesting moments
+            seen.append(cli("sandbox", "status", "--json", "--dir", str(lc.directory)))
+            status_json = cli("status", "--json", *nodes.values())
+            assert f"127.0.0.1:{lc.port('replica2')}" in status_json  # it did report the nodes
+            seen.append(status_json)
+            seen.append(cli("status", *nodes.values()))  # the human table too
 
     # -- bad configuration: malformed DSNs, in URL and key=value forms
     for bad in (
@@ -167,7 +172,7 @@ def test_password_never_leaks(
             seen.append(exception_text(exc))  # psycopg's own message: no password either
         else:
             pytest.fail("connected to a stopped node")
-        snapshot(cluster, registry)
+        snapshot(cluster, registry, commands=True)
         assert cluster.status()[2].last_error
 
         # no primary: writes fail fast with PrimaryUnavailable
@@ -189,7 +194,7 @@ def test_password_never_leaks(
                 conn.execute("INSERT INTO redaction_probe VALUES (2)")
         except Error as exc:  # a write right after failover may still find no usable primary
             seen.append(exception_text(exc))
-        snapshot(cluster, registry)
+        snapshot(cluster, registry, commands=True)
         exposition = generate_latest(registry).decode()
 
     seen.extend(repr(event) for event in events)

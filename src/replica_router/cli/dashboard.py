@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.max_lag > 0:
         args._parser.error(f"--max-lag: expected seconds > 0, got {args.max_lag}")
     try:
-        nodes = _named(args.dsn) if args.dsn else _sandbox_dsns(args.sandbox)
+        nodes = _dsn_nodes(args.dsn) if args.dsn else _sandbox_dsns(args.sandbox)
         return _serve(nodes, args)
     except ConfigurationError as exc:
         sys.stderr.write(f"replica-router dashboard: error: {exc}\n")
@@ -78,18 +78,11 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _named(dsns: list[str]) -> dict[str, str]:
-    """Name each node ``host:port`` (as ``Cluster.from_url`` does); a multi-host URL is split."""
-    from ..dsn import parse_dsn, split_hosts
+def _dsn_nodes(dsns: list[str]) -> dict[str, str]:
+    """Nodes named ``host:port``, as ``replica-router status`` names them."""
+    from .status import node_specs
 
-    nodes: dict[str, str] = {}
-    for i, arg in enumerate(dsns):
-        for dsn in split_hosts(arg, field=f"DSN {i + 1}"):
-            address = parse_dsn(dsn, field=f"DSN {i + 1}").address
-            if address in nodes:
-                raise ConfigurationError(f"DSN {i + 1}: {address} is listed twice")
-            nodes[address] = dsn
-    return nodes
+    return {spec.name: spec.dsn for spec in node_specs(dsns)}
 
 
 def _sandbox_dsns(directory: str) -> dict[str, str]:
