@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .classify import Intent, classify
+from .cluster import AsyncCluster, Cluster
+from .consistency import Token
 from .errors import (
     ConfigurationError,
     ConsistencyTimeout,
@@ -13,12 +15,15 @@ from .errors import (
 )
 
 __all__ = [
+    "AsyncCluster",
+    "Cluster",
     "ConfigurationError",
     "ConsistencyTimeout",
     "Error",
     "Intent",
     "NoReplicaAvailable",
     "PrimaryUnavailable",
+    "Token",
     "TokenError",
     "classify",
 ]
