@@ -247,7 +247,8 @@ def test_cli_reports_a_busy_port(
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        code = main(["dashboard", "--sandbox", str(replica_cluster.directory), "--port", str(port)])
+        dsns = [replica_cluster.dsn(name) for name in replica_cluster.node_names]
+        code = main(["dashboard", *dsns, "--port", str(port)])  # nodes given as DSNs
     assert code == 1
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
