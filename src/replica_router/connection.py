@@ -121,10 +121,10 @@ def route(st: Statement, *, autocommit: bool, read_only: bool | None, pinned: bo
     return ROUTE_READ if st.intent is _READ else ROUTE_WRITE
 
 
-def refuse_on_replica(st: Statement) -> None:
+def refuse_on_replica(st: Statement, errors: Any = psycopg) -> None:
     """A read-only transaction runs on a replica: session state taken there would be lost."""
     if st.session & PINNING_EFFECTS:
-        raise psycopg.NotSupportedError(
+        raise errors.NotSupportedError(
             f"{st.reason}: a read-only transaction runs on a replica, where this session "
             "state would be lost; run it outside the read-only transaction"
         )
@@ -206,9 +206,11 @@ class _Link:
 
 
 class _Base:
-    """State and pure bookkeeping shared by the sync and async routed connections."""
+    """State and pure bookkeeping shared by the routed connections (psycopg sync and
+    async, and psycopg2's in :mod:`replica_router.integrations.psycopg2`)."""
 
     _cluster: Any
+    _errors: Any = psycopg  # the driver module whose exception classes users catch
 
     def __init__(
         self,
@@ -315,23 +317,26 @@ class _Base:
     def _check_no_transaction(self, attribute: str) -> None:
         self._check_open()
         if self._tx is not None or self._tx_lost is not None:
-            raise psycopg.ProgrammingError(
+            raise self._errors.ProgrammingError(
                 f"can't change {attribute!r} now: connection in transaction status INTRANS"
             )
 
+    def _closed_error(self) -> Exception:
+        return _closed_error()
+
     def _check_open(self) -> None:
         if self._closed:
-            raise _closed_error()
+            raise self._closed_error()
         if self._failed is not None:
-            raise psycopg.OperationalError(self._failed)
+            raise self._errors.OperationalError(self._failed)
         if self._tx_lost is not None:
-            raise psycopg.OperationalError(self._tx_lost)
+            raise self._errors.OperationalError(self._tx_lost)
 
     def _check_commit(self, verb: str) -> None:
         if self._closed:
-            raise _closed_error()
+            raise self._closed_error()
         if self._blocks:
-            raise psycopg.ProgrammingError(
+            raise self._errors.ProgrammingError(
                 f"Explicit {verb}() forbidden within a Transaction context. "
                 f"(Transaction will be automatically committed on successful exit from context.)"
             )
@@ -349,7 +354,7 @@ class _Base:
         if session:
             if session & PINNING_EFFECTS:
                 if link.role == "read":
-                    refuse_on_replica(st)
+                    refuse_on_replica(st, self._errors)
                 self._pinned = True
                 link.dirty = True
             if "set" in session and not self._pinned:
