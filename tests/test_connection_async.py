@@ -1,0 +1,120 @@
+"""AsyncRoutedConnection against real servers: the sync rules with async with / await."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from replica_router import AsyncCluster
+from replica_router.sandbox import LocalCluster
+
+FAST = {"monitor_interval": 0.1}
+
+
+def run(coro: Any) -> Any:
+    """Each test in its own context: no consistency scope leaks between tests."""
+    return contextvars.Context().run(asyncio.run, coro)
+
+
+async def port(conn: Any, query: str = "SELECT inet_server_port()") -> int:
+    cur = await conn.execute(query)
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture
+def table(replica_cluster: LocalCluster) -> Iterator[str]:
+    name = f"arc_{uuid.uuid4().hex[:10]}"
+    replica_cluster.execute("primary", f"CREATE TABLE {name} (id int PRIMARY KEY, v text)")
+    replica_cluster.wait_replicated()
+    yield name
+    replica_cluster.execute("primary", f"DROP TABLE IF EXISTS {name}")
+
+
+def test_async_routing_transactions_and_session_state(
+    replica_cluster: LocalCluster, table: str
+) -> None:
+    lc = replica_cluster
+    primary = lc.port("primary")
+    replicas = {lc.port(n) for n in lc.replica_names}
+
+    async def main() -> None:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:  # type: ignore[arg-type]
+            async with cluster.connection() as conn:
+                assert await port(conn) in replicas
+                await conn.execute("SET statement_timeout = '5s'")
+                cur = await conn.execute("SHOW statement_timeout")
+                assert await cur.fetchone() == ("5s",)
+                cur = await conn.execute(
+                    f"INSERT INTO {table} VALUES (1, current_setting('statement_timeout')) "
+                    "RETURNING v, inet_server_port()"
+                )
+                assert await cur.fetchone() == ("5s", primary)
+                assert cluster.token is not None
+                # the read right after the write sees it (token), wherever it runs
+                cur = await conn.execute(f"SELECT count(*) FROM {table}")
+                assert await cur.fetchone() == (1,)
+                async with conn.transaction():
+                    first = await port(conn)
+                    await conn.execute(f"UPDATE {table} SET v = 'b'")
+                    assert await port(conn) == first == primary
+                    async with conn.transaction() as inner:
+                        await conn.execute(f"INSERT INTO {table} VALUES (2, 'x')")
+                        raise psycopg.Rollback(inner)
+                await conn.set_read_only(True)
+                async with conn.transaction():
+                    ro = await port(conn)
+                    assert ro in replicas
+                    assert await port(conn) == ro
+                await conn.set_read_only(None)
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.executemany(f"INSERT INTO {table} VALUES (%s, 'm')", [(10,), (11,)])
+                assert cur.rowcount == 2
+                await cur.execute(f"SELECT id, v FROM {table} ORDER BY id")
+                assert await cur.fetchmany(2) == [{"id": 1, "v": "b"}, {"id": 10, "v": "m"}]
+                assert [row async for row in cur] == [{"id": 11, "v": "m"}]
+                await conn.execute("CREATE TEMP TABLE scratch (x int)")
+                assert conn.pinned and await port(conn) == primary
+            assert conn.closed and cluster.in_use("primary") == 0
+            with pytest.raises(psycopg.InterfaceError, match="closed"):
+                await conn.execute("SELECT 1")
+            async with cluster.connection(autocommit=False) as conn:
+                await conn.execute(f"INSERT INTO {table} VALUES (20, 'c')")
+            with pytest.raises(ZeroDivisionError):
+                async with cluster.connection(autocommit=False) as conn:
+                    await conn.execute(f"INSERT INTO {table} VALUES (21, 'r')")
+                    raise ZeroDivisionError
+            async with cluster.write() as w:
+                cur = await w.execute(f"SELECT id FROM {table} ORDER BY id")
+                assert await cur.fetchall() == [(1,), (10,), (11,), (20,)]
+
+    run(main())
+
+
+def test_async_tasks_route_independently(replica_cluster: LocalCluster, table: str) -> None:
+    """Each task has its own scope: one task's write does not pull another's reads."""
+    lc = replica_cluster
+
+    async def main() -> None:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:  # type: ignore[arg-type]
+
+            async def task(i: int) -> tuple[int, int]:
+                async with cluster.connection() as conn:
+                    await conn.execute(f"INSERT INTO {table} VALUES (%s, 't')", (i,))
+                    cur = await conn.execute(f"SELECT count(*) FROM {table} WHERE id = %s", (i,))
+                    row = await cur.fetchone()
+                    assert row is not None
+                    return i, int(row[0])
+
+            results = await asyncio.gather(*(task(i) for i in range(8)))
+            assert sorted(results) == [(i, 1) for i in range(8)]  # each read saw its own write
+
+    run(main())
