@@ -229,9 +229,8 @@ class _Base:
         self._begin = begin_sql(None, read_only, None)
         self.row_factory: RowFactory[Any] = row_factory or tuple_row
         self._closed = False
-        self._learn = (
-            True  # ask the cluster to learn function volatility before the first statement
-        )
+        # Look before the next statement: closed, a lost link, function volatility to learn.
+        self._attention = True
         self._reader: _Link | None = None
         self._writer: _Link | None = None
         self._read_topology: Topology | None = None
@@ -417,6 +416,7 @@ class _Base:
     def _note_lost(self, link: _Link) -> None:
         """``link``'s connection broke: forget it and say what the session lost."""
         node = link.node
+        self._attention = True
         if link is self._tx:
             self._tx_lost = (
                 f"the transaction was lost: the connection to {node} broke; "
@@ -571,7 +571,7 @@ class RoutedConnection(_Base):
         """Roll back an open transaction and give the node connections back."""
         if self._closed:
             return
-        self._closed = True
+        self._closed = self._attention = True
         for link in self._links():
             self._release(link)
 
@@ -624,11 +624,10 @@ class RoutedConnection(_Base):
         params: Any,
         how: bool | Many | None,
     ) -> None:
-        if self._closed or self._failed is not None or self._tx_lost is not None:
+        if self._attention:
             self._check_open()
-        if self._learn:
-            self._learn = False
-            self._cluster._learn_functions()
+            self._attention = False
+            self._cluster._learn_functions()  # once per cluster; then an attribute check
         st = self._analyze(query if type(query) is str else query_text(query))
         if self._tx is not None:
             self._in_transaction(rc, st, query, params, how)
@@ -742,7 +741,11 @@ class RoutedConnection(_Base):
 
     def _read_link(self) -> _Link:
         """The node for reads: the one held while routing still allows it, else a new lease."""
-        topology, mark = self._read_key()
+        cluster = self._cluster
+        monitor = cluster._monitor
+        topology = (monitor or cluster._require_monitor()).topology
+        scope = peek_scope()
+        mark = None if scope is None else scope.mark(cluster.system_identifier)
         link = self._reader
         if link is not None:
             if topology is self._read_topology and mark is self._read_mark:
@@ -1155,7 +1158,7 @@ class AsyncRoutedConnection(_Base):
     async def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        self._closed = self._attention = True
         for link in self._links():
             await self._release(link)
 
@@ -1205,10 +1208,9 @@ class AsyncRoutedConnection(_Base):
         params: Any,
         how: bool | Many | None,
     ) -> None:
-        if self._closed or self._failed is not None or self._tx_lost is not None:
+        if self._attention:
             self._check_open()
-        if self._learn:
-            self._learn = False
+            self._attention = False
             await self._cluster._learn_functions()
         st = self._analyze(query if type(query) is str else query_text(query))
         if self._tx is not None:

@@ -339,7 +339,7 @@ class RoutedConnection(_Base):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        self._closed = self._attention = True
         for link in self._links():
             self._release(link)
 
@@ -367,10 +367,9 @@ class RoutedConnection(_Base):
     # -- routing one statement ------------------------------------------------------------------
 
     def _execute(self, rc: RoutedCursor, query: Any, params: Any, many: bool) -> None:
-        if self._closed or self._failed is not None or self._tx_lost is not None:
+        if self._attention:
             self._check_open()
-        if self._learn:
-            self._learn = False
+            self._attention = False
             self._cluster._learn_functions()
         st = self._analyze(query if type(query) is str else self._text(query))
         if self._tx is not None:
