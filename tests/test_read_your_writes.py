@@ -99,6 +99,31 @@ def test_the_token_is_at_or_past_the_commit(replica_cluster: LocalCluster, table
             assert found == (1,), f"row {row_id} missing at a replay position past its token"
 
 
+def test_a_failing_commit_raises_its_error_and_advances_nothing(
+    replica_cluster: LocalCluster, table: str
+) -> None:
+    lc = replica_cluster
+    name = f"{table}_deferred"
+    lc.execute(
+        "primary",
+        f"CREATE TABLE {name} (id int UNIQUE DEFERRABLE INITIALLY DEFERRED)",
+    )
+    try:
+        with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster, cluster.session():
+            insert(cluster, table, 1)
+            before = cluster.token
+            with pytest.raises(psycopg.errors.UniqueViolation), cluster.write() as conn:
+                conn.execute(f"INSERT INTO {name} VALUES (1), (1)")  # checked at COMMIT
+            assert cluster.token == before
+            with cluster.write() as conn:  # the pooled connection is usable again
+                conn.execute(f"INSERT INTO {name} VALUES (2)")
+            assert cluster.token is not None and before is not None
+            assert cluster.token.lsn > before.lsn
+        assert lc.execute("primary", f"SELECT id FROM {name}") == [(2,)]
+    finally:
+        lc.execute("primary", f"DROP TABLE {name}")
+
+
 def test_tokens_only_move_forward(replica_cluster: LocalCluster, table: str) -> None:
     lc = replica_cluster
     with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster, cluster.session():

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import psycopg
+import psycopg.errors
+from psycopg.pq import ConnStatus, ExecStatus, TransactionStatus
 
 from .errors import TokenError
 from .lsn import format_lsn, parse_lsn
@@ -286,23 +288,48 @@ def commit_and_capture(conn: psycopg.Connection[Any]) -> int | None:
     """Commit ``conn``'s transaction; return a WAL position at or past its commit record.
 
     One round trip: ``COMMIT; SELECT pg_current_wal_insert_lsn()`` goes as one
-    simple-protocol message (no parameters), so the server runs both and answers
-    once. Returns ``None`` when the server answered the COMMIT with ROLLBACK
-    (the transaction had failed). The connection must be on the primary.
+    simple-protocol message, so the server runs both and answers once. It is sent
+    with libpq's ``PQexec`` (psycopg's ``pgconn.exec_``, under the connection's
+    lock) rather than a cursor: the cursor's multi-result machinery costs more
+    client time than the SELECT costs the server. ``PQexec`` returns the last
+    result only, which is sound because the COMMIT is sent only from a healthy
+    transaction: if it fails, its error is the last result (nothing after it
+    runs). From an aborted transaction this rolls back and returns ``None``
+    (what COMMIT would do); with no transaction it returns ``None``. The
+    connection must be on the primary.
     """
-    cursor = conn.cursor()
-    cursor.execute(_COMMIT_AND_POSITION)
-    return _read_position(cursor)
+    status = conn.pgconn.transaction_status
+    if status != TransactionStatus.INTRANS:
+        if status == TransactionStatus.INERROR:
+            conn.rollback()
+        return None
+    with conn.lock:
+        result = conn.pgconn.exec_(_COMMIT_AND_POSITION)
+    if result.status == ExecStatus.FATAL_ERROR:
+        if conn.pgconn.status == ConnStatus.BAD:
+            message = result.get_error_message(conn.info.encoding)
+            raise psycopg.OperationalError(f"COMMIT failed, outcome unknown: {message}")
+        raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+    if result.status != ExecStatus.TUPLES_OK or not result.ntuples:
+        return None
+    value = result.get_value(0, 0)
+    return None if value is None else parse_lsn(value.decode())
 
 
 async def acommit_and_capture(conn: psycopg.AsyncConnection[Any]) -> int | None:
-    """:func:`commit_and_capture` for an ``AsyncConnection``."""
+    """:func:`commit_and_capture` for an ``AsyncConnection`` (a cursor: ``PQexec``
+    would block the event loop)."""
+    status = conn.pgconn.transaction_status
+    if status != TransactionStatus.INTRANS:
+        if status == TransactionStatus.INERROR:
+            await conn.rollback()
+        return None
     cursor = conn.cursor()
     await cursor.execute(_COMMIT_AND_POSITION)
     return _read_position(cursor)
 
 
-def _read_position(cursor: psycopg.Cursor[Any] | psycopg.AsyncCursor[Any]) -> int | None:
+def _read_position(cursor: psycopg.AsyncCursor[Any]) -> int | None:
     if cursor.statusmessage != "COMMIT":
         return None  # "ROLLBACK": the transaction had failed, nothing was committed
     if not cursor.nextset():
