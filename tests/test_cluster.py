@@ -20,6 +20,7 @@ from replica_router import (
     NoReplicaAvailable,
     PrimaryUnavailable,
 )
+from replica_router.events import ConsistencyFallback, EventBus, RouteDecision
 from replica_router.sandbox import LocalCluster
 from replica_router.topology import Role
 
@@ -169,6 +170,33 @@ def test_read_block_may_use_a_transaction_and_gets_a_clean_connection_after(
         with cluster.read() as conn:
             assert conn.autocommit
             assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_events_report_routes_and_fallbacks_and_reopen_works(
+    replica_cluster: LocalCluster,
+) -> None:
+    lc = replica_cluster
+    bus = EventBus(route_sample=1)
+    seen: list[object] = []
+    bus.subscribe(seen.append)
+    cluster = Cluster(lc.primary_dsn, lc.replica_dsns, max_lag_bytes=0, events=bus, **FAST)
+    for _ in range(2):  # open, use, close, and again
+        with cluster:
+            with cluster.write():
+                pass
+            with cluster.read(max_lag_bytes=10**12):
+                pass
+        routes = [e for e in seen if isinstance(e, RouteDecision)]
+        assert (routes[-2].intent, routes[-2].target) == ("write", "primary")
+        assert routes[-1].intent == "read" and routes[-1].target in ("replica1", "replica2")
+        wait_until(
+            lambda: not [t for t in threading.enumerate() if "replica-router" in t.name],
+            what="monitor and pool threads to end after close()",
+        )
+    with Cluster(lc.primary_dsn, [], events=bus, **FAST) as primary_only, primary_only.read():
+        pass
+    fallback = [e for e in seen if isinstance(e, ConsistencyFallback)]
+    assert fallback[-1] == ConsistencyFallback("none_healthy", "primary")
 
 
 # -- lag, fallbacks ------------------------------------------------------------------------
@@ -329,7 +357,7 @@ def test_bad_dsn_error_names_the_field_and_hides_the_password() -> None:
         ({"max_lag_bytes": 1.5}, "max_lag_bytes"),
         ({"policy": "fastest"}, "policy"),
         ({"monitor_interval": 0}, "monitor_interval"),
-        ({"failover": "promote"}, "failover"),
+        ({"failover": "auto"}, "failover"),
         ({"pool_kwargs": {"replica": {"max_sise": 3}}}, "max_sise"),
         ({"pool_kwargs": {"standby": {}}}, "standby"),
         ({"pool_kwargs": {"replica": {"timeout": 3}}}, "checkout_timeout"),
