@@ -91,6 +91,7 @@ from .errors import (
     TokenError,
 )
 from .events import ConsistencyFallback, EventBus, RouteDecision
+from .failover import Promoter
 from .lsn import format_lsn, parse_lsn
 from .monitor import Monitor
 from .policy import Policy, make_policy
@@ -362,7 +363,9 @@ class _ClusterCore:
         monotonic_reads: bool = False,
         fallback: Literal["primary", "wait", "error"] = "primary",
         consistency_timeout: float = 1.0,
-        failover: Literal["follow"] = "follow",
+        failover: Literal["follow", "promote"] = "follow",
+        repoint_replicas: bool = True,
+        replication_addresses: Mapping[str, str] | None = None,
         failure_threshold: int = 2,
         monitor_interval: float = 0.5,
         connect_timeout: float = 2.0,
@@ -404,12 +407,19 @@ class _ClusterCore:
         self._consistency_timeout = cast(
             float, _check_seconds("consistency_timeout", consistency_timeout)
         )
-        if failover != "follow":
-            raise ConfigurationError(
-                f"failover: expected 'follow', got {failover!r} (promotion by the router is "
-                "not available in this version; let an HA manager promote)"
-            )
+        if failover not in ("follow", "promote"):
+            raise ConfigurationError(f"failover: expected 'follow' or 'promote', got {failover!r}")
         self._failover = failover
+        unknown = set(replication_addresses or ()) - {s.name for s in self._specs}
+        if unknown:
+            raise ConfigurationError(
+                f"replication_addresses: no node named {', '.join(map(repr, sorted(unknown)))}"
+            )
+        self._promoter_options: dict[str, Any] = {
+            "repoint_replicas": bool(repoint_replicas),
+            "replication_addresses": dict(replication_addresses or {}),
+        }
+        Promoter(**self._promoter_options)  # validates the addresses; starts nothing
         self._failure_threshold = failure_threshold
         self._interval = monitor_interval
         self._connect_timeout = cast(float, _check_seconds("connect_timeout", connect_timeout))
@@ -860,6 +870,7 @@ class _ClusterCore:
         return exclude | {exc.node}
 
     def _monitor_for(self, specs: Sequence[NodeSpec]) -> Monitor:
+        promote = self._failover == "promote"
         return Monitor(
             specs,
             interval=self._interval,
@@ -867,6 +878,7 @@ class _ClusterCore:
             connect_timeout=self._connect_timeout,
             probe_timeout=self._probe_timeout,
             events=self.events,
+            after_round=Promoter(**self._promoter_options) if promote else None,
         )
 
     def _require_monitor(self) -> Monitor:

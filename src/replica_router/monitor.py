@@ -36,7 +36,7 @@ from .errors import ConfigurationError
 from .events import Event, EventBus, FailoverDetected, NodeFenced, NodeStateChanged
 from .topology import NodeSpec, NodeState, Role, Topology
 
-__all__ = ["APPLICATION_NAME", "PROBE_SQL", "Monitor", "ProbeStats", "elect_primary"]
+__all__ = ["APPLICATION_NAME", "PROBE_SQL", "AfterRound", "Monitor", "ProbeStats", "elect_primary"]
 
 log = logging.getLogger("replica_router.monitor")
 
@@ -240,6 +240,11 @@ class _Node:
         return text
 
 
+AfterRound = Callable[["Monitor", Topology], None]
+"""Called on the monitor thread after each of its rounds with the new snapshot
+(``failover="promote"``: :class:`replica_router.failover.Promoter`)."""
+
+
 class Monitor:
     """Background prober that publishes ``Topology`` snapshots.
 
@@ -258,6 +263,7 @@ class Monitor:
         probe_timeout: float = 1.0,
         events: EventBus,
         name: str = "replica-router-monitor",
+        after_round: AfterRound | None = None,
     ) -> None:
         _check_positive("monitor_interval", interval)
         _check_positive("connect_timeout", connect_timeout)
@@ -276,6 +282,7 @@ class Monitor:
         self.probe_timeout = float(probe_timeout)
         self.events = events
         self.name = name
+        self.after_round = after_round
         self.failovers = 0
         self.fenced_events = 0
         self._nodes: dict[str, _Node] = {}
@@ -327,6 +334,7 @@ class Monitor:
         ``promoted_by_router=True``."""
         with self._cond:
             self._promoted_by_router = name
+        self._wake.set()  # probe it now: writers are waiting
 
     def start(self) -> None:
         """Probe every node once, publish, then keep probing in a daemon thread."""
@@ -439,7 +447,9 @@ class Monitor:
                 break
             last_start = time.monotonic()
             try:
-                self._round(everyone=False)
+                topology = self._round(everyone=False)
+                if self.after_round is not None:
+                    self.after_round(self, topology)
             except Exception:  # a bug must not end monitoring: log it, go on
                 log.exception("%s: probe round failed", self.name)
         log.debug("%s stopped", self.name)
