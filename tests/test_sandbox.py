@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from replica_router.errors import ConfigurationError, SandboxError
-from replica_router.sandbox import LocalCluster, _cluster
+from replica_router.sandbox import LocalCluster, _cluster, _template
 from replica_router.sandbox._binaries import find_binaries
 from replica_router.sandbox._processes import pid_alive, postmaster_pid
 from replica_router.sandbox._state import temp_root
@@ -578,3 +578,42 @@ def test_sandbox_of_a_killed_process_is_reaped_by_the_next_one(
     # a live owner's sandbox is never touched
     assert replica_cluster.directory.exists()
     assert replica_cluster.execute("primary", "SELECT 1") == [(1,)]
+
+
+# -- the initdb template -----------------------------------------------------------
+
+
+def test_crc32c_is_postgres_pg_crc32c() -> None:
+    assert _template._crc32c_steps(b"123456789", 9)[9] == 0xE3069283  # the standard check value
+
+
+def test_every_sandbox_has_its_own_system_identifier(
+    replica_cluster: LocalCluster, make_replica_cluster: MakeCluster
+) -> None:
+    other = make_replica_cluster(replicas=1)
+    assert other.system_identifier != replica_cluster.system_identifier
+    template = next(temp_root().glob("template-pg*/data"))
+    controldata = subprocess.run(
+        [str(find_binaries().bindir / "pg_controldata"), str(template)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"identifier:           {other.system_identifier}\n" not in controldata
+    assert other.execute("replica1", "SELECT system_identifier FROM pg_control_system()") == [
+        (other.system_identifier,)
+    ]
+
+
+def test_unusable_template_falls_back_to_initdb(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object) -> Path:
+        raise SandboxError("template broken")
+
+    monkeypatch.setattr(_template, "template_dir", broken)
+    with LocalCluster(replicas=1) as lc:
+        lc.execute("primary", "CREATE TABLE fallback (v int)")
+        lc.wait_replicated()
+        assert lc.execute("replica1", "SELECT count(*) FROM fallback") == [(0,)]
+    assert "running initdb" in caplog.text

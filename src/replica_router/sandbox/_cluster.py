@@ -24,17 +24,16 @@ import psycopg
 from psycopg import conninfo
 
 from ..errors import ConfigurationError, SandboxError
+from . import _template
 from ._binaries import Binaries, find_binaries
 from ._processes import (
     STOP_SIGNALS,
     RunAs,
     check_traversable,
-    chown_tree,
     postmaster_pid,
     postmaster_status,
     process_start_marker,
     resolve_run_as,
-    run,
     spawn,
     terminate_postmaster,
 )
@@ -481,7 +480,7 @@ class LocalCluster:
         state.save(directory)  # from here on a crash is reaped by the next sandbox
         self._state = state
         deadline = time.monotonic() + self._startup_timeout
-        self._initdb(directory / PRIMARY)
+        self._make_primary_data(directory / PRIMARY)
         self._clone_cold(directory / PRIMARY, [directory / n.name for n in nodes[1:]])
         for node in nodes:
             self._apply_settings(node, reload=False)
@@ -504,7 +503,7 @@ class LocalCluster:
             root = temp_root()
             root.mkdir(parents=True, exist_ok=True)
             root.chmod(0o755)  # the server user must be able to walk through it
-            reap_orphans(root)
+            reap_orphans()
             directory = Path(tempfile.mkdtemp(prefix="rr-", dir=root))
             self._created_dir = True
         else:
@@ -529,29 +528,26 @@ class LocalCluster:
             os.chown(directory, run_as.uid, run_as.gid)
         return directory
 
-    def _initdb(self, data_dir: Path) -> None:
+    def _make_primary_data(self, data_dir: Path) -> None:
+        """A new data directory: a copy of the cached template, or initdb."""
         binaries, run_as = self._require_binaries()
-        args = [
-            binaries.path("initdb"),
-            "-D",
-            str(data_dir),
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-sync",
-            "-A",
-            "trust",
-        ]
-        pwfile = data_dir.parent / ".pwfile"
-        if self._password is not None:
-            self._write(pwfile, self._password + "\n", mode=0o600)
-            args.append(f"--pwfile={pwfile}")
-        try:
-            run(args, run_as, cwd=data_dir.parent)
-        finally:
-            pwfile.unlink(missing_ok=True)
+        made = False
+        if self._password is None:  # the template has no password; initdb sets one
+            try:
+                template = _template.template_dir(temp_root(), binaries, run_as)
+                _template.copy_template(template, data_dir, binaries, run_as)
+                made = True
+            except (SandboxError, OSError) as exc:
+                logger.warning("initdb template unusable (%s); running initdb", exc)
+                shutil.rmtree(data_dir, ignore_errors=True)
+        if not made:
+            pwfile = data_dir.parent / ".pwfile"
+            if self._password is not None:
+                self._write(pwfile, self._password + "\n", mode=0o600)
+            try:
+                _template.initdb(binaries, run_as, data_dir, pwfile if self._password else None)
+            finally:
+                pwfile.unlink(missing_ok=True)
         method = "trust" if self._password is None else "scram-sha-256"
         self._write(
             data_dir / "pg_hba.conf",
@@ -571,15 +567,12 @@ class LocalCluster:
         against a running server; the replicas then stream from the copy's end.
         """
         _, run_as = self._require_binaries()
-
-        def clone(target: Path) -> None:
-            shutil.copytree(source, target, symlinks=True)
-            chown_tree(target, run_as)
-
         if not targets:
             return
         with ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="rr-clone") as pool:
-            for future in [pool.submit(clone, t) for t in targets]:
+            for future in [
+                pool.submit(_template.clone_data_dir, source, t, run_as) for t in targets
+            ]:
                 future.result()
 
     # -- internals: configuration ------------------------------------------------
@@ -597,6 +590,8 @@ class LocalCluster:
             "max_wal_senders": "10",
             "max_replication_slots": "10",
             "wal_keep_size": "256MB",  # a stopped replica can catch up without a slot
+            "max_wal_size": "256MB",  # bounded disk (or memory, on /dev/shm) per node
+            "min_wal_size": "32MB",
             "wal_log_hints": "on",  # so pg_rewind can be used after a failover
             "hot_standby": "on",
             "hot_standby_feedback": "on",
@@ -723,24 +718,47 @@ class LocalCluster:
             time.sleep(_POLL)
 
     def _wait_streaming(self, upstream: str, names: list[str], deadline: float) -> None:
-        """Poll the upstream's pg_stat_replication until each name streams from it."""
+        """Wait until each replica in ``names`` streams from ``upstream`` on its timeline.
+
+        The upstream must list the replica as ``streaming`` *and* the replica must
+        receive on the upstream's current timeline: after a promotion a replica
+        first streams the old timeline's tail from the new primary, then reconnects.
+        """
         _, directory = self._require_open()
-        wanted = set(names)
+        pending = set(names)
         last_error: Exception | None = None
-        rows: list[tuple[Any, ...]] = []
         while True:
             try:
-                rows = self.execute(
+                port = self._node(upstream).port
+                timeline = self.execute(
+                    upstream,
+                    "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))"
+                    "::bit(32)::int",
+                )[0][0]
+                # The replica's side first: once it receives on the new timeline, the
+                # upstream's walsender for it is the one serving that timeline.
+                on_timeline = {
+                    name
+                    for name in pending
+                    if self.execute(
+                        name,
+                        "SELECT received_tli FROM pg_stat_wal_receiver WHERE sender_port = %s",
+                        (port,),
+                    )
+                    == [(timeline,)]
+                }
+                streaming = self.execute(
                     upstream,
                     "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'",
                 )
-                if wanted <= {r[0] for r in rows}:
+                pending -= on_timeline & {r[0] for r in streaming}
+                if not pending:
                     return
                 last_error = None
             except psycopg.Error as exc:
                 last_error = exc
             if time.monotonic() > deadline:
-                missing = sorted(wanted - {r[0] for r in rows})
+                missing = sorted(pending)
                 logs = "\n".join(
                     f"--- {name}.log ---\n" + _tail(directory / f"{name}.log", lines=10)
                     for name in missing

@@ -22,7 +22,16 @@ from typing import Any
 from ..errors import SandboxError
 from ._processes import pid_alive, postmaster_pid, terminate_postmaster
 
-__all__ = ["STATE_FILE", "NodeRecord", "SandboxState", "reap_orphans", "temp_root"]
+__all__ = [
+    "ROOT_ENV",
+    "STATE_FILE",
+    "NodeRecord",
+    "SandboxState",
+    "reap_directory",
+    "reap_orphans",
+    "remove_sandbox",
+    "temp_root",
+]
 
 logger = logging.getLogger("replica_router.sandbox")
 
@@ -82,9 +91,32 @@ class SandboxState:
         return cls(nodes=nodes, **data)
 
 
+ROOT_ENV = "REPLICA_ROUTER_SANDBOX_ROOT"
+_SHM = Path("/dev/shm")
+_SHM_MIN_FREE = 4 << 30  # a sandbox's WAL is capped well below this
+
+
+def _roots() -> list[Path]:
+    """Candidate parents for sandboxes, preferred first."""
+    name = f"replica-router-sandboxes-{os.getuid()}"
+    explicit = os.environ.get(ROOT_ENV)
+    if explicit:
+        return [Path(explicit).absolute()]
+    roots = [Path(tempfile.gettempdir()) / name]
+    try:
+        shm = os.statvfs(_SHM)
+        if shm.f_bavail * shm.f_frsize >= _SHM_MIN_FREE:
+            roots.insert(0, _SHM / name)  # memory-backed: creating ~1000 files is cheap
+    except OSError:
+        pass
+    return roots
+
+
 def temp_root() -> Path:
-    """Where sandboxes without an explicit directory live (one per OS user)."""
-    return Path(tempfile.gettempdir()) / f"replica-router-sandboxes-{os.getuid()}"
+    """Where sandboxes without an explicit directory live, one per OS user:
+    ``$REPLICA_ROUTER_SANDBOX_ROOT``, else ``/dev/shm`` when it has room, else the
+    temp dir. Disposable sandboxes gain nothing from a disk."""
+    return _roots()[0]
 
 
 def _owner_alive(state: SandboxState) -> bool:
@@ -120,14 +152,15 @@ def remove_sandbox(directory: Path, state: SandboxState) -> None:
 
 
 def reap_orphans(root: Path | None = None) -> list[Path]:
-    """Remove every disposable sandbox under ``root`` whose owner process is dead."""
-    base = temp_root() if root is None else root
+    """Remove every disposable sandbox whose owner process is dead, under ``root``
+    or (by default) every place :func:`temp_root` may choose."""
     reaped = []
-    try:
-        children = sorted(base.iterdir())
-    except OSError:
-        return []
-    for child in children:
-        if child.is_dir() and reap_directory(child):
-            reaped.append(child)
+    for base in [root] if root is not None else _roots():
+        try:
+            children = sorted(base.iterdir())
+        except OSError:
+            continue
+        for child in children:
+            if child.is_dir() and reap_directory(child):
+                reaped.append(child)
     return reaped
