@@ -652,3 +652,23 @@ def test_composed_queries_are_classified_and_routed(
             sql.Identifier(table)
         )
         assert conn.execute(insert, (1,)).fetchone() == (lc.port("primary"),)
+
+
+@pytest.mark.slow
+@pytest.mark.destructive
+def test_a_replica_killed_under_a_read_loop_fails_no_read(
+    fresh_replica_cluster: LocalCluster,
+) -> None:
+    lc = fresh_replica_cluster
+    with (
+        Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster,  # type: ignore[arg-type]
+        cluster.connection() as conn,
+    ):
+        served: list[int] = [port(conn)]
+        victim = conn.nodes["read"]
+        lc.stop(victim, mode="immediate")
+        for _ in range(200):
+            served.append(port(conn))  # an error here fails the test
+        assert served[0] == lc.port(victim)
+        assert served[-1] != lc.port(victim)
+        assert conn.nodes["read"] != victim
