@@ -672,3 +672,40 @@ def test_a_replica_killed_under_a_read_loop_fails_no_read(
         assert served[0] == lc.port(victim)
         assert served[-1] != lc.port(victim)
         assert conn.nodes["read"] != victim
+
+
+def test_function_volatility_is_learned_and_settings_override_it(
+    lc: LocalCluster,
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    stable, volatile = f"rr_stable_{suffix}", f"rr_volatile_{suffix}"
+    lc.execute(
+        "primary",
+        f"CREATE FUNCTION {stable}() RETURNS int LANGUAGE sql STABLE AS 'SELECT 1';"
+        f"CREATE FUNCTION {volatile}() RETURNS int LANGUAGE sql AS 'SELECT 2'",
+    )
+    lc.wait_replicated()
+    call_stable = f"SELECT {stable}(), inet_server_port()"
+    call_volatile = f"SELECT {volatile}(), inet_server_port()"
+    try:
+        with (
+            Cluster(lc.primary_dsn, lc.replica_dsns, read_your_writes=None, **FAST) as cluster,  # type: ignore[arg-type]
+            cluster.connection() as conn,
+        ):
+            assert conn.execute(call_stable).fetchone()[1] in replica_ports(lc)  # type: ignore[index]
+            assert conn.execute(call_volatile).fetchone() == (2, lc.port("primary"))
+        with (
+            Cluster(
+                lc.primary_dsn,
+                lc.replica_dsns,
+                read_your_writes=None,
+                read_only_functions=[volatile],
+                write_functions=[stable],
+                **FAST,  # type: ignore[arg-type]
+            ) as cluster,
+            cluster.connection() as conn,
+        ):
+            assert conn.execute(call_stable).fetchone() == (1, lc.port("primary"))
+            assert conn.execute(call_volatile).fetchone()[1] in replica_ports(lc)  # type: ignore[index]
+    finally:
+        lc.execute("primary", f"DROP FUNCTION {stable}(); DROP FUNCTION {volatile}()")
