@@ -641,7 +641,10 @@ class RoutedConnection(_Base):
                 self._lost(link)  # a read changed nothing: run it once more elsewhere
                 link = self._read_link()
                 self._run(rc, link, query, params, how)
-            self._count(link, st)
+            if link.fresh:
+                link.fresh = False  # the lease was counted when it was routed
+            else:
+                self._cluster._count_route("read", link.node)
         else:
             self._route(rc, st, query, params, how)
 
@@ -1016,13 +1019,19 @@ class RoutedCursor:
         self._conn._execute(self, query, params_seq, Many(returning))
 
     def fetchone(self) -> Any:
-        return self._result().fetchone()
+        cursor = self._cur
+        if cursor is None or self._closed:
+            cursor = self._result()  # raises
+        return cursor.fetchone()
 
     def fetchmany(self, size: int = 0) -> list[Any]:
         return self._result().fetchmany(size or self.arraysize)
 
     def fetchall(self) -> list[Any]:
-        return self._result().fetchall()
+        cursor = self._cur
+        if cursor is None or self._closed:
+            cursor = self._result()
+        return cursor.fetchall()
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._result())
