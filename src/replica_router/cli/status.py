@@ -182,10 +182,11 @@ def _show(console: Console, rows: Sequence[NodeStatus], *, as_json: bool) -> Non
 def _watch(
     console: Console, monitor: Monitor, specs: Sequence[NodeSpec], args: argparse.Namespace
 ) -> int:
-    """Refresh until Ctrl-C (JSON: one line per refresh, for piping into jq)."""
-    if args.json:
+    """Refresh until Ctrl-C. JSON: one line per refresh (for jq); not a terminal: one
+    table per refresh (a log keeps the history); a terminal: one table, redrawn."""
+    if args.json or not console.is_terminal:
         while True:
-            _show(console, statuses(specs, monitor.topology), as_json=True)
+            _show(console, statuses(specs, monitor.topology), as_json=args.json)
             time.sleep(args.interval)
     with Live(render_table(statuses(specs, monitor.topology)), console=console) as live:
         while True:
