@@ -248,20 +248,35 @@ def test_startup_failure_reports_the_server_log(monkeypatch: pytest.MonkeyPatch)
         LocalCluster(replicas=0).open()
 
 
+@pytest.mark.destructive
 def test_password_uses_scram_and_is_in_the_dsn_only() -> None:
     password = "s3cr:t/p@ss'word"
-    with LocalCluster(replicas=1, password=password) as lc:
+    quoted = "s3cr%3At%2Fp%40ss%27word"
+    with LocalCluster(replicas=2, password=password) as lc:
         dsn = lc.dsn("replica1")
-        assert dsn.startswith("postgresql://postgres:s3cr%3At%2Fp%40ss%27word@127.0.0.1:")
+        assert dsn.startswith(f"postgresql://postgres:{quoted}@127.0.0.1:")
         with psycopg.connect(dsn) as conn:
             assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
-        no_password = dsn.replace("postgres:s3cr%3At%2Fp%40ss%27word@", "postgres@")
+        no_password = dsn.replace(f"postgres:{quoted}@", "postgres@")
         with pytest.raises(psycopg.OperationalError, match="password"):
             psycopg.connect(no_password, connect_timeout=5).close()
         hba = lc.execute("primary", "SELECT DISTINCT auth_method FROM pg_hba_file_rules")
         assert ("scram-sha-256",) in hba
+        lc.promote("replica1")  # re-points replica2: its new primary_conninfo gets logged
+        lc.execute("replica1", "CREATE TABLE pw (v int)")
+        lc.wait_replicated()
         assert password not in repr(lc)
         assert "s3cr" not in repr(lc)
+        assert "s3cr" not in str(lc.execute("replica2", "SHOW primary_conninfo"))
+        holders = {
+            str(path.relative_to(lc.directory))
+            for path in lc.directory.rglob("*")
+            if path.is_file() and b"s3cr" in path.read_bytes()
+        }
+        # only the state file and the passfile (both 0600) hold it; no log, no config
+        assert holders <= {"sandbox.json", ".pgpass", "primary/global/pg_authid"}, holders
+        assert {"sandbox.json", ".pgpass"} <= holders
+        assert lc.log_path("replica2").read_text().count("primary_conninfo") >= 1
 
 
 # -- stop, start, promote (destructive: each gets its own cluster) ----------------

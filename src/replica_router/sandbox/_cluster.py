@@ -54,6 +54,7 @@ logger = logging.getLogger("replica_router.sandbox")
 PRIMARY = "primary"
 SYNCHRONOUS_COMMIT_LEVELS = ("on", "remote_apply", "remote_write", "local", "off")
 _CONF_FILE = "replica_router_sandbox.conf"
+_PASSFILE = ".pgpass"
 _PORT_ATTEMPTS = 5
 _MAX_SOCKET_PATH = 100  # sun_path is 104-108 bytes; leave room for /.s.PGSQL.NNNNN
 _LOG_TAIL_LINES = 25
@@ -403,7 +404,7 @@ class LocalCluster:
             if not rows or rows[0][0] is not True:
                 raise SandboxError(
                     f"{name} did not finish promotion in {timeout:g} s; last log lines:\n"
-                    + _tail(directory / f"{name}.log")
+                    + self._log_tail(directory / f"{name}.log")
                 )
             node.standby, node.upstream = False, None
             state.primary_name = name
@@ -479,6 +480,9 @@ class LocalCluster:
         )
         state.save(directory)  # from here on a crash is reaped by the next sandbox
         self._state = state
+        if self._password is not None:
+            escaped = self._password.replace("\\", "\\\\").replace(":", "\\:")
+            self._write(directory / _PASSFILE, f"127.0.0.1:*:*:postgres:{escaped}\n")
         deadline = time.monotonic() + self._startup_timeout
         self._make_primary_data(directory / PRIMARY)
         self._clone_cold(directory / PRIMARY, [directory / n.name for n in nodes[1:]])
@@ -612,7 +616,8 @@ class LocalCluster:
             settings["synchronous_standby_names"] = f"ANY 1 ({names})"
         if node.standby and node.upstream is not None:
             upstream = self._node(node.upstream)
-            extra = {} if self._password is None else {"password": self._password}
+            # The password goes in a passfile: a primary_conninfo change is logged verbatim.
+            extra = {} if self._password is None else {"passfile": str(directory / _PASSFILE)}
             settings["primary_conninfo"] = conninfo.make_conninfo(
                 "",
                 host="127.0.0.1",
@@ -700,7 +705,7 @@ class LocalCluster:
             code = process.poll()
             if code is not None:
                 self._processes.pop(node.name, None)
-                tail = _tail(log_path, self._log_offsets.get(node.name, 0))
+                tail = self._log_tail(log_path, self._log_offsets.get(node.name, 0))
                 if "could not bind" in tail or "Address already in use" in tail:
                     raise _PortInUse(f"port {node.port} is taken")
                 raise SandboxError(
@@ -713,7 +718,7 @@ class LocalCluster:
                 self._processes.pop(node.name, None)
                 raise SandboxError(
                     f"{node.name} was not ready in time; last log lines:\n"
-                    + _tail(log_path, self._log_offsets.get(node.name, 0))
+                    + self._log_tail(log_path, self._log_offsets.get(node.name, 0))
                 )
             time.sleep(_POLL)
 
@@ -760,7 +765,7 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 missing = sorted(pending)
                 logs = "\n".join(
-                    f"--- {name}.log ---\n" + _tail(directory / f"{name}.log", lines=10)
+                    f"--- {name}.log ---\n" + self._log_tail(directory / f"{name}.log", lines=10)
                     for name in missing
                 )
                 raise SandboxError(
@@ -790,13 +795,14 @@ class LocalCluster:
             terminate_postmaster(pid, "immediate", 10.0, processes.get(name))
 
     def _pid(self, name: str) -> int | None:
-        _, directory = self._require_open()
-        process = self._processes.get(name)
-        if process is not None:
-            if process.poll() is None:
-                return process.pid
-            self._processes.pop(name, None)
-        return postmaster_pid(directory / name)
+        with self._lock:
+            _, directory = self._require_open()
+            process = self._processes.get(name)
+            if process is not None:
+                if process.poll() is None:
+                    return process.pid
+                self._processes.pop(name, None)
+            return postmaster_pid(directory / name)
 
     # -- internals: small helpers ------------------------------------------------
 
@@ -833,6 +839,14 @@ class LocalCluster:
             sql = "SELECT pg_is_wal_replay_paused()"
         return bool(self.execute(name, sql)[0][0])
 
+    def _log_tail(self, path: Path, offset: int = 0, lines: int = _LOG_TAIL_LINES) -> str:
+        """The end of a server log for an error message, never with the password."""
+        text = _tail(path, offset, lines)
+        if self._password is not None:
+            for secret in {self._password, quote(self._password, safe="")}:
+                text = text.replace(secret, "***")
+        return text
+
     def _setting_in_ms(self, name: str, setting: str) -> int:
         sql = "SELECT setting FROM pg_settings WHERE name = %s AND unit = 'ms'"
         return int(self.execute(name, sql, (setting,))[0][0])
@@ -849,6 +863,6 @@ class LocalCluster:
                 _, directory = self._require_open()
                 raise SandboxError(
                     f"{message} within {timeout:g} s; last log lines of {name}:\n"
-                    + _tail(directory / f"{name}.log", lines=10)
+                    + self._log_tail(directory / f"{name}.log", lines=10)
                 )
             time.sleep(_POLL)

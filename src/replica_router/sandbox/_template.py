@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import SandboxError
 from ._binaries import Binaries
-from ._processes import RunAs, chown_tree, run
+from ._processes import RunAs, chown_tree, pid_alive, run
 
 __all__ = ["clone_data_dir", "copy_template", "initdb", "template_dir"]
 
@@ -110,6 +110,9 @@ def template_dir(root: Path, binaries: Binaries, run_as: RunAs | None) -> Path:
     final = root / f"template-pg{binaries.major}-{key}"
     if (final / "data" / "PG_VERSION").exists():
         return final / "data"
+    for stale in root.glob(".building-*"):  # left by a process killed while building
+        if not pid_alive(int(stale.name.rsplit("-", 1)[-1])):
+            shutil.rmtree(stale, ignore_errors=True)
     building = root / f".building-{key}-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(mode=0o755)
