@@ -209,6 +209,9 @@ def test_reads_go_to_replicas_and_writes_to_the_primary(lc: LocalCluster, table:
         assert port(conn, cte) == primary
         assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (4,)
         assert not conn.pinned
+        counters = cluster.counters()  # every statement counted once, where it ran
+        assert sum(counters.reads.values()) == 7 and set(counters.reads) <= set(lc.replica_names)
+        assert counters.writes == {"primary": 8}
 
 
 def test_node_connections_are_held_while_open_and_returned_on_close(

@@ -545,6 +545,42 @@ class RoutedConnection(_Base):
     ) -> RoutedCursor:
         """Run one statement where it may run; returns a cursor to fetch from."""
         cursor = RoutedCursor(self, self.row_factory, binary)
+        link = self._reader
+        if (
+            link is not None
+            and not self._attention
+            and self._tx is None
+            and self._autocommit
+            and not self._pinned
+            and link.gen == self._settings_gen
+            and type(query) is str
+        ):
+            # The hot path, inlined: an autocommit read on the held read node while the
+            # topology snapshot and the scope's mark are the ones it was validated for.
+            st = self._analyze(query)
+            scope = peek_scope()
+            if (
+                st.intent is _READ
+                and not st.session
+                and self._cluster.topology is self._read_topology
+                and (None if scope is None else scope.mark(self._cluster.system_identifier))
+                is self._read_mark
+            ):
+                node_cursor = cursor._cur = link.conn.cursor(row_factory=self.row_factory,
+                                                             binary=binary)  # fmt: skip
+                try:
+                    node_cursor.execute(query, params, prepare=prepare)
+                except psycopg.OperationalError:
+                    if not link.conn.broken:
+                        raise
+                    self._lost(link)
+                    self._execute(cursor, query, params, prepare)  # routed afresh, once
+                    return cursor
+                if link.fresh:
+                    link.fresh = False  # the lease was counted when it was routed
+                else:
+                    self._cluster._count_route("read", link.node)
+                return cursor
         self._execute(cursor, query, params, prepare)
         return cursor
 
