@@ -13,7 +13,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -462,28 +462,33 @@ def test_binaries_found_without_pg_bindir_or_path() -> None:
     assert via_env == found
 
 
-def test_busy_port_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("victim", ["primary", "replica1"])
+def test_busy_port_is_skipped(monkeypatch: pytest.MonkeyPatch, victim: str) -> None:
+    """A port taken between picking it and the server binding it: another one is used."""
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         busy = squatter.getsockname()[1]
         real_pick = _cluster._pick_port
         handed_out: list[int] = []
+        victim_index = ["primary", "replica1"].index(victim)
 
-        def pick(exclude: object = ()) -> int:
-            port = busy if not handed_out else real_pick(exclude)  # type: ignore[arg-type]
+        def pick(exclude: Iterable[int] = ()) -> int:
+            port = busy if len(handed_out) == victim_index else real_pick(exclude)
             handed_out.append(port)
             return port
 
         monkeypatch.setattr(_cluster, "_pick_port", pick)
         with LocalCluster(replicas=1) as lc:
-            assert handed_out[0] == busy
-            assert lc.port("primary") != busy
+            assert handed_out[victim_index] == busy
             assert busy not in {lc.port(n) for n in lc.node_names}
             assert lc.execute("primary", "SELECT application_name FROM pg_stat_replication") == [
                 ("replica1",)
             ]
-            assert "could not bind" in lc.log_path("primary").read_text()
+            assert "could not bind" in lc.log_path(victim).read_text()
+            lc.execute("primary", "CREATE TABLE moved (v int)")
+            lc.wait_replicated()
+            assert lc.execute("replica1", "SELECT count(*) FROM moved") == [(0,)]
 
 
 # -- running as root ---------------------------------------------------------------

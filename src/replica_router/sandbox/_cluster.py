@@ -491,10 +491,13 @@ class LocalCluster:
             if node.standby:
                 self._write(directory / node.name / "standby.signal", "")
         self._start_node(nodes[0], deadline)
+        for node in nodes[1:]:  # all at once: they start in parallel
+            self._spawn(node)
         for node in nodes[1:]:
-            self._spawn_with_port_retry(node, deadline, wait=False)
-        for node in nodes[1:]:
-            self._await_ready(node, deadline)
+            try:
+                self._await_ready(node, deadline)
+            except _PortInUse:
+                self._start_node(node, deadline, port_is_taken=True)
         if len(nodes) > 1:
             self._wait_streaming(PRIMARY, [n.name for n in nodes[1:]], deadline)
         state.system_identifier = int(
@@ -654,13 +657,12 @@ class LocalCluster:
 
     # -- internals: processes ----------------------------------------------------
 
-    def _start_node(self, node: NodeRecord, deadline: float) -> None:
-        self._spawn_with_port_retry(node, deadline, wait=True)
-
-    def _spawn_with_port_retry(self, node: NodeRecord, deadline: float, wait: bool) -> None:
+    def _start_node(self, node: NodeRecord, deadline: float, port_is_taken: bool = False) -> None:
+        """Start a node and wait until it is ready; a port someone took meanwhile is
+        replaced by another free one (and its replicas re-pointed)."""
         state, _ = self._require_open()
-        for attempt in range(_PORT_ATTEMPTS):
-            if attempt:
+        for _ in range(_PORT_ATTEMPTS):
+            if port_is_taken:
                 old = node.port
                 node.port = _pick_port(exclude=[n.port for n in state.nodes])
                 logger.warning(
@@ -671,13 +673,11 @@ class LocalCluster:
                     if follower.standby and follower.upstream == node.name:
                         self._apply_settings(follower)
             self._spawn(node)
-            if not wait:
-                return
             try:
                 self._await_ready(node, deadline)
                 return
             except _PortInUse:
-                continue
+                port_is_taken = True
         raise SandboxError(f"could not find a free port for {node.name}")
 
     def _spawn(self, node: NodeRecord) -> None:
