@@ -831,7 +831,6 @@ class LocalCluster:
         return node
 
     def _replay_paused(self, name: str) -> bool:
-        _, _ = self._require_open()
         binaries, _ = self._require_binaries()
         if binaries.major >= 14:
             sql = "SELECT pg_get_wal_replay_pause_state() <> 'not paused'"
