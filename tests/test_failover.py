@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -13,6 +14,7 @@ import psycopg
 import pytest
 
 from replica_router import Cluster, ConfigurationError, PrimaryUnavailable
+from replica_router.cli import main as cli_main
 from replica_router.events import Event, FailoverDetected, NodeFenced
 from replica_router.failover import (
     Probe,
@@ -276,7 +278,7 @@ def rows_on(lc: LocalCluster, name: str, ids: list[int]) -> int:
 
 @pytest.mark.destructive
 @pytest.mark.slow
-def test_promote_mode_primary_killed_under_writes(
+def test_promote_mode_primary_killed_under_writes_then_the_old_primary_is_fenced(
     fresh_replica_cluster: LocalCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     lc = fresh_replica_cluster
@@ -309,12 +311,26 @@ def test_promote_mode_primary_killed_under_writes(
                 what=f"{other} streaming from {new}",
             )
 
+            # The old primary restarts: a primary on timeline 1 again, and fenced.
+            lc.promote(new)  # tell the sandbox (it adopts the router's promotion)
+            lc.start("primary")
+            restarted = time.monotonic()
+            assert lc.execute("primary", "SELECT pg_is_in_recovery()") == [(False,)]
+            wait_until(lambda: cluster.topology.by_name["primary"].healthy, what="old primary up")
+            status = {row.name: row for row in cluster.status()}
+            assert status["primary"].fenced and status["primary"].timeline == 1
+            assert status[new].role == "primary" and status[new].timeline == 2
+            assert cluster.counters().fenced_events == 1
+            assert recorder.of(NodeFenced) == [NodeFenced("primary", 1, 2)]
+            reads_before = traffic.reads.get("primary", 0)
             count = len(traffic.acked)
-            wait_until(lambda: len(traffic.acked) >= count + 50, what="writes after")
+            wait_until(lambda: len(traffic.acked) >= count + 50, what="writes after restart")
         finally:
             traffic.finish()
         assert traffic.read_errors == []  # reads never failed, outage included
-        after = traffic.ids(after=killed, on=new)
+        assert traffic.reads.get("primary", 0) == reads_before
+        after = traffic.ids(after=restarted)
+        assert rows_on(lc, "primary", after) == 0
         assert rows_on(lc, new, after) == len(after)
         assert cluster.counters().failovers == 1
 
@@ -380,7 +396,9 @@ def test_sync_replication_loses_no_acknowledged_write_across_a_router_failover(
 @pytest.mark.destructive
 @pytest.mark.slow
 def test_follow_mode_external_promotion_followed_then_old_primary_fenced(
-    fresh_replica_cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+    fresh_replica_cluster: LocalCluster,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     lc = fresh_replica_cluster
     make_table(lc)
@@ -423,6 +441,17 @@ def test_follow_mode_external_promotion_followed_then_old_primary_fenced(
             traffic.finish()
         assert traffic.read_errors == []
         assert traffic.reads.get("primary", 0) == reads_before  # no reads on it either
+        # The CLI, which knows nothing of the past, sees the same from the timelines.
+        dsns = [lc.dsn(n) for n in lc.node_names]
+        assert cli_main(["status", "--json", *dsns]) == 0
+        shown = {row["port"]: row for row in json.loads(capsys.readouterr().out)}
+        assert shown[lc.port("primary")]["fenced"] is True
+        assert shown[lc.port("primary")]["timeline"] == 1
+        assert shown[lc.port("replica1")]["timeline"] == 2
+        assert shown[lc.port("replica2")]["timeline"] == 2
+        assert cli_main(["status", *dsns]) == 0
+        table = capsys.readouterr().out
+        assert "fenced" in table and "TL" in table
         after = traffic.ids(after=restarted)
         assert rows_on(lc, "primary", after) == 0
         assert rows_on(lc, "replica1", after) == len(after)

@@ -390,7 +390,9 @@ class LocalCluster:
 
         A replica whose replay is paused follows once resumed (not waited for).
         The old primary is left as it is (running or not, still a primary on the
-        old timeline): that is the split-brain a router must fence.
+        old timeline): that is the split-brain a router must fence. A replica
+        someone else already promoted (the router's ``failover="promote"``) is
+        taken as the primary as it is, and the others re-pointed.
         """
         deadline = time.monotonic() + timeout
         with self._lock:
@@ -399,7 +401,10 @@ class LocalCluster:
             if not self.is_running(name):
                 raise SandboxError(f"cannot promote {name}: it is not running")
             rows = self.execute(
-                name, "SELECT pg_promote(wait => true, wait_seconds => %s)", (max(1, int(timeout)),)
+                name,
+                "SELECT CASE WHEN pg_is_in_recovery()"
+                " THEN pg_promote(wait => true, wait_seconds => %s) ELSE true END",
+                (max(1, int(timeout)),),
             )
             if not rows or rows[0][0] is not True:
                 raise SandboxError(
