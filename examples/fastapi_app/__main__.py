@@ -14,10 +14,9 @@ import os
 import sys
 
 import uvicorn
+from examples.fastapi_app.app import SCHEMA
 
 from replica_router.sandbox import LocalCluster
-
-from .app import SCHEMA
 
 APP = "examples.fastapi_app.app:app_from_env"
 
