@@ -152,7 +152,8 @@ def enter_scope(
     carry (a sync WSGI worker serves every request on one thread, whose context
     would otherwise collect every request's writes and hand them to the next).
     """
-    # TODO(core-cluster): replace with cluster.session(..., inherit=False) once it exists.
+    # consistency.session() has no public "start from nothing" form yet: set an
+    # empty root scope in this context (undone on exit) for the session to nest in.
     stack.callback(consistency._SCOPE.reset, consistency._SCOPE.set(Scope()))
     if incoming.token is not None:
         try:
