@@ -558,12 +558,15 @@ class RoutedConnection(_Base):
             # The hot path, inlined: an autocommit read on the held read node while the
             # topology snapshot and the scope's mark are the ones it was validated for.
             st = self._analyze(query)
+            cluster = self._cluster
+            monitor = cluster._monitor
             scope = peek_scope()
             if (
                 st.intent is _READ
                 and not st.session
-                and self._cluster.topology is self._read_topology
-                and (None if scope is None else scope.mark(self._cluster.system_identifier))
+                and monitor is not None
+                and monitor.topology is self._read_topology
+                and (None if scope is None else scope.mark(cluster.system_identifier))
                 is self._read_mark
             ):
                 node_cursor = cursor._cur = link.conn.cursor(row_factory=self.row_factory,
@@ -579,7 +582,7 @@ class RoutedConnection(_Base):
                 if link.fresh:
                     link.fresh = False  # the lease was counted when it was routed
                 else:
-                    self._cluster._count_route("read", link.node)
+                    cluster._count_route("read", link.node)
                 return cursor
         self._execute(cursor, query, params, prepare)
         return cursor
