@@ -123,6 +123,29 @@ def test_read_your_writes_with_replay_paused(replica_cluster: LocalCluster, tabl
     run(main())
 
 
+def test_a_failing_commit_raises_and_captures_nothing(replica_cluster: LocalCluster) -> None:
+    lc = replica_cluster
+    name = f"adef_{uuid.uuid4().hex[:10]}"
+    lc.execute("primary", f"CREATE TABLE {name} (id int UNIQUE DEFERRABLE INITIALLY DEFERRED)")
+
+    async def main() -> None:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:
+            with cluster.session():
+                with pytest.raises(psycopg.errors.UniqueViolation):
+                    async with cluster.write() as conn:
+                        await conn.execute(f"INSERT INTO {name} VALUES (1), (1)")
+                assert cluster.token is None
+                async with cluster.write() as conn:
+                    await conn.execute(f"INSERT INTO {name} VALUES (2)")
+                assert cluster.token is not None
+
+    try:
+        run(main())
+        assert lc.execute("primary", f"SELECT id FROM {name}") == [(2,)]
+    finally:
+        lc.execute("primary", f"DROP TABLE {name}")
+
+
 def test_fallback_error_and_wait(replica_cluster: LocalCluster) -> None:
     lc = replica_cluster
 
