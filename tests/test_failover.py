@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
-from replica_router import Cluster, ConfigurationError, PrimaryUnavailable
+from replica_router import AsyncCluster, Cluster, ConfigurationError, PrimaryUnavailable
 from replica_router.cli import main as cli_main
 from replica_router.events import Event, FailoverDetected, NodeFenced
 from replica_router.failover import (
@@ -528,3 +529,46 @@ def test_a_primary_restart_shorter_than_the_threshold_is_not_a_failover(
         assert cluster.counters().failovers == 0
         for name in ("replica1", "replica2"):
             assert lc.execute(name, "SELECT pg_is_in_recovery()") == [(True,)]
+
+
+@pytest.mark.destructive
+@pytest.mark.slow
+def test_a_replica_down_during_the_failover_is_repointed_when_it_comes_back(
+    fresh_replica_cluster: LocalCluster,
+) -> None:
+    lc = fresh_replica_cluster
+    make_table(lc)
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **PROMOTE) as cluster:
+        lc.stop("replica2")
+        with cluster.write() as conn:
+            conn.execute("INSERT INTO t VALUES (1)")
+        lc.stop("primary", mode="immediate")
+        wait_until(lambda: cluster.topology.primary == "replica1", what="replica1 promoted")
+        lc.start("replica2")  # still configured to follow the dead primary
+        wait_until(
+            lambda: lc.execute("replica1", "SELECT count(*) FROM pg_stat_replication")[0][0] == 1,
+            what="replica2 streaming from replica1",
+        )
+        with cluster.write() as conn:
+            conn.execute("INSERT INTO t VALUES (2)")
+        wait_until(lambda: rows_on(lc, "replica2", [1, 2]) == 2, what="replica2 following")
+
+
+@pytest.mark.destructive
+@pytest.mark.slow
+def test_async_cluster_promotes_too(fresh_replica_cluster: LocalCluster) -> None:
+    lc = fresh_replica_cluster
+    make_table(lc)
+
+    async def scenario() -> tuple[str | None, int]:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, **PROMOTE) as cluster:
+            lc.stop("primary", mode="immediate")
+            async with cluster.write() as conn:  # waits (write_timeout) for the promotion
+                cur = await conn.execute("INSERT INTO t VALUES (1) RETURNING inet_server_port()")
+                row = await cur.fetchone()
+            assert row is not None
+            return cluster.topology.primary, int(row[0])
+
+    primary, port = asyncio.run(scenario())
+    assert primary in ("replica1", "replica2")
+    assert port == lc.port(primary)
