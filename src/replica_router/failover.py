@@ -244,7 +244,10 @@ class Promoter:
         deadline = time.monotonic() + self.settle_timeout
         while not settled(probes) and time.monotonic() < deadline:
             time.sleep(_SETTLE_POLL)  # WAL already received is being replayed; look again
-            probes = self._look(monitor, specs)
+            replaying = {p.name for p in probes if not settled([p])}
+            again = self._look(monitor, [s for s in specs if s.name in replaying])
+            fresh = {p.name: p for p in again}
+            probes = [fresh.get(p.name, p) for p in probes]
         decision = choose_candidate(probes, newest_timeline=monitor.newest_timeline)
         if decision.promote is None:
             log.warning("failover: primary %s is down, but not promoting: %s", old, decision.reason)
@@ -275,7 +278,7 @@ class Promoter:
                 spec.name,
             )
         unreached = sorted(p.name for p in probes if not p.reachable and p.name != old)
-        if unreached:
+        if unreached and self.repoint_replicas:
             log.warning(
                 "failover: %s unreachable now; re-pointed at %s once it answers",
                 ", ".join(unreached),
