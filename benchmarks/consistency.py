@@ -25,7 +25,8 @@ decides (a ``max_lag`` bound is itself a time window, with the same blind spot).
 
 A second table measures what the token costs a write: single-row INSERT commits
 through ``cluster.write()`` with ``read_your_writes="lsn"`` (COMMIT and the WAL
-position in one round trip) against ``None`` (plain COMMIT), same run, same node.
+position in one round trip) against ``None`` (plain COMMIT), same run, on a
+primary of its own on disk, with fsync off and on.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import contextvars
 import heapq
 import json
 import multiprocessing as mp
+import os
 import queue
 import random
 import statistics
@@ -43,6 +45,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
@@ -53,6 +56,7 @@ from replica_router.sandbox import LocalCluster
 
 USERS_PER_WORKER = 5000  # a user writes rarely: the window is per user
 WINDOW_SECONDS = 5.0
+DISK_DIR = "/var/tmp"  # disk-backed on Debian, and walkable by the postgres user
 T = TypeVar("T")
 
 
@@ -138,8 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lc.execute(
             lc.primary_name,
             "CREATE TABLE rr_counters (id int PRIMARY KEY, value bigint NOT NULL);"
-            "INSERT INTO rr_counters SELECT g, 0 FROM generate_series(0, %s) g;"
-            "CREATE TABLE rr_inserts (id bigserial PRIMARY KEY, payload text NOT NULL)"
+            "INSERT INTO rr_counters SELECT g, 0 FROM generate_series(0, %s) g"
             % (args.workers * USERS_PER_WORKER - 1),
         )
         ports = {lc.port(name): name for name in lc.node_names}
@@ -150,10 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             started = time.monotonic()
             tally = _run_scenario(lc, scenario, args, ports)
             rows.append(_row(scenario, tally, time.monotonic() - started))
-        _reset_replicas(lc, 0.0)
-        lc.resume_replay("replica1")
-        log.print(f"[bold]token capture[/]: {args.commits:,} single-row INSERT commits each ...")
-        capture = _capture_cost(lc, args.commits)
+    log.print(f"[bold]token capture[/]: {args.commits:,} single-row INSERT commits each ...")
+    capture = _capture_cost(args.commits)
 
     if args.json:
         print(json.dumps({"scenarios": rows, "capture": capture}, indent=2))
@@ -323,26 +324,28 @@ def _read(cluster: Cluster, plan: Plan, tally: Tally, pair: Pair) -> None:
     tally.stale += int(row[0]) < value
 
 
-def _capture_cost(lc: LocalCluster, commits: int) -> list[dict[str, Any]]:
+def _capture_cost(commits: int) -> list[dict[str, Any]]:
     """Median single-row INSERT commit through write(), token capture on and off.
 
-    Twice: with the sandbox's ``fsync=off`` (the cheapest commit there is, so the
-    capture's fixed cost weighs most) and with ``fsync=on`` (a durable commit,
-    as in production).
+    On a primary of its own on disk (the scenarios' sandbox may live in
+    /dev/shm), twice: ``fsync=off`` (the sandbox default and the cheapest commit
+    there is, so the capture's fixed cost weighs most) and ``fsync=on`` (a
+    durable commit, as in production).
     """
-    rows = [_capture_run(lc, commits, "off")]
-    lc.execute(lc.primary_name, "ALTER SYSTEM SET fsync = on")
-    lc.execute(lc.primary_name, "SELECT pg_reload_conf()")
-    try:
+    base_dir = Path(DISK_DIR) / f"rr-capture-{os.getpid()}"
+    with LocalCluster(replicas=0, base_dir=base_dir) as lc:
+        lc.execute(
+            lc.primary_name, "CREATE TABLE rr_inserts (id bigserial PRIMARY KEY, payload text)"
+        )
+        rows = [_capture_run(lc, commits, "off")]
+        lc.execute(lc.primary_name, "ALTER SYSTEM SET fsync = on")
+        lc.execute(lc.primary_name, "SELECT pg_reload_conf()")
         deadline = time.monotonic() + 10
         while lc.execute(lc.primary_name, "SHOW fsync")[0][0] != "on":
             if time.monotonic() > deadline:
                 raise SystemExit("the primary did not take fsync=on")
             time.sleep(0.05)
         rows.append(_capture_run(lc, max(1, commits // 3), "on"))
-    finally:
-        lc.execute(lc.primary_name, "ALTER SYSTEM RESET fsync")
-        lc.execute(lc.primary_name, "SELECT pg_reload_conf()")
     return rows
 
 
@@ -435,7 +438,9 @@ def _print_tables(
             r["note"],
         )
     console.print(table)
-    cost = Table(title="Token capture: single-row INSERT commit through cluster.write()")
+    cost = Table(
+        title=f"Token capture: single-row INSERT commit through cluster.write() ({DISK_DIR})"
+    )
     for column in ("primary fsync", "commits", "lsn (median us)", "None (median us)", "ratio"):
         cost.add_column(column, justify="right")
     for row in capture:
