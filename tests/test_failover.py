@@ -264,8 +264,12 @@ class Recorder:
         self.events: list[Event] = []
         cluster.events.subscribe(self.events.append)
 
-    def of(self, kind: type[T]) -> list[T]:
-        return [e for e in list(self.events) if isinstance(e, kind)]
+    def wait_for(self, kind: type[T]) -> list[T]:
+        """The events of ``kind`` once there is one (subscribers are called just
+        after the snapshot is published, so a test that saw the snapshot may be early)."""
+        return wait_until(
+            lambda: [e for e in list(self.events) if isinstance(e, kind)], what=kind.__name__
+        )
 
 
 def make_table(lc: LocalCluster) -> None:
@@ -297,7 +301,8 @@ def test_promote_mode_primary_killed_under_writes_then_the_old_primary_is_fenced
             assert new in ("replica1", "replica2")
             other = "replica2" if new == "replica1" else "replica1"
             assert cluster.topology.by_name[new].timeline == 2
-            assert recorder.of(FailoverDetected) == [FailoverDetected("primary", new, 2, True)]
+            failovers = recorder.wait_for(FailoverDetected)
+            assert failovers == [FailoverDetected("primary", new, 2, True)]
             assert cluster.counters().failovers == 1
             promoting = [
                 r
@@ -322,7 +327,7 @@ def test_promote_mode_primary_killed_under_writes_then_the_old_primary_is_fenced
             assert status["primary"].fenced and status["primary"].timeline == 1
             assert status[new].role == "primary" and status[new].timeline == 2
             assert cluster.counters().fenced_events == 1
-            assert recorder.of(NodeFenced) == [NodeFenced("primary", 1, 2)]
+            assert recorder.wait_for(NodeFenced) == [NodeFenced("primary", 1, 2)]
             reads_before = traffic.reads.get("primary", 0)
             count = len(traffic.acked)
             wait_until(lambda: len(traffic.acked) >= count + 50, what="writes after restart")
@@ -420,7 +425,7 @@ def test_follow_mode_external_promotion_followed_then_old_primary_fenced(
             promoted = time.monotonic()
             wait_until(lambda: traffic.moved_on(promoted), 10, what="a write after promotion")
             assert cluster.topology.primary == "replica1"
-            assert recorder.of(FailoverDetected) == [
+            assert recorder.wait_for(FailoverDetected) == [
                 FailoverDetected("primary", "replica1", 2, False)
             ]
             lc.start("primary")  # a primary on timeline 1 again
@@ -430,7 +435,7 @@ def test_follow_mode_external_promotion_followed_then_old_primary_fenced(
             assert status["primary"].fenced and status["primary"].timeline == 1
             assert status["primary"].healthy and status["primary"].role == "primary"
             assert status["replica1"].role == "primary" and status["replica1"].timeline == 2
-            assert recorder.of(NodeFenced) == [NodeFenced("primary", 1, 2)]
+            assert recorder.wait_for(NodeFenced) == [NodeFenced("primary", 1, 2)]
             assert any(
                 r.levelno == logging.ERROR and r.getMessage().startswith("primary fenced")
                 for r in caplog.records
