@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry
 
-from replica_router import AsyncCluster, Cluster, ConfigurationError, PrimaryUnavailable
+from replica_router import AsyncCluster, Cluster, ConfigurationError, PrimaryUnavailable, metrics
 from replica_router.cli import main as cli_main
 from replica_router.events import Event, FailoverDetected, NodeFenced
 from replica_router.failover import (
@@ -291,9 +292,12 @@ def test_promote_mode_primary_killed_under_writes_then_the_old_primary_is_fenced
     caplog.set_level(logging.WARNING, logger="replica_router")
     with Cluster(lc.primary_dsn, lc.replica_dsns, **PROMOTE) as cluster:
         recorder = Recorder(cluster)
+        registry = CollectorRegistry()
+        metrics.register(cluster, registry)
         traffic = Traffic(cluster, lc).start()
         try:
             wait_until(lambda: len(traffic.acked) >= 30, what="writes before the kill")
+            assert registry.get_sample_value("db_failover_total") == 0
             killed = time.monotonic()
             lc.stop("primary", mode="immediate")
             wait_until(lambda: traffic.moved_on(killed), what="a write after the kill")
@@ -304,6 +308,7 @@ def test_promote_mode_primary_killed_under_writes_then_the_old_primary_is_fenced
             failovers = recorder.wait_for(FailoverDetected)
             assert failovers == [FailoverDetected("primary", new, 2, True)]
             assert cluster.counters().failovers == 1
+            assert registry.get_sample_value("db_failover_total") == 1
             promoting = [
                 r
                 for r in caplog.records
@@ -327,6 +332,7 @@ def test_promote_mode_primary_killed_under_writes_then_the_old_primary_is_fenced
             assert status["primary"].fenced and status["primary"].timeline == 1
             assert status[new].role == "primary" and status[new].timeline == 2
             assert cluster.counters().fenced_events == 1
+            assert registry.get_sample_value("db_fenced_total") == 1
             assert recorder.wait_for(NodeFenced) == [NodeFenced("primary", 1, 2)]
             reads_before = traffic.reads.get("primary", 0)
             count = len(traffic.acked)
