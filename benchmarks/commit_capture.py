@@ -1,34 +1,36 @@
 """What capturing the commit's WAL position costs a write.
 
 Single-row ``INSERT`` + ``COMMIT`` (psycopg's BEGIN, INSERT, COMMIT: three round
-trips) on the sandbox primary, the same connection for every variant, rounds
-interleaved (A B C C B A ...):
+trips) on a sandbox primary, one connection for the direct variants:
 
 * ``commit()``: ``conn.execute(INSERT)``; ``conn.commit()`` (the baseline);
 * ``commit_and_capture()``: the same INSERT, then ``COMMIT; SELECT
   pg_current_wal_insert_lsn()`` sent as one message (one round trip);
 * ``two round trips``: ``conn.commit()`` then a separate ``SELECT
-  pg_current_wal_insert_lsn()`` (what capture would cost done naively);
+  pg_current_wal_insert_lsn()`` (what capture costs done naively);
 
 and end to end through ``cluster.write()`` with ``read_your_writes="lsn"``
-(captures) vs ``None`` (plain commit).
+(captures) against ``None`` (plain commit).
 
-Twice: with the sandbox's ``fsync=off`` (a commit costs about one loopback round
-trip, so any extra server work shows at its largest), and with ``fsync=on``
-(durable commits, as in production).
+Two servers: the sandbox's default, in RAM (``/dev/shm``) with ``fsync=off``, where
+a commit costs one loopback round trip and nothing else, so any extra server work
+shows at its largest; and one on disk with ``fsync=on`` (durable commits, as in
+production; ``--disk-dir``, default a temp dir).
 
-Besides wall time it reports CPU per commit: the client thread's
-(``thread_time``) and the server backend's (``/proc/<pid>/schedstat``, run time
-in ns). CPU is what capture adds; unlike wall time on a shared 2-core machine, it
-does not move with other load.
+Rounds are interleaved and each variant's round is compared with the baseline
+round next to it (same moment, same load); the table gives the median of those
+paired ratios and their interquartile range, plus client CPU (this thread's
+``thread_time``) and server CPU (the backend's ``/proc/<pid>/schedstat``) per
+commit.
 
-    .venv/bin/python benchmarks/commit_capture.py [--rounds 30] [--ops 200]
+    .venv/bin/python benchmarks/commit_capture.py [--rounds 200] [--ops 50]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +43,7 @@ from replica_router.sandbox import LocalCluster
 
 INSERT = "INSERT INTO bench_commit (v) VALUES (%s)"
 Sample = tuple[float, float, float]  # wall, client CPU, server CPU (seconds per op)
+Variant = tuple[Callable[[int], object], int]  # the operation, its server backend's pid
 
 
 def backend_cpu(pid: int) -> float:
@@ -62,9 +65,7 @@ def time_ops(op: Callable[[int], object], ops: int, pid: int) -> Sample:
     )
 
 
-def measure(
-    variants: dict[str, tuple[Callable[[int], object], int]], rounds: int, ops: int
-) -> dict[str, Sample]:
+def measure(variants: dict[str, Variant], rounds: int, ops: int) -> dict[str, list[Sample]]:
     for op, pid in variants.values():  # warm up
         time_ops(op, ops, pid)
     samples: dict[str, list[Sample]] = {name: [] for name in variants}
@@ -73,17 +74,35 @@ def measure(
         for name in names if i % 2 == 0 else reversed(names):
             op, pid = variants[name]
             samples[name].append(time_ops(op, ops, pid))
-    return {
-        name: (
-            statistics.median(s[0] for s in values),
-            statistics.median(s[1] for s in values),
-            statistics.median(s[2] for s in values),
+    return samples
+
+
+Row = tuple[str, float, float, float, float, float]  # name, wall, ratio, q1, q3, CPU change
+
+
+def summarize(samples: dict[str, list[Sample]], baseline: str) -> list[Row]:
+    base = samples[baseline]
+    base_cpu = statistics.median(s[1] + s[2] for s in base)
+    rows = []
+    for name, values in samples.items():
+        ratios = sorted(v[0] / b[0] for v, b in zip(values, base, strict=True))
+        quarter = len(ratios) // 4
+        cpu = statistics.median(s[1] + s[2] for s in values)
+        rows.append(
+            (
+                name,
+                statistics.median(s[0] for s in values),
+                statistics.median(ratios),
+                ratios[quarter],
+                ratios[-quarter - 1],
+                cpu / base_cpu - 1 if base_cpu else 0.0,
+            )
         )
-        for name, values in samples.items()
-    }
+    return rows
 
 
-def run(lc: LocalCluster, rounds: int, ops: int) -> list[tuple[str, Sample, Sample]]:
+def run(lc: LocalCluster, rounds: int, ops: int) -> list[Row]:
+    lc.execute("primary", "CREATE TABLE bench_commit (id bigserial PRIMARY KEY, v int)")
     with psycopg.connect(lc.primary_dsn) as conn:
         pid = conn.info.backend_pid
 
@@ -113,13 +132,13 @@ def run(lc: LocalCluster, rounds: int, ops: int) -> list[tuple[str, Sample, Samp
 
     one = {"primary": {"min_size": 1, "max_size": 1}}
     clusters = {
-        "write(), lsn": Cluster(lc.primary_dsn, lc.replica_dsns, pool_kwargs=one),
         "write(), None": Cluster(
             lc.primary_dsn, lc.replica_dsns, read_your_writes=None, pool_kwargs=one
         ),
+        "write(), lsn": Cluster(lc.primary_dsn, lc.replica_dsns, pool_kwargs=one),
     }
     try:
-        variants: dict[str, tuple[Callable[[int], object], int]] = {}
+        variants: dict[str, Variant] = {}
         for name, cluster in clusters.items():
             cluster.open()
             with cluster.write() as c:
@@ -134,37 +153,35 @@ def run(lc: LocalCluster, rounds: int, ops: int) -> list[tuple[str, Sample, Samp
     finally:
         for cluster in clusters.values():
             cluster.close()
-    return [
-        *((n, v, direct["commit()"]) for n, v in direct.items()),
-        *((n, v, routed["write(), None"]) for n, v in routed.items()),
-    ]
+    return summarize(direct, "commit()") + summarize(routed, "write(), None")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--ops", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--ops", type=int, default=50)
+    parser.add_argument("--disk-dir", default=None, help="where the on-disk sandbox goes")
     args = parser.parse_args()
 
-    rows: list[tuple[str, str, Sample, Sample]] = []
+    results: list[tuple[str, Row]] = []
     with LocalCluster(replicas=1) as lc:
-        lc.execute("primary", "CREATE TABLE bench_commit (id bigserial PRIMARY KEY, v int)")
-        for fsync in ("off", "on"):
-            lc.execute("primary", f"ALTER SYSTEM SET fsync = {fsync}")
+        results += [("RAM, fsync=off", row) for row in run(lc, args.rounds, args.ops)]
+    with tempfile.TemporaryDirectory(dir=args.disk_dir, prefix="rr-commit-") as base:
+        Path(base).chmod(0o777)  # the servers may run as another OS user
+        with LocalCluster(replicas=1, base_dir=base) as lc:
+            lc.execute("primary", "ALTER SYSTEM SET fsync = on")
             lc.execute("primary", "SELECT pg_reload_conf()")
-            rows.extend((f"fsync={fsync}", *row) for row in run(lc, args.rounds, args.ops))
-        lc.execute("primary", "ALTER SYSTEM RESET fsync")
+            results += [("disk, fsync=on", row) for row in run(lc, args.rounds, args.ops)]
 
     print(f"single-row INSERT + COMMIT, {args.rounds} interleaved rounds x {args.ops}")
     print(
-        f"{'server':<10} {'variant':<21} {'wall us':>8} {'vs base':>8} "
-        f"{'client CPU us':>13} {'server CPU us':>13} {'CPU vs base':>11}"
+        f"{'server':<15} {'variant':<21} {'wall us':>8} {'paired ratio':>12} {'IQR':>13} "
+        f"{'CPU (client+server)':>19}"
     )
-    for mode, name, (wall, client, server), (b_wall, b_client, b_server) in rows:
-        cpu_change = (client + server) / (b_client + b_server) - 1 if b_client + b_server else 0
+    for server, (name, wall, ratio, low, high, cpu) in results:
         print(
-            f"{mode:<10} {name:<21} {wall * 1e6:>8.1f} {(wall / b_wall - 1) * 100:>+7.1f}% "
-            f"{client * 1e6:>13.1f} {server * 1e6:>13.1f} {cpu_change * 100:>+10.1f}%"
+            f"{server:<15} {name:<21} {wall * 1e6:>8.1f} {ratio:>12.3f} "
+            f"{low:>6.3f}-{high:<6.3f} {cpu * 100:>+18.1f}%"
         )
     print("target: capture adds <= 10% (commit_and_capture() vs commit(); write() lsn vs None)")
 
