@@ -32,7 +32,6 @@ primary of its own on disk, with fsync off and on.
 from __future__ import annotations
 
 import argparse
-import contextvars
 import heapq
 import json
 import multiprocessing as mp
@@ -51,7 +50,7 @@ from typing import Any, TypeVar
 from rich.console import Console
 from rich.table import Table
 
-from replica_router import Cluster, Token
+from replica_router import Cluster, Token, consistency
 from replica_router.sandbox import LocalCluster
 
 USERS_PER_WORKER = 5000  # a user writes rarely: the window is per user
@@ -225,13 +224,14 @@ def _worker(plan: Plan, inbox: Any, downstream: Any, results: Any, start: Any) -
 
 
 def _isolated(fn: Callable[..., T], *args: Any) -> T:
-    """Run one request's worth of work in its own context, hence its own scope.
+    """Run one request's worth of work as an independent consistency scope.
 
     A worker loop is not one unit of work: a session opened directly in it
     would hand every token it saw back to the loop's scope, and each later
     read would wait for all of them.
     """
-    return contextvars.copy_context().run(fn, *args)
+    with consistency.session(inherit=False):
+        return fn(*args)
 
 
 def _work(plan: Plan, inbox: Any, downstream: Any, start: Any) -> Tally:

@@ -9,7 +9,6 @@ but a server to start.
 
 from __future__ import annotations
 
-import contextvars
 import multiprocessing as mp
 import os
 import random
@@ -93,14 +92,12 @@ def test_token_string_from_another_process(lc: LocalCluster) -> None:
         writer.join(timeout=30)
         assert writer.exitcode == 0
 
-        def read_with_token() -> tuple[int, int]:
-            with cluster.session(token=Token.parse(text)):
-                return read_value(cluster, row)
-
-        # Fresh contexts: a session hands its token back to the enclosing scope,
-        # which must not be this thread's (the next read, and other tests, share it).
-        assert contextvars.copy_context().run(read_with_token) == (1, lc.port("primary"))
-        value, port = contextvars.copy_context().run(read_value, cluster, row)  # no token
+        # Independent units of work: a nested session would hand its token back to
+        # the test's scope, and the tokenless read below would then wait for it.
+        with cluster.session(token=Token.parse(text), inherit=False):
+            assert read_value(cluster, row) == (1, lc.port("primary"))
+        with cluster.session(inherit=False):
+            value, port = read_value(cluster, row)  # no token
         assert value == 0
         assert port != lc.port("primary")
 

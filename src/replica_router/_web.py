@@ -16,7 +16,6 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import consistency
 from .consistency import Scope, Token
 from .errors import ConfigurationError, TokenError
 
@@ -36,7 +35,9 @@ class SessionSource(Protocol):
     @property
     def system_identifier(self) -> int | None: ...
 
-    def session(self, token: Token | None = None) -> AbstractContextManager[Scope]: ...
+    def session(
+        self, token: Token | None = None, *, inherit: bool = True
+    ) -> AbstractContextManager[Scope]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,16 +153,14 @@ def enter_scope(
     carry (a sync WSGI worker serves every request on one thread, whose context
     would otherwise collect every request's writes and hand them to the next).
     """
-    # consistency.session() has no public "start from nothing" form yet: set an
-    # empty root scope in this context (undone on exit) for the session to nest in.
-    stack.callback(consistency._SCOPE.reset, consistency._SCOPE.set(Scope()))
     if incoming.token is not None:
         try:
-            return stack.enter_context(cluster.session(token=incoming.token)), incoming
+            scope = cluster.session(token=incoming.token, inherit=False)
+            return stack.enter_context(scope), incoming
         except TokenError as exc:
             log.warning("ignoring a consistency token from another cluster: %s", exc)
             incoming = Incoming(None, clear_cookie=incoming.from_cookie)
-    return stack.enter_context(cluster.session()), incoming
+    return stack.enter_context(cluster.session(inherit=False)), incoming
 
 
 def _parse_or_warn(value: str, where: str) -> Token | None:

@@ -600,7 +600,7 @@ class _ClusterCore:
 
     @contextlib.contextmanager
     def session(
-        self, token: Token | str | None = None, *, user_id: str | None = None
+        self, token: Token | str | None = None, *, user_id: str | None = None, inherit: bool = True
     ) -> Iterator[Scope]:
         """A consistency scope for the block (nestable; see :func:`consistency.session`).
 
@@ -609,7 +609,9 @@ class _ClusterCore:
         be meaningless. (The web middlewares catch that, log it and go on
         without a token.) ``user_id`` also remembers each user's last write
         across scopes, in this process, for the most recent 10,000 users
-        (seed 004's sticky window, by user).
+        (seed 004's sticky window, by user). ``inherit=False`` makes the block an
+        independent unit of work (a request, a queued job): it starts empty and
+        hands nothing back to the enclosing scope.
         """
         if isinstance(token, str):
             token = Token.parse(token)
@@ -622,7 +624,7 @@ class _ClusterCore:
                 )
             if token.system_id is None and sysid is not None:
                 token = Token(token.lsn, sysid)
-        with consistency.session(token, user_id=user_id) as scope:
+        with consistency.session(token, user_id=user_id, inherit=inherit) as scope:
             if scope.user_id is not None:
                 mark = self._user_marks.get(scope.user_id)
                 if mark is not None:

@@ -260,7 +260,9 @@ def peek_scope() -> Scope | None:
 
 
 @contextmanager
-def session(token: Token | str | None = None, *, user_id: str | None = None) -> Iterator[Scope]:
+def session(
+    token: Token | str | None = None, *, user_id: str | None = None, inherit: bool = True
+) -> Iterator[Scope]:
     """Open a nested consistency scope for the ``with`` block.
 
     It starts with everything the enclosing scope knows (plus ``token``), and on
@@ -269,10 +271,15 @@ def session(token: Token | str | None = None, *, user_id: str | None = None) -> 
     ``Token`` or its string; a bad string raises :class:`TokenError`. This
     module-level form accepts any cluster's token; ``Cluster.session()`` also
     refuses a token of another cluster.
+
+    ``inherit=False`` opens an independent unit of work instead (a web request,
+    a job taken from a queue): it starts empty and gives nothing back, so a
+    long-lived thread or task neither leaks one request's writes into the next
+    nor accumulates them all.
     """
     if isinstance(token, str):
         token = Token.parse(token)
-    parent = current_scope()
+    parent = current_scope() if inherit else None
     scope = Scope(parent, user_id=user_id)
     if token is not None:
         scope.advance(token)
@@ -281,7 +288,8 @@ def session(token: Token | str | None = None, *, user_id: str | None = None) -> 
         yield scope
     finally:
         _SCOPE.reset(reset)
-        parent.absorb(scope)
+        if parent is not None:
+            parent.absorb(scope)
 
 
 def commit_and_capture(conn: psycopg.Connection[Any]) -> int | None:
