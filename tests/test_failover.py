@@ -345,6 +345,11 @@ def test_promote_mode_primary_killed_under_writes_then_the_old_primary_is_fenced
         assert rows_on(lc, "primary", after) == 0
         assert rows_on(lc, new, after) == len(after)
         assert cluster.counters().failovers == 1
+    # Counters stay monotonic across close() and a new open(), as Prometheus needs.
+    assert cluster.counters().failovers == 1 and cluster.counters().fenced_events == 1
+    with cluster:
+        assert cluster.counters().failovers == 1
+        assert registry.get_sample_value("db_failover_total") == 1
 
 
 @pytest.mark.destructive

@@ -444,6 +444,10 @@ class _ClusterCore:
         )
 
         self._monitor = None
+        # Failovers and fencings seen by monitors of earlier open() periods, so the
+        # counters stay monotonic across close()/open() (Prometheus needs that).
+        self._past_failovers = 0
+        self._past_fenced_events = 0
         self._system_id: int | None = None
         self._secrets = {s.name: p for s in self._specs if (p := _password(s.dsn))}
         self._config_lock = threading.Lock()
@@ -552,14 +556,20 @@ class _ClusterCore:
         """Connections to ``name`` checked out right now (the ``least_busy`` policy's input)."""
         return self._in_use.get(name, 0)
 
+    def _retire(self, monitor: Monitor) -> None:
+        """Keep a stopped monitor's failover and fencing counts."""
+        with self._count_lock:
+            self._past_failovers += monitor.failovers
+            self._past_fenced_events += monitor.fenced_events
+
     def counters(self) -> Counters:
         monitor = self._monitor
         with self._count_lock:
             return Counters(
                 reads=MappingProxyType(dict(self._reads)),
                 writes=MappingProxyType(dict(self._writes)),
-                failovers=monitor.failovers if monitor is not None else 0,
-                fenced_events=monitor.fenced_events if monitor is not None else 0,
+                failovers=self._past_failovers + (monitor.failovers if monitor else 0),
+                fenced_events=self._past_fenced_events + (monitor.fenced_events if monitor else 0),
                 fallbacks=MappingProxyType(dict(self._fallback_counts)),
             )
 
@@ -953,6 +963,7 @@ class Cluster(_ClusterCore):
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             monitor.stop(timeout)
+            self._retire(monitor)
         sources, self._sources = getattr(self, "_sources", {}), {}
         for source in sources.values():
             try:
@@ -1462,6 +1473,7 @@ class AsyncCluster(_ClusterCore):
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             await asyncio.to_thread(monitor.stop, timeout)
+            self._retire(monitor)
         sources, self._sources = getattr(self, "_sources", {}), {}
         for source in sources.values():
             try:
