@@ -26,17 +26,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="replica-router", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="replica-router",
+        description="Route PostgreSQL reads to replicas and writes to the primary, safely.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"replica_router.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"replica_router.cli.{name}":
-                raise
-            continue  # command not built yet
-        module.register(sub)
+        importlib.import_module(f"replica_router.cli.{name}").register(sub)
     return parser
 
 
