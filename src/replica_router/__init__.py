@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .classify import Intent, classify
 from .cluster import AsyncCluster, Cluster
+from .connection import AsyncRoutedConnection, RoutedConnection
 from .consistency import Token
 from .errors import (
     ConfigurationError,
@@ -13,16 +14,20 @@ from .errors import (
     PrimaryUnavailable,
     TokenError,
 )
+from .topology import NodeStatus
 
 __all__ = [
     "AsyncCluster",
+    "AsyncRoutedConnection",
     "Cluster",
     "ConfigurationError",
     "ConsistencyTimeout",
     "Error",
     "Intent",
     "NoReplicaAvailable",
+    "NodeStatus",
     "PrimaryUnavailable",
+    "RoutedConnection",
     "Token",
     "TokenError",
     "classify",
