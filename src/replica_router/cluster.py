@@ -67,7 +67,6 @@ from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 
 import psycopg
-from psycopg import conninfo
 from psycopg.pq import TransactionStatus
 
 from . import consistency
@@ -81,7 +80,7 @@ from .consistency import (
     current_scope,
     peek_scope,
 )
-from .dsn import parse_dsn, redact, split_hosts
+from .dsn import parse_dsn, password_of, scrub, split_hosts
 from .errors import (
     ConfigurationError,
     ConsistencyTimeout,
@@ -334,14 +333,6 @@ def node_status(
     )
 
 
-def _password(dsn: str) -> str | None:
-    try:
-        value = conninfo.conninfo_to_dict(dsn).get("password")
-    except psycopg.Error:
-        return None
-    return str(value) if value else None
-
-
 class _ClusterCore:
     """Settings, routing decisions and bookkeeping shared by both clusters (no I/O)."""
 
@@ -449,7 +440,7 @@ class _ClusterCore:
         self._past_failovers = 0
         self._past_fenced_events = 0
         self._system_id: int | None = None
-        self._secrets = {s.name: p for s in self._specs if (p := _password(s.dsn))}
+        self._secrets = {s.name: p for s in self._specs if (p := password_of(s.dsn))}
         self._config_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._in_use: dict[str, int] = {}
@@ -596,9 +587,7 @@ class _ClusterCore:
     def _scrub(self, node: str, text: str | None) -> str | None:
         if text is None:
             return None
-        text = redact(text)
-        secret = self._secrets.get(node)
-        return text.replace(secret, "***") if secret else text
+        return scrub(text, self._secrets.get(node))
 
     # -- consistency scopes ------------------------------------------------------------
 
@@ -833,7 +822,7 @@ class _ClusterCore:
         if name in taken:
             raise ConfigurationError(f"name: a node named {name!r} already exists")
         spec = NodeSpec(name, dsn, parse_dsn(dsn, field=f"add_replica({name!r})"), Role.REPLICA)
-        secret = _password(dsn)
+        secret = password_of(dsn)
         if secret:
             self._secrets[name] = secret
         return spec

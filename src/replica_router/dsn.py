@@ -9,11 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import psycopg
 from psycopg import conninfo
 
 from .errors import ConfigurationError
 
-__all__ = ["DsnInfo", "parse_dsn", "redact", "split_hosts"]
+__all__ = ["DsnInfo", "parse_dsn", "password_of", "redact", "scrub", "split_hosts"]
 
 _URL_PASSWORD = re.compile(r"(?P<head>^[a-z][a-z0-9+.-]*://[^:/@?#]*:)(?P<pw>[^@/?#]*)(?=@)", re.I)
 _KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.I)
@@ -26,6 +27,22 @@ def redact(dsn: str) -> str:
     out = _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED, dsn)
     out = _URL_QUERY_PASSWORD.sub(lambda m: m["head"] + REDACTED, out)
     return _KV_PASSWORD.sub(lambda m: m["head"] + REDACTED, out)
+
+
+def password_of(dsn: str) -> str | None:
+    """The password in ``dsn``, if any (``None`` also when ``dsn`` does not parse)."""
+    try:
+        value = conninfo.conninfo_to_dict(dsn).get("password")
+    except psycopg.Error:
+        return None
+    return str(value) if value else None
+
+
+def scrub(text: str, password: str | None) -> str:
+    """``text`` (an error message) with DSNs redacted and ``password`` masked anywhere:
+    the server and libpq may quote it outside a DSN, where :func:`redact` cannot see it."""
+    text = redact(text)
+    return text.replace(password, REDACTED) if password else text
 
 
 @dataclass(frozen=True, slots=True)

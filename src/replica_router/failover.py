@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import conninfo, sql
 
-from .dsn import redact
+from .dsn import password_of, scrub
 from .errors import ConfigurationError
 from .lsn import format_lsn
 from .topology import NodeSpec, Role, Topology
@@ -444,6 +444,4 @@ def _connect(
 
 
 def _scrub(spec: NodeSpec, exc: BaseException) -> str:
-    text = redact(f"{type(exc).__name__}: {exc}".strip())
-    secret = conninfo.conninfo_to_dict(spec.dsn).get("password")
-    return text.replace(str(secret), "***") if secret else text
+    return scrub(f"{type(exc).__name__}: {exc}".strip(), password_of(spec.dsn))

@@ -28,10 +28,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
-from psycopg import conninfo
 from psycopg.rows import TupleRow
 
-from .dsn import redact
+from .dsn import password_of, scrub
 from .errors import ConfigurationError
 from .events import Event, EventBus, FailoverDetected, NodeFenced, NodeStateChanged
 from .topology import NodeSpec, NodeState, Role, Topology
@@ -187,8 +186,7 @@ class _Node:
         self.fresh_as_of: float | None = None  # had every primary WAL byte as of then
         self.removed = False
         self.stats = ProbeStats()
-        secret = conninfo.conninfo_to_dict(spec.dsn).get("password")
-        self._secret = str(secret) if secret else None
+        self._secret = password_of(spec.dsn)
 
     @property
     def in_flight(self) -> bool:
@@ -234,10 +232,7 @@ class _Node:
                     self._done.set()
 
     def scrub(self, text: str) -> str:
-        text = redact(text)
-        if self._secret and self._secret in text:
-            text = text.replace(self._secret, "***")
-        return text
+        return scrub(text, self._secret)
 
 
 AfterRound = Callable[["Monitor", Topology], None]
