@@ -14,12 +14,12 @@ import re
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from .consistency import Scope, Token
 from .errors import ConfigurationError, TokenError
 
-__all__ = ["Incoming", "SessionSource", "TokenTransport", "enter_scope"]
+__all__ = ["Incoming", "SessionSource", "TokenMiddleware", "TokenTransport", "enter_scope"]
 
 log = logging.getLogger("replica_router.web")
 
@@ -125,6 +125,43 @@ class TokenTransport:
 
     def _expired_cookie(self) -> str:
         return self._cookie("", 0)
+
+
+App = TypeVar("App")
+
+
+class TokenMiddleware(Generic[App]):
+    """The part both middlewares share: the wrapped app, the cluster, and the
+    :class:`TokenTransport` built (and checked) from the keyword options."""
+
+    def __init__(
+        self,
+        app: App,
+        cluster: SessionSource,
+        *,
+        cookie_name: str = "rr_token",
+        header_name: str = "X-Replica-Router-Token",
+        secure: bool = True,
+        httponly: bool = True,
+        samesite: str | None = "lax",
+        max_age: int | None = 3600,
+        path: str = "/",
+        use_cookie: bool = True,
+        use_header: bool = True,
+    ) -> None:
+        self.app = app
+        self.cluster = cluster
+        self.transport = TokenTransport(
+            cookie_name=cookie_name,
+            header_name=header_name,
+            secure=secure,
+            httponly=httponly,
+            samesite=samesite,
+            max_age=max_age,
+            path=path,
+            use_cookie=use_cookie,
+            use_header=use_header,
+        )
 
 
 def cookie_values(cookie_header: str, name: str) -> Iterable[str]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import ExitStack
+from functools import cached_property
 from typing import Any
 
-from ._web import SessionSource, TokenTransport, enter_scope
+from ._web import TokenMiddleware, enter_scope
 
 __all__ = ["ConsistencyMiddleware"]
 
@@ -28,42 +29,16 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[ASGIScope, Receive, Send], Awaitable[None]]
 
 
-class ConsistencyMiddleware:
+class ConsistencyMiddleware(TokenMiddleware[ASGIApp]):
     """Carry the consistency token between an HTTP client and the cluster.
 
     ``cluster`` is a ``Cluster`` or an ``AsyncCluster``. Lifespan and websocket
     traffic passes through untouched.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        cluster: SessionSource,
-        *,
-        cookie_name: str = "rr_token",
-        header_name: str = "X-Replica-Router-Token",
-        secure: bool = True,
-        httponly: bool = True,
-        samesite: str | None = "lax",
-        max_age: int | None = 3600,
-        path: str = "/",
-        use_cookie: bool = True,
-        use_header: bool = True,
-    ) -> None:
-        self.app = app
-        self.cluster = cluster
-        self.transport = TokenTransport(
-            cookie_name=cookie_name,
-            header_name=header_name,
-            secure=secure,
-            httponly=httponly,
-            samesite=samesite,
-            max_age=max_age,
-            path=path,
-            use_cookie=use_cookie,
-            use_header=use_header,
-        )
-        self._header_key = header_name.lower().encode("latin-1")
+    @cached_property
+    def _header_key(self) -> bytes:
+        return self.transport.header_name.lower().encode("latin-1")
 
     async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

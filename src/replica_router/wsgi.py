@@ -16,49 +16,28 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
+from functools import cached_property
 from typing import TYPE_CHECKING
 
-from ._web import SessionSource, TokenTransport, enter_scope
+from ._web import TokenMiddleware, enter_scope
 
 if TYPE_CHECKING:  # typeshed's WSGI types, the ones Flask and werkzeug are typed with
     from _typeshed import OptExcInfo
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from _typeshed.wsgi import (
+        StartResponse,
+        WSGIApplication,  # noqa: F401 (quoted in the base class)
+        WSGIEnvironment,
+    )
 
 __all__ = ["ConsistencyMiddleware"]
 
 
-class ConsistencyMiddleware:
+class ConsistencyMiddleware(TokenMiddleware["WSGIApplication"]):
     """Carry the consistency token between an HTTP client and a ``Cluster``."""
 
-    def __init__(
-        self,
-        app: WSGIApplication,
-        cluster: SessionSource,
-        *,
-        cookie_name: str = "rr_token",
-        header_name: str = "X-Replica-Router-Token",
-        secure: bool = True,
-        httponly: bool = True,
-        samesite: str | None = "lax",
-        max_age: int | None = 3600,
-        path: str = "/",
-        use_cookie: bool = True,
-        use_header: bool = True,
-    ) -> None:
-        self.app = app
-        self.cluster = cluster
-        self.transport = TokenTransport(
-            cookie_name=cookie_name,
-            header_name=header_name,
-            secure=secure,
-            httponly=httponly,
-            samesite=samesite,
-            max_age=max_age,
-            path=path,
-            use_cookie=use_cookie,
-            use_header=use_header,
-        )
-        self._environ_key = "HTTP_" + header_name.upper().replace("-", "_")
+    @cached_property
+    def _environ_key(self) -> str:
+        return "HTTP_" + self.transport.header_name.upper().replace("-", "_")
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         incoming = self.transport.incoming(
