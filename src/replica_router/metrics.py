@@ -31,6 +31,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from ._http import http_url, start_serving, stop_serving
 from .topology import NodeStatus, Role
 
 if TYPE_CHECKING:
@@ -230,8 +231,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        addr = self._address[0]
-        return f"http://{f'[{addr}]' if ':' in addr else addr}:{self.port}/metrics"
+        return http_url(self._address[0], self.port, "/metrics")
 
     def open(self) -> None:
         """Bind the socket (``OSError`` if the port is taken) and serve on a daemon thread."""
@@ -245,22 +245,14 @@ class MetricsServer:
             server_class=_ThreadingWSGIServer6 if ":" in addr else _ThreadingWSGIServer,
             handler_class=_QuietHandler,
         )
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            name=f"replica-router-metrics:{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
+        self._thread = start_serving(self._httpd, f"replica-router-metrics:{self.port}")
         log.info("serving metrics on %s", self.url)
 
     def close(self, timeout: float = 5.0) -> None:
         httpd, thread = self._httpd, self._thread
         self._httpd = self._thread = None
-        if httpd is None or thread is None:
-            return
-        httpd.shutdown()
-        thread.join(timeout)
-        httpd.server_close()
+        if httpd is not None and thread is not None:
+            stop_serving(httpd, thread, timeout)
 
     def __enter__(self) -> MetricsServer:
         self.open()

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
+from .._http import http_url, start_serving, stop_serving
 from ..metrics import Observable
 from ..topology import NodeStatus, Role, Topology
 
@@ -181,8 +182,7 @@ class DashboardServer:
 
     @property
     def url(self) -> str:
-        host = self._address[0]
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/"
+        return http_url(self._address[0], self.port, "/")
 
     def open(self) -> None:
         """Bind the socket and start serving on a daemon thread (OSError if the port is taken)."""
@@ -196,13 +196,8 @@ class DashboardServer:
             name=f"replica-router-dashboard-sampler:{self.port}",
             daemon=True,
         )
-        self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            name=f"replica-router-dashboard:{self.port}",
-            daemon=True,
-        )
         self._sampler.start()
-        self._thread.start()
+        self._thread = start_serving(httpd, f"replica-router-dashboard:{self.port}")
         log.info("dashboard on %s", self.url)
 
     def _sample(self, history: LagHistory) -> None:
@@ -221,10 +216,8 @@ class DashboardServer:
         if httpd is None or thread is None or sampler is None:
             return
         self._stopping.set()
-        httpd.shutdown()
-        thread.join(timeout)
+        stop_serving(httpd, thread, timeout)
         sampler.join(timeout)
-        httpd.server_close()
 
     def __enter__(self) -> DashboardServer:
         self.open()
