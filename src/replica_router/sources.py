@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal, Protocol, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
 import psycopg
 from psycopg import conninfo
@@ -284,15 +284,7 @@ def pool_sources(
     A node's pools are sized by its role when they are made (``"primary"`` or
     ``"replica"`` settings of ``pool_kwargs``, over :data:`DEFAULT_POOL_KWARGS`).
     """
-    settings = validate_pool_kwargs(pool_kwargs)
-    extra = dict(connect_kwargs or {})
-
-    def make(spec: NodeSpec, purpose: Purpose, role: Role) -> ConnectionSource:
-        role_settings = settings["primary" if role is Role.PRIMARY else "replica"]
-        kwargs = connection_kwargs(spec, purpose, extra, connect_timeout)
-        return PoolSource(spec, purpose, role_settings, kwargs)
-
-    return make
+    return _factory(PoolSource, pool_kwargs, connect_kwargs, connect_timeout)
 
 
 def async_pool_sources(
@@ -302,12 +294,24 @@ def async_pool_sources(
     connect_timeout: float = 5.0,
 ) -> AsyncSourceFactory:
     """:func:`pool_sources` for ``AsyncCluster`` (``AsyncConnectionPool``)."""
+    return _factory(AsyncPoolSource, pool_kwargs, connect_kwargs, connect_timeout)
+
+
+_Source = TypeVar("_Source", PoolSource, AsyncPoolSource)
+
+
+def _factory(
+    source: type[_Source],
+    pool_kwargs: Mapping[str, Mapping[str, Any]] | None,
+    connect_kwargs: Mapping[str, Any] | None,
+    connect_timeout: float,
+) -> Callable[[NodeSpec, Purpose, Role], _Source]:
     settings = validate_pool_kwargs(pool_kwargs)
     extra = dict(connect_kwargs or {})
 
-    def make(spec: NodeSpec, purpose: Purpose, role: Role) -> AsyncConnectionSource:
+    def make(spec: NodeSpec, purpose: Purpose, role: Role) -> _Source:
         role_settings = settings["primary" if role is Role.PRIMARY else "replica"]
         kwargs = connection_kwargs(spec, purpose, extra, connect_timeout)
-        return AsyncPoolSource(spec, purpose, role_settings, kwargs)
+        return source(spec, purpose, role_settings, kwargs)
 
     return make
