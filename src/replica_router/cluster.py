@@ -857,6 +857,25 @@ class _ClusterCore:
         state = topology.by_name.get(node)
         return state is not None and state.healthy and not state.fenced
 
+    def _checkout_slice(
+        self, node: str, purpose: Purpose, wait: float, deadline: float, give_up_when_down: bool
+    ) -> float:
+        """How long the next wait on the pool may be; raises when waiting is over."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise NodeUnavailableError(node, f"no connection within {wait:g} s", broken=False)
+        if give_up_when_down and not self._routable(node, purpose):
+            raise NodeUnavailableError(
+                node, "became unavailable while waiting for a connection", broken=False
+            )
+        return min(_CHECKOUT_SLICE, remaining)
+
+    def _known_position(self, lease: Lease[Any]) -> int | None:
+        """The furthest position known for the lease's node without asking it."""
+        state = self.topology.by_name.get(lease.node)
+        known = state.position if state is not None else None
+        return lease.position if known is None or (lease.position or 0) > known else known
+
     def _failed(
         self,
         monitor: Monitor,
@@ -1118,15 +1137,9 @@ class Cluster(_ClusterCore):
         """The pool had nothing idle: wait in slices, giving up early if the node goes down."""
         deadline = time.monotonic() + wait - _CHECKOUT_SLICE
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise NodeUnavailableError(node, f"no connection within {wait:g} s", broken=False)
-            if give_up_when_down and not self._routable(node, purpose):
-                raise NodeUnavailableError(
-                    node, "became unavailable while waiting for a connection", broken=False
-                )
+            timeout = self._checkout_slice(node, purpose, wait, deadline, give_up_when_down)
             try:
-                return source.getconn(min(_CHECKOUT_SLICE, remaining))
+                return source.getconn(timeout)
             except PoolTimeout:
                 continue
             except psycopg.Error as exc:
@@ -1229,9 +1242,7 @@ class Cluster(_ClusterCore):
                 position = _position(row[0] if row else None)
                 if position is not None:
                     return position
-        state = self.topology.by_name.get(lease.node)
-        known = state.position if state is not None else None
-        return lease.position if known is None or (lease.position or 0) > known else known
+        return self._known_position(lease)
 
     def _acquire_write(self) -> Lease[psycopg.Connection[Any]]:
         monitor = self._require_monitor()
@@ -1602,15 +1613,9 @@ class AsyncCluster(_ClusterCore):
     ) -> psycopg.AsyncConnection[Any]:
         deadline = time.monotonic() + wait - _CHECKOUT_SLICE
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise NodeUnavailableError(node, f"no connection within {wait:g} s", broken=False)
-            if give_up_when_down and not self._routable(node, purpose):
-                raise NodeUnavailableError(
-                    node, "became unavailable while waiting for a connection", broken=False
-                )
+            timeout = self._checkout_slice(node, purpose, wait, deadline, give_up_when_down)
             try:
-                return await source.getconn(min(_CHECKOUT_SLICE, remaining))
+                return await source.getconn(timeout)
             except PoolTimeout:
                 continue
             except psycopg.Error as exc:
@@ -1721,9 +1726,7 @@ class AsyncCluster(_ClusterCore):
                 position = _position(row[0] if row else None)
                 if position is not None:
                     return position
-        state = self.topology.by_name.get(lease.node)
-        known = state.position if state is not None else None
-        return lease.position if known is None or (lease.position or 0) > known else known
+        return self._known_position(lease)
 
     async def _acquire_write(self) -> Lease[psycopg.AsyncConnection[Any]]:
         monitor = self._require_monitor()
