@@ -39,7 +39,7 @@ import logging
 import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
 import psycopg
 from psycopg import sql
@@ -488,6 +488,71 @@ def _rollback_to_savepoint(name: str) -> sql.Composed:
 
 def _swallows(exc: BaseException | None, block: object) -> bool:
     return isinstance(exc, psycopg.Rollback) and exc.transaction in (None, block)
+
+
+_Conn = TypeVar("_Conn")
+_Cur = TypeVar("_Cur", psycopg.Cursor[Any], psycopg.AsyncCursor[Any])
+
+
+class _CursorBase(Generic[_Conn, _Cur]):
+    """What the sync and async routed cursors share: state and the accessors that
+    read the last result without I/O (the node's own cursor holds it client-side)."""
+
+    __slots__ = ("_binary", "_closed", "_conn", "_cur", "_row_factory", "arraysize")
+
+    def __init__(self, conn: _Conn, row_factory: RowFactory[Any], binary: bool) -> None:
+        self._conn = conn
+        self._row_factory = row_factory
+        self._binary = binary
+        self._cur: _Cur | None = None
+        self._closed = False
+        self.arraysize = 1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise psycopg.InterfaceError("the cursor is closed")
+
+    def _result(self) -> _Cur:
+        self._check_open()
+        cursor = self._cur
+        if cursor is None:
+            raise psycopg.ProgrammingError("no result available")
+        return cursor
+
+    @property
+    def connection(self) -> _Conn:
+        return self._conn
+
+    def nextset(self) -> bool | None:
+        return self._result().nextset()
+
+    @property
+    def rowcount(self) -> int:
+        return -1 if self._cur is None else self._cur.rowcount
+
+    @property
+    def rownumber(self) -> int | None:
+        return None if self._cur is None else self._cur.rownumber
+
+    @property
+    def description(self) -> list[psycopg.Column] | None:
+        return None if self._cur is None else self._cur.description
+
+    @property
+    def statusmessage(self) -> str | None:
+        return None if self._cur is None else self._cur.statusmessage
+
+    @property
+    def pgresult(self) -> Any:
+        return None if self._cur is None else self._cur.pgresult
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<{type(self).__name__} {state} of {self._conn!r}>"
 
 
 # ======================================================================================
@@ -988,22 +1053,14 @@ class RoutedTransaction:
         return f"<RoutedTransaction {'outer' if self._outer else self._savepoint}>"
 
 
-class RoutedCursor:
+class RoutedCursor(_CursorBase[RoutedConnection, psycopg.Cursor[Any]]):
     """A cursor of a :class:`RoutedConnection`: each ``execute`` is routed on its own.
 
     Results come from the node the statement ran on and stay readable after
     the next statement went elsewhere (psycopg's results are client-side).
     """
 
-    __slots__ = ("_binary", "_closed", "_conn", "_cur", "_row_factory", "arraysize")
-
-    def __init__(self, conn: RoutedConnection, row_factory: RowFactory[Any], binary: bool) -> None:
-        self._conn = conn
-        self._row_factory = row_factory
-        self._binary = binary
-        self._cur: psycopg.Cursor[Any] | None = None
-        self._closed = False
-        self.arraysize = 1
+    __slots__ = ()
 
     def _attach(self, conn: psycopg.Connection[Any]) -> psycopg.Cursor[Any]:
         old = self._cur
@@ -1011,18 +1068,6 @@ class RoutedCursor:
         if old is not None:
             old.close()
         return cursor
-
-    def _result(self) -> psycopg.Cursor[Any]:
-        if self._closed:
-            raise psycopg.InterfaceError("the cursor is closed")
-        cursor = self._cur
-        if cursor is None:
-            raise psycopg.ProgrammingError("no result available")
-        return cursor
-
-    @property
-    def connection(self) -> RoutedConnection:
-        return self._conn
 
     @property
     def row_factory(self) -> RowFactory[Any]:
@@ -1042,8 +1087,7 @@ class RoutedCursor:
         prepare: bool | None = None,
         binary: bool | None = None,
     ) -> RoutedCursor:
-        if self._closed:
-            raise psycopg.InterfaceError("the cursor is closed")
+        self._check_open()
         if binary is not None and binary != self._binary:
             self._binary = binary
             self._cur = None
@@ -1053,8 +1097,7 @@ class RoutedCursor:
     def executemany(
         self, query: Query, params_seq: Iterable[Params], *, returning: bool = False
     ) -> None:
-        if self._closed:
-            raise psycopg.InterfaceError("the cursor is closed")
+        self._check_open()
         self._conn._execute(self, query, params_seq, Many(returning))
 
     def fetchone(self) -> Any:
@@ -1075,35 +1118,8 @@ class RoutedCursor:
     def __iter__(self) -> Iterator[Any]:
         return iter(self._result())
 
-    def nextset(self) -> bool | None:
-        return self._result().nextset()
-
     def scroll(self, value: int, mode: str = "relative") -> None:
         self._result().scroll(value, mode)
-
-    @property
-    def rowcount(self) -> int:
-        return -1 if self._cur is None else self._cur.rowcount
-
-    @property
-    def rownumber(self) -> int | None:
-        return None if self._cur is None else self._cur.rownumber
-
-    @property
-    def description(self) -> list[psycopg.Column] | None:
-        return None if self._cur is None else self._cur.description
-
-    @property
-    def statusmessage(self) -> str | None:
-        return None if self._cur is None else self._cur.statusmessage
-
-    @property
-    def pgresult(self) -> Any:
-        return None if self._cur is None else self._cur.pgresult
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def close(self) -> None:
         self._closed = True
@@ -1120,9 +1136,6 @@ class RoutedCursor:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return f"<RoutedCursor {'closed' if self._closed else 'open'} of {self._conn!r}>"
 
 
 # ======================================================================================
@@ -1559,36 +1572,14 @@ class AsyncRoutedTransaction:
         return f"<AsyncRoutedTransaction {'outer' if self._outer else self._savepoint}>"
 
 
-class AsyncRoutedCursor:
+class AsyncRoutedCursor(_CursorBase[AsyncRoutedConnection, psycopg.AsyncCursor[Any]]):
     """:class:`RoutedCursor` for :class:`AsyncRoutedConnection`."""
 
-    __slots__ = ("_binary", "_closed", "_conn", "_cur", "_row_factory", "arraysize")
-
-    def __init__(
-        self, conn: AsyncRoutedConnection, row_factory: RowFactory[Any], binary: bool
-    ) -> None:
-        self._conn = conn
-        self._row_factory = row_factory
-        self._binary = binary
-        self._cur: psycopg.AsyncCursor[Any] | None = None
-        self._closed = False
-        self.arraysize = 1
+    __slots__ = ()
 
     def _attach(self, conn: psycopg.AsyncConnection[Any]) -> psycopg.AsyncCursor[Any]:
         self._cur = cursor = conn.cursor(row_factory=self._row_factory, binary=self._binary)
         return cursor
-
-    def _result(self) -> psycopg.AsyncCursor[Any]:
-        if self._closed:
-            raise psycopg.InterfaceError("the cursor is closed")
-        cursor = self._cur
-        if cursor is None:
-            raise psycopg.ProgrammingError("no result available")
-        return cursor
-
-    @property
-    def connection(self) -> AsyncRoutedConnection:
-        return self._conn
 
     @property
     def row_factory(self) -> RowFactory[Any]:
@@ -1608,8 +1599,7 @@ class AsyncRoutedCursor:
         prepare: bool | None = None,
         binary: bool | None = None,
     ) -> AsyncRoutedCursor:
-        if self._closed:
-            raise psycopg.InterfaceError("the cursor is closed")
+        self._check_open()
         if binary is not None and binary != self._binary:
             self._binary = binary
             self._cur = None
@@ -1619,8 +1609,7 @@ class AsyncRoutedCursor:
     async def executemany(
         self, query: Query, params_seq: Iterable[Params], *, returning: bool = False
     ) -> None:
-        if self._closed:
-            raise psycopg.InterfaceError("the cursor is closed")
+        self._check_open()
         await self._conn._execute(self, query, params_seq, Many(returning))
 
     async def fetchone(self) -> Any:
@@ -1635,35 +1624,8 @@ class AsyncRoutedCursor:
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._result().__aiter__()
 
-    def nextset(self) -> bool | None:
-        return self._result().nextset()
-
     async def scroll(self, value: int, mode: str = "relative") -> None:
         await self._result().scroll(value, mode)
-
-    @property
-    def rowcount(self) -> int:
-        return -1 if self._cur is None else self._cur.rowcount
-
-    @property
-    def rownumber(self) -> int | None:
-        return None if self._cur is None else self._cur.rownumber
-
-    @property
-    def description(self) -> list[psycopg.Column] | None:
-        return None if self._cur is None else self._cur.description
-
-    @property
-    def statusmessage(self) -> str | None:
-        return None if self._cur is None else self._cur.statusmessage
-
-    @property
-    def pgresult(self) -> Any:
-        return None if self._cur is None else self._cur.pgresult
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     async def close(self) -> None:
         self._closed = True
@@ -1680,6 +1642,3 @@ class AsyncRoutedCursor:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-    def __repr__(self) -> str:
-        return f"<AsyncRoutedCursor {'closed' if self._closed else 'open'} of {self._conn!r}>"
