@@ -35,6 +35,7 @@ from rich.text import Text
 
 from ..cluster import Cluster
 from ..sandbox import LocalCluster
+from . import seconds_between
 from .status import console_for_output, quiet_library_logs, render_table
 
 __all__ = ["register"]
@@ -46,16 +47,6 @@ PACE = 0.004  # seconds between one worker's operations: a busy app, not a bench
 TABLE = "replica_router_demo"
 
 
-def _duration(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 8 <= value <= 600:
-        raise argparse.ArgumentTypeError(f"expected 8 to 600 seconds, got {text}")
-    return value
-
-
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
@@ -63,7 +54,11 @@ def register(subparsers: Any) -> None:
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
     parser.add_argument(
-        "--duration", type=_duration, default=24.0, metavar="S", help="length of the run (8-600 s)"
+        "--duration",
+        type=seconds_between(8, 600),
+        default=24.0,
+        metavar="S",
+        help="length of the run (8-600 s)",
     )
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     parser.set_defaults(func=_demo)

@@ -27,6 +27,7 @@ from ..errors import ConfigurationError
 from ..events import EventBus
 from ..monitor import Monitor
 from ..topology import NodeSpec, NodeStatus, Topology
+from . import seconds_between
 
 __all__ = [
     "console_for_output",
@@ -38,16 +39,6 @@ __all__ = [
 ]
 
 
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0.1 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"expected 0.1 to 3600 seconds, got {text}")
-    return value
-
-
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "status",
@@ -57,7 +48,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("dsns", nargs="+", metavar="DSN", help="node DSNs or a multi-host URL")
     parser.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     parser.add_argument(
-        "--interval", type=_interval, default=1.0, metavar="S", help="refresh every S seconds"
+        "--interval",
+        type=seconds_between(0.1, 3600),
+        default=1.0,
+        metavar="S",
+        help="refresh every S seconds",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=_status)
