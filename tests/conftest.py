@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from replica_router import consistency
+from replica_router.sandbox import LocalCluster
 
 
 @pytest.fixture(autouse=True)
@@ -19,3 +20,18 @@ def _independent_consistency_scope() -> Iterator[None]:
     """
     with consistency.session(inherit=False):
         yield
+
+
+@pytest.fixture
+def paused(replica_cluster: LocalCluster) -> Iterator[Callable[[str], None]]:
+    """Pause replay on replicas for one test; always resumed afterwards."""
+    done: list[str] = []
+
+    def pause(name: str) -> None:
+        replica_cluster.pause_replay(name)
+        done.append(name)
+
+    yield pause
+    for name in done:
+        replica_cluster.resume_replay(name)
+    replica_cluster.wait_replicated()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import pytest
 
+from helpers import FAST, port_of, read_port, scratch_table, wait_until
 from replica_router import (
     Cluster,
     ConfigurationError,
@@ -24,32 +24,6 @@ from replica_router.events import ConsistencyFallback, EventBus, RouteDecision
 from replica_router.sandbox import LocalCluster
 from replica_router.topology import Role
 
-T = TypeVar("T")
-FAST = {"monitor_interval": 0.1}
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "") -> T:
-    """Poll ``predicate`` until it is truthy (the pause is a poll interval, not a sync)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.01)
-
-
-def port_of(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT inet_server_port()").fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def read_port(cluster: Cluster, **kwargs: Any) -> int:
-    with cluster.read(**kwargs) as conn:
-        return port_of(conn)
-
 
 def node_of(lc: LocalCluster, port: int) -> str:
     return next(name for name in lc.node_names if lc.port(name) == port)
@@ -57,26 +31,8 @@ def node_of(lc: LocalCluster, port: int) -> str:
 
 @pytest.fixture
 def table(replica_cluster: LocalCluster) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    replica_cluster.execute("primary", f"CREATE TABLE {name} (id int PRIMARY KEY, v text)")
-    replica_cluster.wait_replicated()
-    yield name
-    replica_cluster.execute("primary", f"DROP TABLE IF EXISTS {name}")
-
-
-@pytest.fixture
-def paused(replica_cluster: LocalCluster) -> Iterator[Callable[[str], None]]:
-    """Pause replay on replicas for one test; always resumed afterwards."""
-    done: list[str] = []
-
-    def pause(name: str) -> None:
-        replica_cluster.pause_replay(name)
-        done.append(name)
-
-    yield pause
-    for name in done:
-        replica_cluster.resume_replay(name)
-    replica_cluster.wait_replicated()
+    with scratch_table(replica_cluster, "t", "id int PRIMARY KEY, v text") as name:
+        yield name
 
 
 def replica_lags(cluster: Cluster, name: str, seconds: float) -> bool:

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import contextvars
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from replica_router import Cluster, Intent, consistency
+from helpers import FAST, port_of, replica_ports, scratch_table, wait_until
+from replica_router import Cluster, Intent
 from replica_router.classify import Statement
 from replica_router.connection import (
     ROUTE_BEGIN_READ,
@@ -31,38 +31,10 @@ from replica_router.connection import (
     route,
     writes_data,
 )
-from replica_router.consistency import Scope
 from replica_router.sandbox import LocalCluster
 
-T = TypeVar("T")
-FAST = {"monitor_interval": 0.1}
 # One connection per pool, so a test can see that what it left behind was cleaned.
 SINGLE = {"pool_kwargs": {"primary": {"max_size": 1}, "replica": {"max_size": 1}}}
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.01)
-
-
-def port(conn: Any, query: str = "SELECT inet_server_port()") -> int:
-    row = conn.execute(query).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-@pytest.fixture(autouse=True)
-def fresh_scope() -> Iterator[None]:
-    """Each test starts with an empty consistency scope (tests share one context)."""
-    reset = consistency._SCOPE.set(Scope())
-    yield
-    consistency._SCOPE.reset(reset)
 
 
 @pytest.fixture
@@ -78,29 +50,8 @@ def cluster(lc: LocalCluster) -> Iterator[Cluster]:
 
 @pytest.fixture
 def table(lc: LocalCluster) -> Iterator[str]:
-    name = f"rc_{uuid.uuid4().hex[:10]}"
-    lc.execute("primary", f"CREATE TABLE {name} (id int PRIMARY KEY, v text)")
-    lc.wait_replicated()
-    yield name
-    lc.execute("primary", f"DROP TABLE IF EXISTS {name}")
-
-
-@pytest.fixture
-def paused(lc: LocalCluster) -> Iterator[Callable[[str], None]]:
-    done: list[str] = []
-
-    def pause(name: str) -> None:
-        lc.pause_replay(name)
-        done.append(name)
-
-    yield pause
-    for name in done:
-        lc.resume_replay(name)
-    lc.wait_replicated()
-
-
-def replica_ports(lc: LocalCluster) -> set[int]:
-    return {lc.port(n) for n in lc.replica_names}
+    with scratch_table(lc, "rc", "id int PRIMARY KEY, v text") as name:
+        yield name
 
 
 # -- pure decisions (no server) ----------------------------------------------------------
@@ -192,21 +143,23 @@ def test_reads_go_to_replicas_and_writes_to_the_primary(lc: LocalCluster, table:
         Cluster(lc.primary_dsn, lc.replica_dsns, read_your_writes=None, **FAST) as cluster,  # type: ignore[arg-type]
         cluster.connection() as conn,
     ):
-        assert port(conn) in replica_ports(lc)
+        assert port_of(conn) in replica_ports(lc)
         for i in range(5):
             cur = conn.execute(
                 f"INSERT INTO {table} VALUES (%s, 'x') RETURNING inet_server_port()", (i,)
             )
             assert cur.fetchone() == (primary,)
-            assert port(conn) in replica_ports(lc)
+            assert port_of(conn) in replica_ports(lc)
         # writes the classifier catches: row locks, side-effect functions, writable CTEs
-        assert port(conn, f"SELECT inet_server_port() FROM {table} LIMIT 1 FOR UPDATE") == primary
-        assert port(conn, "SELECT inet_server_port() + 0 * txid_current()") == primary
+        assert (
+            port_of(conn, f"SELECT inet_server_port() FROM {table} LIMIT 1 FOR UPDATE") == primary
+        )
+        assert port_of(conn, "SELECT inet_server_port() + 0 * txid_current()") == primary
         cte = (
             f"WITH d AS (DELETE FROM {table} WHERE id = 4 RETURNING id) "
             "SELECT inet_server_port() FROM d"
         )
-        assert port(conn, cte) == primary
+        assert port_of(conn, cte) == primary
         assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (4,)
         assert not conn.pinned
         counters = cluster.counters()  # every statement counted once, where it ran
@@ -269,14 +222,14 @@ def test_a_transaction_starting_with_a_select_never_leaves_the_primary(
     primary = lc.port("primary")
     with cluster.connection() as conn:
         with conn.transaction():
-            first = port(conn)
+            first = port_of(conn)
             conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
-            assert port(conn) == first == primary
+            assert port_of(conn) == first == primary
             with conn.transaction():  # a savepoint, same node
                 conn.execute(f"UPDATE {table} SET v = 'b'")
-                assert port(conn) == primary
+                assert port_of(conn) == primary
         # autocommit again after the block: reads go back to replicas (once they replayed it)
-        wait_until(lambda: port(conn) in replica_ports(lc), what="reads back on replicas")
+        wait_until(lambda: port_of(conn) in replica_ports(lc), what="reads back on replicas")
     with cluster.write() as w:
         assert w.execute(f"SELECT v FROM {table}").fetchall() == [("b",)]
 
@@ -286,14 +239,14 @@ def test_not_autocommit_pins_each_transaction_to_the_primary(
 ) -> None:
     primary = lc.port("primary")
     with cluster.connection(autocommit=False) as conn:
-        assert port(conn) == primary  # a SELECT opens the transaction; it may write later
+        assert port_of(conn) == primary  # a SELECT opens the transaction; it may write later
         conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
-        assert port(conn) == primary
+        assert port_of(conn) == primary
         conn.commit()
-        assert port(conn) == primary
+        assert port_of(conn) == primary
         conn.execute(f"INSERT INTO {table} VALUES (2, 'b')")
         conn.rollback()
-        assert port(conn) == primary
+        assert port_of(conn) == primary
     # the with block committed the last (read-only) transaction; row 2 was rolled back
     with cluster.write() as w:
         assert w.execute(f"SELECT id FROM {table}").fetchall() == [(1,)]
@@ -305,17 +258,17 @@ def test_begin_statements_open_pinned_transactions(
     primary = lc.port("primary")
     with cluster.connection() as conn:
         conn.execute("BEGIN")
-        assert port(conn) == primary
+        assert port_of(conn) == primary
         conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
-        assert port(conn) == primary
+        assert port_of(conn) == primary
         conn.execute("COMMIT")
         assert cluster.token is not None  # the COMMIT statement advanced the token
-        wait_until(lambda: port(conn) in replica_ports(lc), what="reads back on replicas")
+        wait_until(lambda: port_of(conn) in replica_ports(lc), what="reads back on replicas")
         conn.execute("BEGIN READ ONLY")
-        ro = port(conn)
+        ro = port_of(conn)
         assert ro in replica_ports(lc)
         assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (1,)
-        assert port(conn) == ro
+        assert port_of(conn) == ro
         conn.execute("ROLLBACK")
 
 
@@ -325,10 +278,10 @@ def test_read_only_transactions_run_on_one_replica(
     with cluster.connection() as conn:
         conn.read_only = True
         with conn.transaction():
-            first = port(conn)
+            first = port_of(conn)
             assert first in replica_ports(lc)
             for _ in range(5):
-                assert port(conn) == first
+                assert port_of(conn) == first
             # a write inside it is refused by the server, as in any read-only transaction
             with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
                 conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
@@ -341,7 +294,7 @@ def test_read_only_transactions_run_on_one_replica(
             conn.execute("SELECT pg_advisory_lock(1)")
     with cluster.connection(autocommit=False) as conn:
         conn.execute("SET TRANSACTION READ ONLY")  # first statement: declares it
-        assert port(conn) in replica_ports(lc)
+        assert port_of(conn) in replica_ports(lc)
         conn.commit()
 
 
@@ -395,11 +348,11 @@ def test_set_is_replayed_on_every_node_the_session_uses(
         with cluster.connection() as conn:
             conn.execute("SET statement_timeout = '4s'")
             conn.execute(f"SET search_path = {schema}, public")
-            reader = port(conn)
+            reader = port_of(conn)
             assert reader in replica_ports(lc)
             assert conn.execute("SHOW statement_timeout").fetchone() == ("4s",)
             assert conn.execute("SELECT x FROM only_here").fetchone() == (7,)  # on the replica
-            assert port(conn) == reader
+            assert port_of(conn) == reader
             # the primary's connection gets the same settings before its first statement
             cur = conn.execute(
                 f"INSERT INTO public.{table} VALUES (1, current_setting('statement_timeout')) "
@@ -421,7 +374,7 @@ def test_set_is_replayed_on_every_node_the_session_uses(
             with conn.transaction():
                 conn.execute("SET work_mem = '9MB'")
                 raise psycopg.Rollback  # undone, on the node and in what is replayed
-            assert port(conn) in replica_ports(lc)
+            assert port_of(conn) in replica_ports(lc)
             assert conn.execute("SHOW application_name").fetchone() == ("rr-test",)
             assert conn.execute("SHOW work_mem").fetchone() == ("7MB",)
     finally:
@@ -448,15 +401,15 @@ def test_set_is_replayed_on_every_node_the_session_uses(
 def test_temp_tables_pin_the_session_to_the_primary(lc: LocalCluster, cluster: Cluster) -> None:
     primary = lc.port("primary")
     with cluster.connection() as conn:
-        assert port(conn) in replica_ports(lc)
+        assert port_of(conn) in replica_ports(lc)
         conn.execute("CREATE TEMP TABLE scratch (id int)")
         assert conn.pinned and "read" not in conn.nodes
         conn.execute("INSERT INTO scratch VALUES (1), (2)")
         assert conn.execute("SELECT count(*) FROM scratch").fetchone() == (2,)  # a read: here
-        assert port(conn) == primary
+        assert port_of(conn) == primary
         conn.read_only = True
         with conn.transaction():  # even a read-only transaction stays with the state
-            assert port(conn) == primary
+            assert port_of(conn) == primary
     with cluster.write() as w:  # the pool's connection came back without the temp table
         assert w.execute("SELECT to_regclass('pg_temp.scratch')").fetchone() == (None,)
 
@@ -468,7 +421,7 @@ def test_listen_pins_and_receives_notifications(lc: LocalCluster, cluster: Clust
             conn.notifies(timeout=0)
         conn.execute(f"LISTEN {channel}")
         assert conn.pinned
-        assert port(conn) == lc.port("primary")
+        assert port_of(conn) == lc.port("primary")
         lc.execute("primary", f"NOTIFY {channel}, 'hello'")
         received = list(conn.notifies(timeout=5, stop_after=1))
         assert [(n.channel, n.payload) for n in received] == [(channel, "hello")]
@@ -483,7 +436,7 @@ def test_session_advisory_locks_pin_and_are_released_on_close(
     try:
         with cluster.connection() as conn:
             conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-            assert conn.pinned and port(conn) == primary
+            assert conn.pinned and port_of(conn) == primary
             assert other.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone() == (False,)
         assert other.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone() == (True,)
     finally:
@@ -560,14 +513,14 @@ def test_the_held_replica_is_left_when_it_falls_behind(
         Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=0.5, **FAST) as cluster,  # type: ignore[arg-type]
         cluster.connection() as conn,
     ):
-        assert port(conn) in replica_ports(lc)
+        assert port_of(conn) in replica_ports(lc)
         held = conn.nodes["read"]
         other = next(n for n in lc.replica_names if n != held)
         paused(held)
         lc.execute("primary", f"INSERT INTO {table} VALUES (1, 'a')")  # the held one lags now
 
         def moved() -> bool:
-            return port(conn) == lc.port(other)
+            return port_of(conn) == lc.port(other)
 
         wait_until(moved, what="reads to leave the lagging replica")
         assert conn.nodes["read"] == other
@@ -650,7 +603,7 @@ def test_composed_queries_are_classified_and_routed(
     with cluster.connection() as conn:
         read = sql.SQL("SELECT inet_server_port() FROM {}").format(sql.Identifier(table))
         assert conn.execute(read).fetchall() == []
-        assert port(conn, b"SELECT inet_server_port()") in replica_ports(lc)  # type: ignore[arg-type]
+        assert port_of(conn, b"SELECT inet_server_port()") in replica_ports(lc)  # type: ignore[arg-type]
         insert = sql.SQL("INSERT INTO {} VALUES (%s, 'a') RETURNING inet_server_port()").format(
             sql.Identifier(table)
         )
@@ -667,11 +620,11 @@ def test_a_replica_killed_under_a_read_loop_fails_no_read(
         Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster,  # type: ignore[arg-type]
         cluster.connection() as conn,
     ):
-        served: list[int] = [port(conn)]
+        served: list[int] = [port_of(conn)]
         victim = conn.nodes["read"]
         lc.stop(victim, mode="immediate")
         for _ in range(200):
-            served.append(port(conn))  # an error here fails the test
+            served.append(port_of(conn))  # an error here fails the test
         assert served[0] == lc.port(victim)
         assert served[-1] != lc.port(victim)
         assert conn.nodes["read"] != victim

@@ -14,24 +14,15 @@ import psycopg2.extras
 import pytest
 from psycopg2 import sql
 
-from replica_router import Cluster, consistency
-from replica_router.consistency import Scope
+from helpers import FAST, replica_ports, scratch_table
+from replica_router import Cluster
 from replica_router.integrations import psycopg2 as routed
 from replica_router.sandbox import LocalCluster
-
-FAST = {"monitor_interval": 0.1}
 
 
 def port(cur: Any) -> int:
     cur.execute("SELECT inet_server_port()")
     return int(cur.fetchone()[0])
-
-
-@pytest.fixture(autouse=True)
-def fresh_scope() -> Iterator[None]:
-    reset = consistency._SCOPE.set(Scope())
-    yield
-    consistency._SCOPE.reset(reset)
 
 
 @pytest.fixture
@@ -48,15 +39,8 @@ def cluster(lc: LocalCluster) -> Iterator[Cluster]:
 
 @pytest.fixture
 def users(lc: LocalCluster) -> Iterator[str]:
-    name = f"users_{uuid.uuid4().hex[:8]}"
-    lc.execute("primary", f"CREATE TABLE {name} (id serial PRIMARY KEY, name text, email text)")
-    lc.wait_replicated()
-    yield name
-    lc.execute("primary", f"DROP TABLE IF EXISTS {name}")
-
-
-def replica_ports(lc: LocalCluster) -> set[int]:
-    return {lc.port(n) for n in lc.replica_names}
+    with scratch_table(lc, "users", "id serial PRIMARY KEY, name text, email text") as name:
+        yield name
 
 
 def test_seed_001_with_autocommit_splits_reads_and_writes(
@@ -231,17 +215,3 @@ def test_cursor_api_and_errors(lc: LocalCluster, cluster: Cluster, users: str) -
     with pytest.raises(psycopg2.InterfaceError, match="connection already closed"):
         conn.cursor()
     assert cluster.in_use("primary") == 0
-
-
-@pytest.fixture
-def paused(lc: LocalCluster) -> Iterator[Callable[[str], None]]:
-    done: list[str] = []
-
-    def pause(name: str) -> None:
-        lc.pause_replay(name)
-        done.append(name)
-
-    yield pause
-    for name in done:
-        lc.resume_replay(name)
-    lc.wait_replicated()

@@ -6,31 +6,16 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import pytest
 
-from replica_router import Cluster, ConsistencyTimeout, Token, TokenError, consistency
-from replica_router.consistency import Scope
+from helpers import FAST, read_port, scratch_table, wait_until
+from replica_router import Cluster, ConsistencyTimeout, Token, TokenError
 from replica_router.lsn import parse_lsn
 from replica_router.sandbox import LocalCluster
-
-T = TypeVar("T")
-FAST = {"monitor_interval": 0.1}
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.01)
 
 
 def port_and_rows(conn: psycopg.Connection[Any], table: str) -> tuple[int, list[int]]:
@@ -40,36 +25,10 @@ def port_and_rows(conn: psycopg.Connection[Any], table: str) -> tuple[int, list[
     return int(port[0]), [int(r[0]) for r in ids]
 
 
-@pytest.fixture(autouse=True)
-def fresh_scope() -> Iterator[None]:
-    """Each test starts with an empty default scope (tests share the main thread's
-    context, and a scope rightly remembers every write made in it)."""
-    reset = consistency._SCOPE.set(Scope())
-    yield
-    consistency._SCOPE.reset(reset)
-
-
 @pytest.fixture
 def table(replica_cluster: LocalCluster) -> Iterator[str]:
-    name = f"ryw_{uuid.uuid4().hex[:10]}"
-    replica_cluster.execute("primary", f"CREATE TABLE {name} (id int PRIMARY KEY)")
-    replica_cluster.wait_replicated()
-    yield name
-    replica_cluster.execute("primary", f"DROP TABLE IF EXISTS {name}")
-
-
-@pytest.fixture
-def paused(replica_cluster: LocalCluster) -> Iterator[Callable[[str], None]]:
-    done: list[str] = []
-
-    def pause(name: str) -> None:
-        replica_cluster.pause_replay(name)
-        done.append(name)
-
-    yield pause
-    for name in done:
-        replica_cluster.resume_replay(name)
-    replica_cluster.wait_replicated()
+    with scratch_table(replica_cluster, "ryw", "id int PRIMARY KEY") as name:
+        yield name
 
 
 def insert(cluster: Cluster, table: str, row_id: int) -> None:
@@ -311,7 +270,7 @@ def test_window_mode_reads_the_primary_for_the_window(
             assert cluster.token is None  # window mode does not capture positions
             with cluster.read() as conn:
                 assert port_and_rows(conn, table)[0] == lc.port("primary")
-            wait_until(lambda: _port(cluster) != lc.port("primary"), what="the window to end")
+            wait_until(lambda: read_port(cluster) != lc.port("primary"), what="the window to end")
         with cluster.session(), cluster.read() as conn:  # another scope: no write, replica
             assert port_and_rows(conn, table)[0] != lc.port("primary")
 
@@ -326,7 +285,7 @@ def test_window_mode_by_user_id_across_scopes(replica_cluster: LocalCluster, tab
 
         def request(user: str) -> None:
             with cluster.session(user_id=user):
-                ports[user] = _port(cluster)
+                ports[user] = read_port(cluster)
 
         for user in ("alice", "bob"):
             thread = threading.Thread(target=request, args=(user,))
@@ -344,16 +303,9 @@ def test_read_your_writes_off(replica_cluster: LocalCluster, table: str) -> None
     ):
         insert(cluster, table, 1)
         assert cluster.token is None
-        assert _port(cluster) != lc.port("primary")
+        assert read_port(cluster) != lc.port("primary")
 
 
 def _read_rows(cluster: Cluster, table: str) -> tuple[int, list[int]]:
     with cluster.read() as conn:
         return port_and_rows(conn, table)
-
-
-def _port(cluster: Cluster) -> int:
-    with cluster.read() as conn:
-        row = conn.execute("SELECT inet_server_port()").fetchone()
-    assert row is not None
-    return int(row[0])

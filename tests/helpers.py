@@ -1,0 +1,92 @@
+"""Helpers several test files share: ``from helpers import ...`` (pytest puts tests/
+on ``sys.path``, as for ``classify_corpus``). Fixtures live in ``conftest.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from replica_router import Cluster
+from replica_router.sandbox import LocalCluster
+
+T = TypeVar("T")
+
+FAST = {"monitor_interval": 0.1}  # the monitor sees a change within a tenth of a second
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "") -> T:
+    """Poll ``predicate`` until it is truthy and return that value (the pause is a
+    poll interval, not a sync); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or predicate}")
+        time.sleep(0.01)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` in its own context: no consistency scope leaks between tests."""
+    return contextvars.Context().run(asyncio.run, coro)
+
+
+def port_of(conn: Any, query: str = "SELECT inet_server_port()") -> int:
+    """The port of the server that answered ``query`` (a psycopg or routed connection)."""
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def async_port_of(conn: Any, query: str = "SELECT inet_server_port()") -> int:
+    """:func:`port_of` for an async connection."""
+    cursor = await conn.execute(query)
+    row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def read_port(cluster: Cluster, **kwargs: Any) -> int:
+    """The port of the node ``cluster.read(**kwargs)`` chose."""
+    with cluster.read(**kwargs) as conn:
+        return port_of(conn)
+
+
+def replica_ports(lc: LocalCluster) -> set[int]:
+    return {lc.port(name) for name in lc.replica_names}
+
+
+def cluster_for(lc: LocalCluster, cls: type[Any] = Cluster) -> Any:
+    """A cluster (not opened) with no lag bound: a paused replica stays eligible, so
+    only the consistency token keeps a read off it."""
+    return cls(primary=lc.primary_dsn, replicas=lc.replica_dsns, max_lag=None)
+
+
+@contextmanager
+def scratch_table(lc: LocalCluster, prefix: str, columns: str) -> Iterator[str]:
+    """A new table ``<prefix>_<random>`` replicated everywhere; dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    lc.execute("primary", f"CREATE TABLE {name} ({columns})")
+    lc.wait_replicated()
+    try:
+        yield name
+    finally:
+        lc.execute("primary", f"DROP TABLE IF EXISTS {name}")
+
+
+@contextmanager
+def replay_paused(lc: LocalCluster) -> Iterator[None]:
+    """Every replica stops applying WAL: only the primary has what is written now."""
+    try:
+        for name in lc.replica_names:
+            lc.pause_replay(name)
+        yield
+    finally:
+        for name in lc.replica_names:
+            lc.resume_replay(name)
