@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from helpers import FAST, async_port_of, run, scratch_table
 from replica_router import (
     AsyncCluster,
     ConfigurationError,
@@ -22,41 +22,16 @@ from replica_router import (
 )
 from replica_router.sandbox import LocalCluster
 
-FAST = {"monitor_interval": 0.1}
-
-
-async def port_of(conn: psycopg.AsyncConnection[Any]) -> int:
-    cursor = await conn.execute("SELECT inet_server_port()")
-    row = await cursor.fetchone()
-    assert row is not None
-    return int(row[0])
-
 
 async def read_port(cluster: AsyncCluster, **kwargs: Any) -> int:
     async with cluster.read(**kwargs) as conn:
-        return await port_of(conn)
-
-
-async def wait_until(predicate: Any, timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-def run(coro: Any) -> Any:
-    """Each test in its own context: no consistency scope leaks between tests."""
-    return contextvars.Context().run(asyncio.run, coro)
+        return await async_port_of(conn)
 
 
 @pytest.fixture
 def table(replica_cluster: LocalCluster) -> Iterator[str]:
-    name = f"at_{uuid.uuid4().hex[:10]}"
-    replica_cluster.execute("primary", f"CREATE TABLE {name} (id int PRIMARY KEY)")
-    replica_cluster.wait_replicated()
-    yield name
-    replica_cluster.execute("primary", f"DROP TABLE IF EXISTS {name}")
+    with scratch_table(replica_cluster, "at", "id int PRIMARY KEY") as name:
+        yield name
 
 
 def test_reads_and_writes_route_and_commit(replica_cluster: LocalCluster, table: str) -> None:
@@ -68,7 +43,7 @@ def test_reads_and_writes_route_and_commit(replica_cluster: LocalCluster, table:
             ports = [await read_port(cluster) for _ in range(6)]
             assert set(ports) == {lc.port("replica1"), lc.port("replica2")}
             async with cluster.write() as conn:
-                assert await port_of(conn) == lc.port("primary")
+                assert await async_port_of(conn) == lc.port("primary")
                 await conn.execute(f"INSERT INTO {table} VALUES (1)")
             with pytest.raises(RuntimeError):
                 async with cluster.write() as conn:
@@ -94,7 +69,7 @@ def test_read_your_writes_with_replay_paused(replica_cluster: LocalCluster, tabl
             async with cluster.read() as conn:
                 cursor = await conn.execute(f"SELECT 1 FROM {table} WHERE id = %s", (row_id,))
                 seen = await cursor.fetchone() is not None
-                return await port_of(conn), seen, str(cluster.token)
+                return await async_port_of(conn), seen, str(cluster.token)
 
     async def main() -> None:
         async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:

@@ -3,40 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from helpers import FAST, async_port_of, run, scratch_table
 from replica_router import AsyncCluster
 from replica_router.sandbox import LocalCluster
-
-FAST = {"monitor_interval": 0.1}
-
-
-def run(coro: Any) -> Any:
-    """Each test in its own context: no consistency scope leaks between tests."""
-    return contextvars.Context().run(asyncio.run, coro)
-
-
-async def port(conn: Any, query: str = "SELECT inet_server_port()") -> int:
-    cur = await conn.execute(query)
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 @pytest.fixture
 def table(replica_cluster: LocalCluster) -> Iterator[str]:
-    name = f"arc_{uuid.uuid4().hex[:10]}"
-    replica_cluster.execute("primary", f"CREATE TABLE {name} (id int PRIMARY KEY, v text)")
-    replica_cluster.wait_replicated()
-    yield name
-    replica_cluster.execute("primary", f"DROP TABLE IF EXISTS {name}")
+    with scratch_table(replica_cluster, "arc", "id int PRIMARY KEY, v text") as name:
+        yield name
 
 
 def test_async_routing_transactions_and_session_state(
@@ -49,7 +30,7 @@ def test_async_routing_transactions_and_session_state(
     async def main() -> None:
         async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:  # type: ignore[arg-type]
             async with cluster.connection() as conn:
-                assert await port(conn) in replicas
+                assert await async_port_of(conn) in replicas
                 await conn.execute("SET statement_timeout = '5s'")
                 cur = await conn.execute("SHOW statement_timeout")
                 assert await cur.fetchone() == ("5s",)
@@ -63,17 +44,17 @@ def test_async_routing_transactions_and_session_state(
                 cur = await conn.execute(f"SELECT count(*) FROM {table}")
                 assert await cur.fetchone() == (1,)
                 async with conn.transaction():
-                    first = await port(conn)
+                    first = await async_port_of(conn)
                     await conn.execute(f"UPDATE {table} SET v = 'b'")
-                    assert await port(conn) == first == primary
+                    assert await async_port_of(conn) == first == primary
                     async with conn.transaction() as inner:
                         await conn.execute(f"INSERT INTO {table} VALUES (2, 'x')")
                         raise psycopg.Rollback(inner)
                 await conn.set_read_only(True)
                 async with conn.transaction():
-                    ro = await port(conn)
+                    ro = await async_port_of(conn)
                     assert ro in replicas
-                    assert await port(conn) == ro
+                    assert await async_port_of(conn) == ro
                 await conn.set_read_only(None)
                 cur = conn.cursor(row_factory=dict_row)
                 await cur.executemany(f"INSERT INTO {table} VALUES (%s, 'm')", [(10,), (11,)])
@@ -82,7 +63,7 @@ def test_async_routing_transactions_and_session_state(
                 assert await cur.fetchmany(2) == [{"id": 1, "v": "b"}, {"id": 10, "v": "m"}]
                 assert [row async for row in cur] == [{"id": 11, "v": "m"}]
                 await conn.execute("CREATE TEMP TABLE scratch (x int)")
-                assert conn.pinned and await port(conn) == primary
+                assert conn.pinned and await async_port_of(conn) == primary
             assert conn.closed and cluster.in_use("primary") == 0
             with pytest.raises(psycopg.InterfaceError, match="closed"):
                 await conn.execute("SELECT 1")
