@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers import cluster_for, replay_paused
 from replica_router import Cluster, Token
 from replica_router.sandbox import LocalCluster
 
@@ -43,22 +44,6 @@ def lc(replica_cluster: LocalCluster) -> LocalCluster:
     )
     replica_cluster.wait_replicated()
     return replica_cluster
-
-
-@contextmanager
-def replay_paused(lc: LocalCluster) -> Iterator[None]:
-    try:
-        for name in lc.replica_names:
-            lc.pause_replay(name)
-        yield
-    finally:
-        for name in lc.replica_names:
-            lc.resume_replay(name)
-
-
-def cluster_for(lc: LocalCluster) -> Cluster:
-    # No lag bound: a paused replica stays eligible, so only the token protects the read.
-    return Cluster(primary=lc.primary_dsn, replicas=lc.replica_dsns, max_lag=None)
 
 
 def _write_in_child(primary: str, replicas: list[str], row: int, out: mp.Queue[str]) -> None:

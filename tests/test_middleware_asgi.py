@@ -14,7 +14,7 @@ import logging
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from fastapi.responses import StreamingResponse
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
+from helpers import cluster_for, replay_paused
 from replica_router import AsyncCluster, Cluster, Token
 from replica_router.asgi import ConsistencyMiddleware
 from replica_router.consistency import Scope, current_scope
@@ -43,23 +44,6 @@ def lc(replica_cluster: LocalCluster) -> LocalCluster:
     )
     replica_cluster.wait_replicated()
     return replica_cluster
-
-
-@contextmanager
-def replay_paused(lc: LocalCluster) -> Iterator[None]:
-    """Both replicas stop applying WAL: only the primary has what is written now."""
-    try:
-        for name in lc.replica_names:
-            lc.pause_replay(name)
-        yield
-    finally:
-        for name in lc.replica_names:
-            lc.resume_replay(name)
-
-
-def cluster_for(lc: LocalCluster, cls: type[Any] = Cluster) -> Any:
-    # No lag bound: a paused replica stays eligible, so only the token protects the read.
-    return cls(primary=lc.primary_dsn, replicas=lc.replica_dsns, max_lag=None)
 
 
 def sync_app(cluster: Cluster, **options: Any) -> FastAPI:

@@ -11,13 +11,13 @@ import contextvars
 import logging
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from flask import Flask, request
 from werkzeug.test import Client, TestResponse
 
+from helpers import cluster_for, replay_paused
 from replica_router import Cluster, Token
 from replica_router.consistency import Scope, current_scope, peek_scope
 from replica_router.errors import ConfigurationError
@@ -38,24 +38,9 @@ def lc(replica_cluster: LocalCluster) -> LocalCluster:
     return replica_cluster
 
 
-@contextmanager
-def replay_paused(lc: LocalCluster) -> Iterator[None]:
-    try:
-        for name in lc.replica_names:
-            lc.pause_replay(name)
-        yield
-    finally:
-        for name in lc.replica_names:
-            lc.resume_replay(name)
-
-
 @pytest.fixture
 def pair(lc: LocalCluster) -> Iterator[tuple[Cluster, Cluster]]:
-    # No lag bound: a paused replica stays eligible, so only the token protects the read.
-    with (
-        Cluster(primary=lc.primary_dsn, replicas=lc.replica_dsns, max_lag=None) as a,
-        Cluster(primary=lc.primary_dsn, replicas=lc.replica_dsns, max_lag=None) as b,
-    ):
+    with cluster_for(lc) as a, cluster_for(lc) as b:
         yield a, b
 
 
