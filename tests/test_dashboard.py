@@ -15,19 +15,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
+from helpers import wait_until
 from replica_router.cli import main
 from replica_router.cluster import Cluster
 from replica_router.dashboard import DashboardServer
 from replica_router.sandbox import LocalCluster
-
-T = TypeVar("T")
 
 CHROMIUM_FLAGS = (
     "--headless",
@@ -42,18 +41,6 @@ CHROMIUM_FLAGS = (
     "--hide-scrollbars",
     "--window-size=1280,1100",
 )
-
-
-def poll(check: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Call ``check`` until it returns something truthy, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def get(url: str) -> tuple[int, str, str]:
@@ -187,7 +174,7 @@ def test_api_status_reports_every_node_and_counters(
         assert payload["counters"]["failovers"] == 0
 
         # the sampler records lag once a second; "since" returns only what is newer
-        first = poll(
+        first = wait_until(
             lambda: json.loads(get(server.url + "api/status")[2])["history"], 5, "a sample"
         )
         assert set(first[0]["lag"]) == set(replica_cluster.replica_names)
@@ -274,8 +261,10 @@ def test_page_shows_every_node_and_lag_in_chromium(
             nodes = {n["name"]: n for n in json.loads(get(url + "api/status")[2])["nodes"]}
             return nodes if (nodes[lagging]["lag_bytes"] or 0) > 0 else None
 
-        poll(lag_seen, 15, f"{lagging}'s lag in bytes to show")
-        poll(lambda: len(json.loads(get(url + "api/status")[2])["history"]) >= 2, 10, "samples")
+        wait_until(lag_seen, 15, f"{lagging}'s lag in bytes to show")
+        wait_until(
+            lambda: len(json.loads(get(url + "api/status")[2])["history"]) >= 2, 10, "samples"
+        )
 
         dom_html = run_chromium(tmp_path, "--virtual-time-budget=4000", "--dump-dom", url).stdout
         screenshot = tmp_path / "dashboard.png"

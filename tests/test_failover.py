@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
+import helpers
 from replica_router import AsyncCluster, Cluster, ConfigurationError, PrimaryUnavailable, metrics
 from replica_router.cli import main as cli_main
 from replica_router.events import Event, FailoverDetected, NodeFenced
@@ -183,15 +184,8 @@ PROMOTE = {
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 20.0, what: str = "") -> T:
-    """Poll ``predicate`` until it is truthy (the pause is a poll interval, not a sync)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(0.01)
+    """:func:`helpers.wait_until` with more time by default: a failover takes probe rounds."""
+    return helpers.wait_until(predicate, timeout, what)
 
 
 @dataclass

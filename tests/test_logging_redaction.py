@@ -13,7 +13,6 @@ import json
 import logging
 import subprocess
 import sys
-import time
 import traceback
 from collections.abc import Callable, Iterator
 
@@ -21,6 +20,7 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from helpers import wait_until
 from replica_router import metrics
 from replica_router.cluster import Cluster
 from replica_router.dashboard import status_payload
@@ -63,14 +63,6 @@ def all_logs() -> Iterator[Everything]:
         root.removeHandler(handler)
         root.setLevel(old_level)
         ours.setLevel(old_ours)
-
-
-def poll(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def exception_text(exc: BaseException) -> str:
@@ -138,7 +130,7 @@ def test_password_never_leaks(
     # -- a wrong password: authentication fails, and is reported without it
     wrong = lc.dsn("replica2").replace(PASSWORD, WRONG_PASSWORD)
     with Cluster(primary=lc.dsn("primary"), replicas=[wrong], monitor_interval=0.2) as cluster:
-        poll(lambda: cluster.status()[1].last_error is not None, 10, "the auth failure")
+        wait_until(lambda: cluster.status()[1].last_error is not None, 10, "the auth failure")
         assert "password authentication failed" in str(cluster.status()[1].last_error)
         seen.append(repr(cluster.status()))
         seen.append(repr(cluster.check_connections()))
@@ -157,13 +149,13 @@ def test_password_never_leaks(
         lc.pause_replay("replica1")
         with cluster.write() as conn:
             conn.execute("INSERT INTO redaction_probe SELECT generate_series(1, 100)")
-        poll(lambda: (cluster.status()[1].lag_bytes or 0) > 0, 10, "replica1's lag")
+        wait_until(lambda: (cluster.status()[1].lag_bytes or 0) > 0, 10, "replica1's lag")
         snapshot(cluster, registry)
         lc.resume_replay("replica1")
 
         # a stopped node: connection refused, in status, checks and a direct checkout
         lc.stop("replica2", mode="immediate")
-        poll(lambda: not cluster.status()[2].healthy, 10, "replica2 unhealthy")
+        wait_until(lambda: not cluster.status()[2].healthy, 10, "replica2 unhealthy")
         seen.append(repr(cluster.check_connections()))
         try:
             with psycopg.connect(lc.dsn("replica2"), connect_timeout=2):
@@ -177,7 +169,7 @@ def test_password_never_leaks(
 
         # no primary: writes fail fast with PrimaryUnavailable
         lc.stop("primary", mode="immediate")
-        poll(lambda: not cluster.status()[0].healthy, 10, "the primary unhealthy")
+        wait_until(lambda: not cluster.status()[0].healthy, 10, "the primary unhealthy")
         with pytest.raises(PrimaryUnavailable) as no_primary, cluster.write() as conn:
             conn.execute("INSERT INTO redaction_probe VALUES (1)")
         seen.append(exception_text(no_primary.value))
@@ -186,9 +178,9 @@ def test_password_never_leaks(
         # promotion, then the old primary comes back on the old timeline: fenced
         lc.start("replica2")
         lc.promote("replica1")
-        poll(lambda: cluster.topology.primary == "replica1", 15, "the failover")
+        wait_until(lambda: cluster.topology.primary == "replica1", 15, "the failover")
         lc.start("primary")
-        poll(lambda: cluster.status()[0].fenced, 15, "the old primary fenced")
+        wait_until(lambda: cluster.status()[0].fenced, 15, "the old primary fenced")
         try:
             with cluster.write() as conn:
                 conn.execute("INSERT INTO redaction_probe VALUES (2)")

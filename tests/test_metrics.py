@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import wait_until
 from replica_router import metrics
 from replica_router.cluster import Cluster
 from replica_router.sandbox import LocalCluster
@@ -314,14 +314,6 @@ def test_grafana_dashboard_panels_query_our_metrics() -> None:
 # -- a real cluster -----------------------------------------------------------------------
 
 
-def poll(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 @pytest.mark.destructive
 def test_metrics_follow_a_scripted_scenario(fresh_replica_cluster: LocalCluster) -> None:
@@ -341,7 +333,9 @@ def test_metrics_follow_a_scripted_scenario(fresh_replica_cluster: LocalCluster)
         assert metric("db_node_role", node="primary", role="primary") == 1
         assert metric("db_node_role", node="replica1", role="replica") == 1
         assert metric("db_replicas_healthy") == 2
-        poll(lambda: metric("db_replication_lag_bytes", replica="replica1") == 0, 10, "no lag")
+        wait_until(
+            lambda: metric("db_replication_lag_bytes", replica="replica1") == 0, 10, "no lag"
+        )
         assert metric("db_replication_lag_seconds", replica="replica1") == 0
         assert metric("db_failover_total") == 0
 
@@ -360,7 +354,7 @@ def test_metrics_follow_a_scripted_scenario(fresh_replica_cluster: LocalCluster)
         lc.pause_replay("replica1")
         with cluster.write() as conn:
             conn.execute("INSERT INTO metrics_probe SELECT generate_series(1, 1000)")
-        poll(
+        wait_until(
             lambda: (
                 (metric("db_replication_lag_bytes", replica="replica1") or 0) > 0
                 and (metric("db_replication_lag_seconds", replica="replica1") or 0) > 0
@@ -372,7 +366,9 @@ def test_metrics_follow_a_scripted_scenario(fresh_replica_cluster: LocalCluster)
 
         # replica2 stopped: unhealthy; a read that no replica can serve is a "lag" fallback
         lc.stop("replica2", mode="immediate")
-        poll(lambda: metric("db_node_healthy", node="replica2") == 0, 10, "replica2 unhealthy")
+        wait_until(
+            lambda: metric("db_node_healthy", node="replica2") == 0, 10, "replica2 unhealthy"
+        )
         assert metric("db_replicas_healthy") == 1
         with cluster.read(max_lag_bytes=0) as conn:
             conn.execute("SELECT 1")
@@ -381,13 +377,15 @@ def test_metrics_follow_a_scripted_scenario(fresh_replica_cluster: LocalCluster)
 
         lc.resume_replay("replica1")
         lc.start("replica2")
-        poll(lambda: metric("db_replicas_healthy") == 2, 15, "both replicas healthy again")
+        wait_until(lambda: metric("db_replicas_healthy") == 2, 15, "both replicas healthy again")
 
         # promotion with the old primary still running: failover, and the old one fenced
         lc.promote("replica1")
-        poll(lambda: metric("db_failover_total") == 1, 15, "the failover to be counted")
+        wait_until(lambda: metric("db_failover_total") == 1, 15, "the failover to be counted")
         assert metric("db_node_role", node="replica1", role="primary") == 1
-        poll(lambda: metric("db_node_fenced", node="primary") == 1, 10, "the old primary fenced")
+        wait_until(
+            lambda: metric("db_node_fenced", node="primary") == 1, 10, "the old primary fenced"
+        )
         assert metric("db_fenced_total") == 1
         assert metric("db_node_timeline", node="replica1") == 2
 

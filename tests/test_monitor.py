@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 
+from helpers import wait_until
 from replica_router.dsn import parse_dsn
 from replica_router.errors import ConfigurationError
 from replica_router.events import Event, EventBus, FailoverDetected, NodeFenced, NodeStateChanged
@@ -169,13 +170,6 @@ def wait_for(monitor: Monitor, predicate: Callable[[Topology], bool], timeout: f
     if topology is None:
         pytest.fail(f"condition not met within {timeout} s; last topology: {monitor.topology}")
     return topology
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not true within {timeout} s"
-        time.sleep(0.02)
 
 
 def monitor_connections(lc: LocalCluster, node: str) -> int:

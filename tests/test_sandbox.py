@@ -12,13 +12,13 @@ import sys
 import tempfile
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from helpers import wait_until
 from replica_router.errors import ConfigurationError, SandboxError
 from replica_router.sandbox import LocalCluster, _cluster, _template
 from replica_router.sandbox._binaries import find_binaries
@@ -32,13 +32,6 @@ def _server_pids(lc: LocalCluster) -> dict[str, int]:
     pids = {name: postmaster_pid(lc.directory / name) for name in lc.node_names}
     assert all(pids.values()), pids
     return {name: pid for name, pid in pids.items() if pid is not None}
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -347,11 +340,12 @@ def test_promote_while_old_primary_runs_and_a_replica_is_paused(
     lc.execute("replica1", "CREATE TABLE on_new_primary (v int)")
     lc.execute("replica1", "INSERT INTO on_new_primary VALUES (5)")
     lc.resume_replay("replica2")  # now it switches to the new timeline
-    _wait_until(
+    wait_until(
         lambda: bool(
             lc.execute("replica2", "SELECT count(*) FROM pg_class WHERE relname = 'on_new_primary'")
             == [(1,)]
-        )
+        ),
+        timeout=10.0,
     )
     lc.wait_replicated()
     assert lc.execute("replica2", "SELECT v FROM on_new_primary") == [(5,)]
@@ -382,13 +376,14 @@ def test_sync_mode_commit_waits_for_the_standby(make_replica_cluster: MakeCluste
         writer = threading.Thread(target=conn.execute, args=("INSERT INTO synced VALUES (2)",))
         writer.start()
         # The commit is written locally but waits for the (stopped) standby.
-        _wait_until(
+        wait_until(
             lambda: (
                 lc.execute(
                     "primary", "SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (backend,)
                 )
                 == [("SyncRep",)]
-            )
+            ),
+            timeout=10.0,
         )
         assert writer.is_alive()
         lc.execute("primary", "SELECT pg_cancel_backend(%s)", (backend,))
