@@ -340,6 +340,24 @@ class _Base:
                 f"(Transaction will be automatically committed on successful exit from context.)"
             )
 
+    def _before_commit(self) -> None:
+        """Raise unless ``commit()`` may run now: a transaction whose node was lost cannot."""
+        self._check_commit("commit")
+        if self._tx_lost is not None:
+            raise self._errors.OperationalError(self._tx_lost)
+
+    def _before_rollback(self) -> None:
+        """Raise unless ``rollback()`` may run now; it ends a lost transaction too."""
+        self._check_commit("rollback")
+        self._tx_lost = None
+
+    def _closing_links(self) -> list[_Link]:
+        """Mark the connection closed; the links ``close()`` must release (none twice)."""
+        if self._closed:
+            return []
+        self._closed = self._attention = True
+        return self._links()
+
     # -- bookkeeping (no I/O) -------------------------------------------------------------
 
     def _begin_transaction_on(self, link: _Link) -> None:
@@ -661,22 +679,16 @@ class RoutedConnection(_Base):
 
     def commit(self) -> None:
         """Commit the open transaction (capturing its position when it wrote)."""
-        self._check_commit("commit")
-        if self._tx_lost is not None:
-            raise psycopg.OperationalError(self._tx_lost)
+        self._before_commit()
         self._finish(commit=True)
 
     def rollback(self) -> None:
-        self._check_commit("rollback")
-        self._tx_lost = None
+        self._before_rollback()
         self._finish(commit=False)
 
     def close(self) -> None:
         """Roll back an open transaction and give the node connections back."""
-        if self._closed:
-            return
-        self._closed = self._attention = True
-        for link in self._links():
+        for link in self._closing_links():
             self._release(link)
 
     def notifies(
@@ -1206,21 +1218,15 @@ class AsyncRoutedConnection(_Base):
         return AsyncRoutedTransaction(self, savepoint_name, force_rollback)
 
     async def commit(self) -> None:
-        self._check_commit("commit")
-        if self._tx_lost is not None:
-            raise psycopg.OperationalError(self._tx_lost)
+        self._before_commit()
         await self._finish(commit=True)
 
     async def rollback(self) -> None:
-        self._check_commit("rollback")
-        self._tx_lost = None
+        self._before_rollback()
         await self._finish(commit=False)
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = self._attention = True
-        for link in self._links():
+        for link in self._closing_links():
             await self._release(link)
 
     def notifies(

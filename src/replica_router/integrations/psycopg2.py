@@ -326,21 +326,15 @@ class RoutedConnection(_Base):
         return RoutedCursor(self, cursor_factory or self.cursor_factory)
 
     def commit(self) -> None:
-        self._check_commit("commit")
-        if self._tx_lost is not None:
-            raise psycopg2.OperationalError(self._tx_lost)
+        self._before_commit()
         self._finish(commit=True)
 
     def rollback(self) -> None:
-        self._check_commit("rollback")
-        self._tx_lost = None
+        self._before_rollback()
         self._finish(commit=False)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = self._attention = True
-        for link in self._links():
+        for link in self._closing_links():
             self._release(link)
 
     def __enter__(self) -> RoutedConnection:
