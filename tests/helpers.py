@@ -7,7 +7,7 @@ import asyncio
 import contextvars
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -90,3 +90,12 @@ def replay_paused(lc: LocalCluster) -> Iterator[None]:
     finally:
         for name in lc.replica_names:
             lc.resume_replay(name)
+
+
+def set_cookie_value(set_cookie_headers: Iterable[str], name: str) -> str | None:
+    """Cookie ``name``'s value in a response's ``Set-Cookie`` headers (None if not set)."""
+    for header in set_cookie_headers:
+        cookie, _, rest = header.partition("=")
+        if cookie == name:
+            return rest.split(";", 1)[0]
+    return None

@@ -25,7 +25,7 @@ from fastapi.responses import StreamingResponse
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
-from helpers import cluster_for, replay_paused
+from helpers import cluster_for, replay_paused, set_cookie_value
 from replica_router import AsyncCluster, Cluster, Token
 from replica_router.asgi import ConsistencyMiddleware
 from replica_router.consistency import Scope, current_scope
@@ -106,12 +106,7 @@ def async_app(cluster: AsyncCluster, **options: Any) -> FastAPI:
 
 
 def set_cookie_token(response: Any) -> str | None:
-    """Our cookie's value from the response's Set-Cookie headers (None if not set)."""
-    for header in response.headers.get_list("set-cookie"):
-        name, _, rest = header.partition("=")
-        if name == COOKIE:
-            return rest.split(";", 1)[0]
-    return None
+    return set_cookie_value(response.headers.get_list("set-cookie"), COOKIE)
 
 
 @pytest.fixture

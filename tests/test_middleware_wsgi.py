@@ -17,7 +17,7 @@ import pytest
 from flask import Flask, request
 from werkzeug.test import Client, TestResponse
 
-from helpers import cluster_for, replay_paused
+from helpers import cluster_for, replay_paused, set_cookie_value
 from replica_router import Cluster, Token
 from replica_router.consistency import Scope, current_scope, peek_scope
 from replica_router.errors import ConfigurationError
@@ -86,11 +86,7 @@ def read_profile(cluster: Cluster, pid: str) -> dict[str, Any]:
 
 
 def set_cookie_token(response: TestResponse) -> str | None:
-    for header in response.headers.getlist("Set-Cookie"):
-        name, _, rest = header.partition("=")
-        if name == COOKIE:
-            return rest.split(";", 1)[0]
-    return None
+    return set_cookie_value(response.headers.getlist("Set-Cookie"), COOKIE)
 
 
 def test_cookie_from_app_a_makes_app_b_read_the_write(
