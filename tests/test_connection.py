@@ -160,6 +160,7 @@ def test_reads_go_to_replicas_and_writes_to_the_primary(lc: LocalCluster, table:
             "SELECT inet_server_port() FROM d"
         )
         assert port_of(conn, cte) == primary
+        lc.wait_replicated()  # no read-your-writes here: let the replicas have the DELETE
         assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (4,)
         assert not conn.pinned
         counters = cluster.counters()  # every statement counted once, where it ran
