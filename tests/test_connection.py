@@ -631,6 +631,39 @@ def test_a_replica_killed_under_a_read_loop_fails_no_read(
         assert conn.nodes["read"] != victim
 
 
+def test_a_read_a_replica_refuses_runs_on_the_primary_and_volatility_is_relearned(
+    lc: LocalCluster, table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A function learned STABLE, re-created VOLATILE (and writing) by someone else."""
+    fn = f"rr_turncoat_{uuid.uuid4().hex[:8]}"
+    lc.execute("primary", f"CREATE FUNCTION {fn}() RETURNS int LANGUAGE sql STABLE AS 'SELECT 1'")
+    lc.wait_replicated()
+    call = f"SELECT {fn}(), inet_server_port()"
+    try:
+        with (
+            Cluster(lc.primary_dsn, lc.replica_dsns, read_your_writes=None, **FAST) as cluster,  # type: ignore[arg-type]
+            cluster.connection() as conn,
+        ):
+            assert conn.execute(call).fetchone()[1] in replica_ports(lc)  # type: ignore[index]
+            lc.execute(
+                "primary",
+                f"CREATE OR REPLACE FUNCTION {fn}() RETURNS int LANGUAGE sql VOLATILE "
+                f"AS 'INSERT INTO {table} SELECT coalesce(max(id), 999) + 1, ''w'' "
+                f"FROM {table} RETURNING 7'",
+            )
+            lc.wait_replicated()
+            # The stale classification sends it to a replica, which refuses it: it runs
+            # on the primary instead, once, and the router learns the new volatility.
+            assert conn.execute(call).fetchone() == (7, lc.port("primary"))
+            assert "refused a statement classified as a read" in caplog.text
+            assert cluster.classifier.classify(call) is Intent.WRITE
+            assert conn.execute(call).fetchone() == (7, lc.port("primary"))
+        rows = lc.execute("primary", f"SELECT count(*) FROM {table} WHERE id >= 1000")
+        assert rows == [(2,)]
+    finally:
+        lc.execute("primary", f"DROP FUNCTION {fn}()")
+
+
 def test_function_volatility_is_learned_and_settings_override_it(
     lc: LocalCluster,
 ) -> None:

@@ -1288,6 +1288,13 @@ class Cluster(_ClusterCore):
         finally:
             self._checkin(lease)
 
+    def _relearn_functions(self, node: str) -> None:
+        """``node`` refused a statement judged a read: what we learned may be stale."""
+        log.warning("%s refused a statement classified as a read; running it on the "
+                    "primary and re-learning function volatility", node)  # fmt: skip
+        self._functions_learned = False
+        self._learn_functions()
+
     def _learn_functions(self) -> None:
         """Learn user functions' volatility from the primary (once per open; retried
         by the next caller if the primary could not be asked)."""
@@ -1772,6 +1779,13 @@ class AsyncCluster(_ClusterCore):
                 await conn.set_autocommit(False)
         finally:
             await self._checkin(lease)
+
+    async def _relearn_functions(self, node: str) -> None:
+        """``node`` refused a statement judged a read: what we learned may be stale."""
+        log.warning("%s refused a statement classified as a read; running it on the "
+                    "primary and re-learning function volatility", node)  # fmt: skip
+        self._functions_learned = False
+        await self._learn_functions()
 
     async def _learn_functions(self) -> None:
         """See :meth:`Cluster._learn_functions`."""

@@ -35,6 +35,7 @@ cursor: share the cluster, not the connection.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 import psycopg
 from psycopg import sql
 from psycopg.abc import Params, Query
+from psycopg.errors import ReadOnlySqlTransaction
 from psycopg.pq import TransactionStatus
 from psycopg.rows import RowFactory, tuple_row
 
@@ -72,6 +74,18 @@ log = logging.getLogger("replica_router.connection")
 
 _IDLE: Final = TransactionStatus.IDLE
 _READ: Final = Intent.READ
+
+
+def refused_read(st: Statement) -> Statement:
+    """A statement judged a read that a read-only node refused: it writes after all.
+
+    The classifier misses writes it cannot see (a function re-declared VOLATILE after
+    we learned it, a view calling one): the node refused before changing anything,
+    so running it on the primary instead is safe.
+    """
+    return dataclasses.replace(st, intent=Intent.WRITE, reason="refused by a read-only node")
+
+
 _BEGINS: Final = frozenset({"begin", "begin_read_only"})
 # Session state that lives in one backend and cannot be copied to another one.
 PINNING_EFFECTS: Final[frozenset[SessionEffect]] = frozenset(
@@ -662,6 +676,10 @@ class RoutedConnection(_Base):
                     self._lost(link)
                     self._execute(cursor, query, params, prepare)  # routed afresh, once
                     return cursor
+                except ReadOnlySqlTransaction:
+                    self._cluster._relearn_functions(link.node)
+                    self._route(cursor, refused_read(st), query, params, prepare)
+                    return cursor
                 if link.fresh:
                     link.fresh = False  # the lease was counted when it was routed
                 else:
@@ -757,6 +775,10 @@ class RoutedConnection(_Base):
                 self._lost(link)  # a read changed nothing: run it once more elsewhere
                 link = self._read_link()
                 self._run(rc, link, query, params, how)
+            except ReadOnlySqlTransaction:
+                self._cluster._relearn_functions(link.node)
+                self._route(rc, refused_read(st), query, params, how)
+                return
             if link.fresh:
                 link.fresh = False  # the lease was counted when it was routed
             else:
@@ -1292,6 +1314,10 @@ class AsyncRoutedConnection(_Base):
                 await self._lost(link)
                 link = await self._read_link()
                 await self._run(rc, link, query, params, how)
+            except ReadOnlySqlTransaction:
+                await self._cluster._relearn_functions(link.node)
+                await self._route(rc, refused_read(st), query, params, how)
+                return
             self._count(link, st)
         else:
             await self._route(rc, st, query, params, how)
