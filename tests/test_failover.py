@@ -225,9 +225,13 @@ class Traffic:
                 self.acked.append((i, time.monotonic(), node))
 
     def _read(self) -> None:
+        # Through RoutedConnections (one per read, so the policy spreads them), which
+        # run a read whose node died under it once more elsewhere: with cluster.read()
+        # a query in flight when its server is killed fails (it was sent; the router
+        # cannot know what the user's block had done).
         while not self.stop.is_set():
             try:
-                with self.cluster.read() as conn:
+                with self.cluster.connection() as conn:
                     node = self._node(conn.execute("SELECT inet_server_port()").fetchone())
             except psycopg.Error as exc:
                 self.read_errors.append(exc)
