@@ -55,7 +55,7 @@ _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 # position is read *after* the commit record was inserted, so it is at or past
 # its end; pg_current_wal_lsn() (the write position) would not be with
 # synchronous_commit=off, where the record may not be written yet.
-_COMMIT_AND_POSITION = b"COMMIT; SELECT pg_current_wal_insert_lsn()::text"
+_COMMIT_AND_POSITION = b"COMMIT; SELECT pg_current_wal_insert_lsn()"  # text anyway: PQexec
 
 
 def _base36(value: int) -> str:
