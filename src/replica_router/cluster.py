@@ -122,12 +122,7 @@ _READ_YOUR_WRITES = ("lsn", "window", None)
 _CHECKOUT_SLICE = 0.1  # waiting on a pool, re-check this often whether the node is still up
 _WAIT_SLICE = 0.05  # fallback="wait" with a token: re-check the replica this often
 _USER_MARKS = 10_000  # users remembered for session(user_id=...)
-_POSITION_SQL = (
-    "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-    " ELSE pg_current_wal_insert_lsn() END)::text"
-)
-_REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()::text"
-_INSERT_POSITION_SQL = "SELECT pg_current_wal_insert_lsn()::text"
+_REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()"
 _NAME_RE = re.compile(r"[^\s\x00-\x1f]{1,100}")
 _URL_START = re.compile(r",\s*(?=postgres(?:ql)?://)", re.IGNORECASE)
 
@@ -1238,7 +1233,7 @@ class Cluster(_ClusterCore):
         reads saw), else the best we knew before."""
         with contextlib.suppress(psycopg.Error):
             if lease.conn.pgconn.transaction_status == TransactionStatus.IDLE:
-                row = lease.conn.execute(_POSITION_SQL).fetchone()
+                row = lease.conn.execute(consistency.NODE_POSITION_SQL).fetchone()
                 position = _position(row[0] if row else None)
                 if position is not None:
                     return position
@@ -1282,7 +1277,7 @@ class Cluster(_ClusterCore):
             elif conn.autocommit and status == TransactionStatus.IDLE:
                 # The block switched to autocommit: its statements committed one by
                 # one; the current position covers them all.
-                row = conn.execute(_INSERT_POSITION_SQL).fetchone()
+                row = conn.execute(consistency.POSITION_SQL).fetchone()
                 self._note_write(_position(row[0] if row else None))
                 conn.autocommit = False
         finally:
@@ -1728,7 +1723,7 @@ class AsyncCluster(_ClusterCore):
     async def _read_position(self, lease: Lease[psycopg.AsyncConnection[Any]]) -> int | None:
         with contextlib.suppress(psycopg.Error):
             if lease.conn.pgconn.transaction_status == TransactionStatus.IDLE:
-                cursor = await lease.conn.execute(_POSITION_SQL)
+                cursor = await lease.conn.execute(consistency.NODE_POSITION_SQL)
                 row = await cursor.fetchone()
                 position = _position(row[0] if row else None)
                 if position is not None:
@@ -1773,7 +1768,7 @@ class AsyncCluster(_ClusterCore):
             elif status == TransactionStatus.INTRANS:
                 await self._capture_commit(conn)
             elif conn.autocommit and status == TransactionStatus.IDLE:
-                cursor = await conn.execute(_INSERT_POSITION_SQL)
+                cursor = await conn.execute(consistency.POSITION_SQL)
                 row = await cursor.fetchone()
                 self._note_write(_position(row[0] if row else None))
                 await conn.set_autocommit(False)

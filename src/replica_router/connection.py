@@ -50,7 +50,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import RowFactory, tuple_row
 
 from .classify import Intent, SessionEffect, Statement
-from .consistency import peek_scope
+from .consistency import POSITION_SQL, peek_scope
 from .lsn import parse_lsn
 from .routing import route_write
 
@@ -97,7 +97,6 @@ _PLAIN_SETTING_REASONS: Final = frozenset({"SET", "RESET"})
 _SET_ONLY: Final = frozenset({"set"})
 _MAX_RECORDED_SETTINGS: Final = 32  # then compact them into one read-back from pg_settings
 
-POSITION_SQL: Final = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text"
 # Session-level settings of this backend, as set_config() can replay them; role is
 # not in pg_settings (GUC_NO_SHOW_ALL), so it is asked for by name.
 SESSION_SETTINGS_SQL: Final = (

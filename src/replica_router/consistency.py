@@ -34,6 +34,8 @@ from .errors import TokenError
 from .lsn import format_lsn, parse_lsn
 
 __all__ = [
+    "NODE_POSITION_SQL",
+    "POSITION_SQL",
     "Mark",
     "Scope",
     "Token",
@@ -55,7 +57,15 @@ _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 # position is read *after* the commit record was inserted, so it is at or past
 # its end; pg_current_wal_lsn() (the write position) would not be with
 # synchronous_commit=off, where the record may not be written yet.
-_COMMIT_AND_POSITION = b"COMMIT; SELECT pg_current_wal_insert_lsn()"  # text anyway: PQexec
+# The primary's WAL insert position: read after a commit, at or past its commit record.
+# No ::text cast: results come back as text anyway, and the cast costs the server.
+POSITION_SQL = "SELECT pg_catalog.pg_current_wal_insert_lsn()"
+# The position any node's data reflects: replayed on a replica, inserted on the primary.
+NODE_POSITION_SQL = (
+    "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn()"
+    " ELSE pg_catalog.pg_current_wal_insert_lsn() END"
+)
+_COMMIT_AND_POSITION = b"COMMIT; " + POSITION_SQL.encode()
 
 
 def _base36(value: int) -> str:

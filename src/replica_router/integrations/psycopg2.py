@@ -52,7 +52,6 @@ from ..cluster import Lease, NodeUnavailableError
 from ..connection import (
     _BEGINS,
     PINNING_EFFECTS,
-    POSITION_SQL,
     ROUTE_BEGIN_READ,
     ROUTE_BEGIN_WRITE,
     ROUTE_SETTING,
@@ -64,6 +63,7 @@ from ..connection import (
     route,
     writes_data,
 )
+from ..consistency import NODE_POSITION_SQL, POSITION_SQL
 from ..lsn import parse_lsn
 from ..routing import route_write
 from ..sources import Purpose
@@ -77,11 +77,7 @@ __all__ = ["RoutedConnection", "RoutedCursor", "close_pools", "connect"]
 _IDLE: Final = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _READ_ONLY_OPTION: Final = "-c default_transaction_read_only=on"
 _MAX_IDLE: Final = 8  # idle connections kept per node and purpose
-_COMMIT_AND_POSITION: Final = "COMMIT; SELECT pg_catalog.pg_current_wal_insert_lsn()::text"
-_READ_POSITION_SQL: Final = (
-    "SELECT (CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn()"
-    " ELSE pg_catalog.pg_current_wal_insert_lsn() END)::text"
-)
+_COMMIT_AND_POSITION: Final = "COMMIT; " + POSITION_SQL
 # psycopg2's isolation level constants -> the SQL words (psycopg's numbering differs).
 _LEVELS: Final = {
     psycopg2.extensions.ISOLATION_LEVEL_READ_UNCOMMITTED: "READ UNCOMMITTED",
@@ -542,7 +538,7 @@ class RoutedConnection(_Base):
                     if link.dirty:
                         cursor.execute("DISCARD ALL")
                     if link.role == "read" and self._cluster._monotonic:
-                        cursor.execute(_READ_POSITION_SQL)
+                        cursor.execute(NODE_POSITION_SQL)
                         row = cursor.fetchone()
                         if row and row[0]:
                             self._cluster._raise_floor(parse_lsn(row[0]))
