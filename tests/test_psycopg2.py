@@ -215,3 +215,32 @@ def test_cursor_api_and_errors(lc: LocalCluster, cluster: Cluster, users: str) -
     with pytest.raises(psycopg2.InterfaceError, match="connection already closed"):
         conn.cursor()
     assert cluster.in_use("primary") == 0
+
+
+def test_a_read_a_replica_refuses_runs_on_the_primary(lc: LocalCluster, users: str) -> None:
+    """A function learned STABLE, re-created VOLATILE (and writing) by someone else."""
+    fn = f"rr_turncoat_{uuid.uuid4().hex[:8]}"
+    lc.execute("primary", f"CREATE FUNCTION {fn}() RETURNS int LANGUAGE sql STABLE AS 'SELECT 1'")
+    lc.wait_replicated()
+    call = f"SELECT {fn}(), inet_server_port()"
+    try:
+        with Cluster(lc.primary_dsn, lc.replica_dsns, read_your_writes=None, **FAST) as cluster:  # type: ignore[arg-type]
+            conn = routed.connect(cluster, autocommit=True)
+            cur = conn.cursor()
+            cur.execute(call)
+            assert cur.fetchone()[1] in replica_ports(lc)
+            lc.execute(
+                "primary",
+                f"CREATE OR REPLACE FUNCTION {fn}() RETURNS int LANGUAGE sql VOLATILE "
+                f"AS 'INSERT INTO {users} (name) VALUES (''w'') RETURNING 7'",
+            )
+            lc.wait_replicated()
+            cur.execute(call)  # refused by the replica: run on the primary instead
+            assert cur.fetchone() == (7, lc.port("primary"))
+            cur.execute(call)  # and now known to be a write
+            assert cur.fetchone() == (7, lc.port("primary"))
+            conn.close()
+            routed.close_pools(cluster)
+        assert lc.execute("primary", f"SELECT count(*) FROM {users}") == [(2,)]
+    finally:
+        lc.execute("primary", f"DROP FUNCTION {fn}()")

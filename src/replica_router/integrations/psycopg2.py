@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 from psycopg import conninfo
 
@@ -60,6 +61,7 @@ from ..connection import (
     _Link,
     begin_sql,
     refuse_on_replica,
+    refused_read,
     route,
     writes_data,
 )
@@ -376,8 +378,12 @@ class RoutedConnection(_Base):
                 self._lost(link)  # a read changed nothing: run it once more elsewhere
                 link = self._read_link()
                 self._run(rc, link, query, params, many)
-            self._count(link, st)
-            return
+            except psycopg2.errors.ReadOnlySqlTransaction:
+                self._cluster._relearn_functions(link.node)
+                st = refused_read(st)  # routed below as the write it turned out to be
+            if st.intent is Intent.READ:
+                self._count(link, st)
+                return
         where = route(st, autocommit=autocommit, read_only=self._read_only, pinned=self._pinned)
         if where in (ROUTE_BEGIN_READ, ROUTE_BEGIN_WRITE):
             if where == ROUTE_BEGIN_READ:
