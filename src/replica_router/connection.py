@@ -353,6 +353,15 @@ class _Base:
                 f"(Transaction will be automatically committed on successful exit from context.)"
             )
 
+    def _keeps_writer(self, link: _Link, topology: Topology) -> bool:
+        """Whether the held write ``link`` still goes where writes go (pinned sessions stay)."""
+        if self._pinned or topology is self._write_topology:
+            return True
+        if route_write(topology) == link.node:
+            self._write_topology = topology
+            return True
+        return False
+
     def _before_commit(self) -> None:
         """Raise unless ``commit()`` may run now: a transaction whose node was lost cannot."""
         self._check_commit("commit")
@@ -904,10 +913,7 @@ class RoutedConnection(_Base):
         link = self._writer
         topology = self._cluster._require_monitor().topology
         if link is not None:
-            if self._pinned or topology is self._write_topology:
-                return link
-            if route_write(topology) == link.node:
-                self._write_topology = topology
+            if self._keeps_writer(link, topology):
                 return link
             self._release(link)
         lease = self._cluster._acquire_write()
@@ -1431,10 +1437,7 @@ class AsyncRoutedConnection(_Base):
         link = self._writer
         topology = self._cluster._require_monitor().topology
         if link is not None:
-            if self._pinned or topology is self._write_topology:
-                return link
-            if route_write(topology) == link.node:
-                self._write_topology = topology
+            if self._keeps_writer(link, topology):
                 return link
             await self._release(link)
         lease = await self._cluster._acquire_write()

@@ -67,7 +67,6 @@ from ..connection import (
 )
 from ..consistency import NODE_POSITION_SQL, POSITION_SQL
 from ..lsn import parse_lsn
-from ..routing import route_write
 from ..sources import Purpose
 
 if TYPE_CHECKING:
@@ -505,10 +504,7 @@ class RoutedConnection(_Base):
         link = self._writer
         topology = self._cluster._require_monitor().topology
         if link is not None:
-            if self._pinned or topology is self._write_topology:
-                return link
-            if route_write(topology) == link.node:
-                self._write_topology = topology
+            if self._keeps_writer(link, topology):
                 return link
             self._release(link)
         node = self._cluster._write_target()
