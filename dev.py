@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
             "--generate-hashes",
             "--quiet",
             "-o",
-            LOCK,
+            LOCK.name,
             *rest,
         )
     if command not in {"demo", "test", "lint", "bench"}:

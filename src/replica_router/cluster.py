@@ -1311,7 +1311,35 @@ class Cluster(_ClusterCore):
         finally:
             self._checkin(lease)
 
-    def _read_target(self, exclude: frozenset[str] = frozenset()) -> tuple[str, str | None]:
+    # -- the public routing seam (integrations with their own connections) -------------
+
+    def route_read(self, max_lag: float | None = None) -> str:
+        """The node name a read in the current scope should use now.
+
+        For integrations that hold their own connections (SQLAlchemy, Django,
+        Peewee, yours): every rule of ``read()`` applies (lag bounds, this
+        scope's token and monotonic floor, ``fallback``), counted as routed.
+        The name may be the primary's. Raises ``NoReplicaAvailable`` (or
+        ``ConsistencyTimeout``) like ``read()``.
+        """
+        return self._read_target(max_lag=max_lag)[0]
+
+    def record_write(self, position: int | str | None) -> None:
+        """Tell the cluster the current scope committed a write on the primary.
+
+        ``position`` is the commit's WAL position (an LSN as ``int`` or
+        ``"16/B374D848"``) or None when unknown: window mode still works, and
+        LSN mode keeps the token it had. Capture it in the commit's own round
+        trip (``consistency.commit_and_capture``) so it is at or past the
+        commit record.
+        """
+        if isinstance(position, str):
+            position = parse_lsn(position)
+        self._note_write(position)
+
+    def _read_target(
+        self, exclude: frozenset[str] = frozenset(), max_lag: float | None = None
+    ) -> tuple[str, str | None]:
         """Where a read goes now: ``(node, fallback reason or None)``, counted as routed.
 
         The rules of ``read()`` for callers with their own connections: lag
@@ -1321,7 +1349,7 @@ class Cluster(_ClusterCore):
         """
         monitor = self._require_monitor()
         topology = monitor.topology
-        plan = self._plan_read(topology, None, None, None)
+        plan = self._plan_read(topology, max_lag, None, None)
         wait_until: float | None = None
         while True:
             decision = self._decide(topology, plan, exclude)

@@ -1,0 +1,45 @@
+"""The public routing seam, ``route_read`` and ``record_write``, on real servers:
+what SQLAlchemy, Django, Peewee and users' own integrations build on."""
+
+from __future__ import annotations
+
+import psycopg
+
+from helpers import FAST, cluster_for, replay_paused, scratch_table
+from replica_router import Cluster
+from replica_router.consistency import commit_and_capture
+from replica_router.lsn import format_lsn
+from replica_router.sandbox import LocalCluster
+
+
+def test_route_read_names_a_replica_without_a_token(replica_cluster: LocalCluster) -> None:
+    with Cluster(replica_cluster.primary_dsn, replica_cluster.replica_dsns, **FAST) as cluster:
+        assert cluster.route_read() in replica_cluster.replica_names
+
+
+def test_record_write_sends_the_scopes_reads_to_a_node_that_has_it(
+    replica_cluster: LocalCluster,
+) -> None:
+    """A commit made on the user's own connection, recorded by position, is honoured
+    by the next route: the paused replicas cannot have it, so the primary serves."""
+    lc = replica_cluster
+    with scratch_table(lc, "seam", "id int") as table, cluster_for(lc) as cluster:
+        assert cluster.route_read() in lc.replica_names
+        with replay_paused(lc), psycopg.connect(lc.primary_dsn) as own:
+            own.execute(f"INSERT INTO {table} VALUES (1)")
+            position = commit_and_capture(own)
+            assert position is not None
+            cluster.record_write(format_lsn(position))  # the string form is accepted too
+            assert cluster.token is not None and cluster.token.lsn == position
+            assert cluster.route_read() == "primary"
+            with cluster.session(inherit=False):
+                assert cluster.route_read() in lc.replica_names  # another unit of work
+
+
+def test_route_read_honours_a_tighter_max_lag(replica_cluster: LocalCluster) -> None:
+    lc = replica_cluster
+    with Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST) as cluster:
+        assert cluster.route_read(max_lag=30.0) in lc.replica_names
+        record_unknown = cluster.token
+        cluster.record_write(None)  # position unknown: LSN mode keeps the token it had
+        assert cluster.token == record_unknown
