@@ -4,9 +4,10 @@ what SQLAlchemy, Django, Peewee and users' own integrations build on."""
 from __future__ import annotations
 
 import psycopg
+import pytest
 
 from helpers import FAST, cluster_for, replay_paused, scratch_table
-from replica_router import Cluster
+from replica_router import Cluster, Error
 from replica_router.consistency import commit_and_capture
 from replica_router.lsn import format_lsn
 from replica_router.sandbox import LocalCluster
@@ -43,3 +44,31 @@ def test_route_read_honours_a_tighter_max_lag(replica_cluster: LocalCluster) -> 
         record_unknown = cluster.token
         cluster.record_write(None)  # position unknown: LSN mode keeps the token it had
         assert cluster.token == record_unknown
+
+
+def test_checkout_hands_out_a_named_nodes_pooled_connection(
+    replica_cluster: LocalCluster,
+) -> None:
+    lc = replica_cluster
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:
+        node = cluster.route_read()
+        lease = cluster.checkout(node)
+        try:
+            assert lease.node == node
+            row = lease.conn.execute("SELECT inet_server_port()").fetchone()
+            assert row == (lc.port(node),)
+            assert cluster.in_use(node) == 1
+        finally:
+            cluster.checkin(lease)
+        assert cluster.in_use(node) == 0
+        write = cluster.checkout("primary", "write")
+        try:
+            assert not write.conn.autocommit
+        finally:
+            cluster.checkin(write)
+
+
+def test_checkout_of_an_unknown_node_is_a_clear_error(replica_cluster: LocalCluster) -> None:
+    lc = replica_cluster
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster, pytest.raises(Error):
+        cluster.checkout("nosuch")

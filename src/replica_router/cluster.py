@@ -85,6 +85,7 @@ from .errors import (
     ConfigurationError,
     ConsistencyTimeout,
     Error,
+    NodeUnavailable,
     NoReplicaAvailable,
     PrimaryUnavailable,
     TokenError,
@@ -1146,6 +1147,25 @@ class Cluster(_ClusterCore):
         finally:
             self._count_in(lease.node)
 
+    def checkout(
+        self, node: str, purpose: Purpose = "read", *, timeout: float | None = None
+    ) -> Lease[psycopg.Connection[Any]]:
+        """A checked connection to the named node from its pool for ``purpose``.
+
+        For integrations that hold a node's connection across statements
+        (``route_read()`` names the node): ``"read"`` connections are autocommit
+        and read-only, ``"write"`` ones transactional. Give it back with
+        :meth:`checkin`. Raises :class:`NodeUnavailable` when none can be had.
+        """
+        try:
+            return self._checkout(node, purpose, timeout=timeout)
+        except NodeUnavailableError as exc:
+            raise NodeUnavailable(node, exc.message) from None
+
+    def checkin(self, lease: Lease[psycopg.Connection[Any]]) -> None:
+        """Give back a connection from :meth:`checkout` to its pool."""
+        self._checkin(lease)
+
     def _acquire_read(
         self,
         max_lag: float | None = None,
@@ -1656,6 +1676,19 @@ class AsyncCluster(_ClusterCore):
             await lease.source.putconn(lease.conn)
         finally:
             self._count_in(lease.node)
+
+    async def checkout(
+        self, node: str, purpose: Purpose = "read", *, timeout: float | None = None
+    ) -> Lease[psycopg.AsyncConnection[Any]]:
+        """A checked connection to the named node (see :meth:`Cluster.checkout`)."""
+        try:
+            return await self._checkout(node, purpose, timeout=timeout)
+        except NodeUnavailableError as exc:
+            raise NodeUnavailable(node, exc.message) from None
+
+    async def checkin(self, lease: Lease[psycopg.AsyncConnection[Any]]) -> None:
+        """Give back a connection from :meth:`checkout` to its pool."""
+        await self._checkin(lease)
 
     async def _acquire_read(
         self,

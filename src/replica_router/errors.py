@@ -14,6 +14,7 @@ __all__ = [
     "ConsistencyTimeout",
     "Error",
     "NoReplicaAvailable",
+    "NodeUnavailable",
     "PrimaryUnavailable",
     "SandboxError",
     "TokenError",
@@ -38,6 +39,14 @@ class PrimaryUnavailable(Error, psycopg.OperationalError):
 
 class NoReplicaAvailable(Error, psycopg.OperationalError):
     """A read found no eligible node and ``fallback="error"`` forbids the primary."""
+
+
+class NodeUnavailable(Error, psycopg.OperationalError):
+    """A connection to one named node could not be had (``Cluster.checkout``)."""
+
+    def __init__(self, node: str, message: str) -> None:
+        super().__init__(f"{node}: {message}")
+        self.node = node
 
 
 class ConsistencyTimeout(NoReplicaAvailable):
