@@ -632,3 +632,54 @@ def test_unusable_template_falls_back_to_initdb(
         lc.wait_replicated()
         assert lc.execute("replica1", "SELECT count(*) FROM fallback") == [(0,)]
     assert "running initdb" in caplog.text
+
+
+# -- freeze / thaw: a hung node ---------------------------------------------------
+
+
+def _process_states(pid: int) -> set[str]:
+    """The /proc state letter of a postmaster and each of its children."""
+    states = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if int(entry.name) == pid or fields[1] == str(pid):
+            states.add(fields[0])
+    return states
+
+
+@pytest.mark.destructive
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_freeze_hangs_a_node_without_closing_its_sockets(
+    make_replica_cluster: MakeCluster,
+) -> None:
+    lc = make_replica_cluster(replicas=1)
+    lc.execute("primary", "CREATE TABLE frozen (v int)")
+    with psycopg.connect(lc.dsn("replica1"), autocommit=True) as held:
+        pid = _server_pids(lc)["replica1"]
+        lc.freeze("replica1")
+        assert _process_states(pid) == {"T"}  # the postmaster and every child stopped
+        assert lc.is_running("replica1")
+        # The kernel still accepts the TCP handshake: no RST, no FIN, just silence.
+        with socket.create_connection(("127.0.0.1", lc.port("replica1")), timeout=2):
+            pass
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(lc.dsn("replica1"), connect_timeout=1)
+        lc.execute("primary", "INSERT INTO frozen VALUES (1)")  # the primary goes on
+
+        lc.thaw("replica1")
+        assert "T" not in _process_states(pid)
+        assert held.execute("SELECT 1").fetchone() == (1,)  # the held connection survived
+        lc.wait_replicated()
+        assert lc.execute("replica1", "SELECT v FROM frozen") == [(1,)]
+
+    lc.freeze("primary")
+    lc.stop("primary", mode="fast", timeout=10)  # a frozen node still stops
+    assert not lc.is_running("primary")
+    lc.freeze("replica1")  # and close() stops a frozen node too (the fixture closes it)
+    with pytest.raises(SandboxError, match="not running"):
+        lc.freeze("primary")

@@ -34,6 +34,7 @@ from ._processes import (
     postmaster_status,
     process_start_marker,
     resolve_run_as,
+    signal_tree,
     spawn,
     terminate_postmaster,
 )
@@ -361,6 +362,28 @@ class LocalCluster:
                 return
             terminate_postmaster(pid, mode, timeout, self._processes.pop(name, None))
             logger.info("stopped %s (%s)", name, mode)
+
+    def freeze(self, name: str) -> None:
+        """Suspend a running node (SIGSTOP to its postmaster and every child): a hung
+        server. Its sockets stay open, so clients get no FIN or RST: connects are
+        accepted by the kernel and then hang, queries never answer. :meth:`thaw`
+        resumes it; ``stop()`` and ``close()`` work on a frozen node too."""
+        with self._lock:
+            self._node(name)
+            pid = self._pid(name)
+            if pid is None:
+                raise SandboxError(f"cannot freeze {name}: it is not running")
+            signal_tree(pid, signal.SIGSTOP)
+            logger.info("froze %s (pid %d)", name, pid)
+
+    def thaw(self, name: str) -> None:
+        """Resume a node :meth:`freeze` suspended (SIGCONT); a running node is left alone."""
+        with self._lock:
+            self._node(name)
+            pid = self._pid(name)
+            if pid is not None:
+                signal_tree(pid, signal.SIGCONT)
+                logger.info("thawed %s (pid %d)", name, pid)
 
     def start(self, name: str, timeout: float | None = None) -> None:
         """Start a stopped node; returns when it accepts connections and, for a

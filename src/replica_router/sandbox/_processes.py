@@ -8,6 +8,7 @@ rather than killing them half-way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -32,6 +33,7 @@ __all__ = [
     "process_start_marker",
     "resolve_run_as",
     "run",
+    "signal_tree",
     "spawn",
     "terminate_postmaster",
     "wait_gone",
@@ -186,6 +188,40 @@ def pid_alive(pid: int, marker: str = "") -> bool:
     return not marker or not fields or fields[19] == marker
 
 
+def _children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (every server process is the postmaster's)."""
+    if sys.platform.startswith("linux"):
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                fields = _proc_stat_fields(int(entry.name))
+                if len(fields) > 1 and fields[1] == str(pid):
+                    found.append(int(entry.name))
+        return found
+    try:
+        out = subprocess.run(
+            ["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [int(word) for word in out.split()]
+
+
+def signal_tree(pid: int, signum: int) -> None:
+    """Send ``signum`` to a postmaster and then to each of its children.
+
+    The postmaster goes first: stopped, it forks no new child while we list them
+    (SIGSTOP); continued first, it is awake when its children are (SIGCONT).
+    """
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return
+    for child in _children(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signum)
+
+
 def postmaster_pid(data_dir: Path) -> int | None:
     """The pid of the live postmaster serving ``data_dir``, if any.
 
@@ -232,11 +268,15 @@ def wait_gone(pid: int, timeout: float, process: subprocess.Popen[bytes] | None 
 def terminate_postmaster(
     pid: int, mode: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None
 ) -> None:
-    """Stop a postmaster the way ``pg_ctl stop -m MODE`` does; SIGKILL as a last resort."""
+    """Stop a postmaster the way ``pg_ctl stop -m MODE`` does; SIGKILL as a last resort.
+
+    A frozen server (SIGSTOP) is continued after the signal, so it acts on it.
+    """
     try:
         os.kill(pid, STOP_SIGNALS[mode])
     except ProcessLookupError:
         return
+    signal_tree(pid, signal.SIGCONT)
     if wait_gone(pid, timeout, process):
         return
     try:
