@@ -6,8 +6,9 @@ a ``psycopg_pool`` pool per (node, purpose). Anything that can hand out psycopg
 connections can stand in: write a class with the four methods of
 :class:`ConnectionSource` and pass a factory as ``Cluster(sources=...)``.
 Integrations that manage connections themselves (Django aliases, SQLAlchemy
-engines) do not need a source at all: they ask the cluster where a read goes
-and use their own connection to that node.
+engines) do not need a source at all: ``cluster.route_read()`` names the node a
+read should use now, they run it on their own connection to that node, and hand
+a commit's WAL position back with ``cluster.record_write(position)``.
 
 Read connections are autocommit and open with ``default_transaction_read_only``
 on, on every node, the primary included: a write inside ``cluster.read()`` then
