@@ -405,3 +405,16 @@ def test_example_app_reads_the_users_own_update(lc: LocalCluster) -> None:
             stale = client.get(f"/users/{user}/profile").json()
             assert stale["name"] == "before"  # what the seed's version can show
             assert stale["served_by"] != "primary"
+
+
+def test_cookies_split_over_several_headers_are_all_read(
+    lc: LocalCluster, sync_pair: tuple[Cluster, Cluster]
+) -> None:
+    """HTTP/2 clients may send each cookie in its own ``cookie`` header (RFC 9113 8.2.3)."""
+    app_a, app_b = sync_app(sync_pair[0]), sync_app(sync_pair[1])
+    pid = uuid.uuid4().hex
+    with TestClient(app_a) as client_a, TestClient(app_b) as client_b, replay_paused(lc):
+        cookie = set_cookie_token(client_a.post(f"/profiles/{pid}", params={"name": "Hedy"}))
+        split = [("cookie", f"{COOKIE}={cookie}"), ("cookie", "theme=dark"), ("cookie", "a=b")]
+        read = client_b.get(f"/profiles/{pid}", headers=split)
+        assert read.json() == {"name": "Hedy", "port": lc.port("primary")}

@@ -44,13 +44,14 @@ class ConsistencyMiddleware(TokenMiddleware[ASGIApp]):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header_value = cookie_header = None
+        header_value = None
+        cookies = []  # HTTP/2 and HTTP/3 clients may send each cookie in its own header
         for key, value in scope["headers"]:
             if key == self._header_key:
                 header_value = value.decode("latin-1")
             elif key == b"cookie":
-                cookie_header = value.decode("latin-1")
-        incoming = self.transport.incoming(header_value, cookie_header)
+                cookies.append(value.decode("latin-1"))
+        incoming = self.transport.incoming(header_value, "; ".join(cookies) or None)
 
         with ExitStack() as stack:
             consistency, incoming = enter_scope(stack, self.cluster, incoming)
