@@ -40,7 +40,6 @@ def main() -> int:
             lc.set_apply_delay(name, args.apply_delay)
         os.environ["DATABASE_URL"] = lc.primary_dsn
         os.environ["DATABASE_REPLICA_URLS"] = ",".join(lc.replica_dsns)
-        os.environ["COOKIE_SECURE"] = "0"  # plain http on loopback: curl drops Secure cookies
         print(f"sandbox: primary {lc.primary_dsn}", file=sys.stderr)
         uvicorn.run(APP, factory=True, host=args.host, port=args.port, workers=args.workers)
     return 0

@@ -50,7 +50,7 @@ class Profile(ProfileIn):
     served_by: str  # which node answered: only to make the routing visible in this demo
 
 
-def create_app(cluster: AsyncCluster, *, secure_cookie: bool = True) -> FastAPI:
+def create_app(cluster: AsyncCluster, *, secure_cookie: bool | None = None) -> FastAPI:
     """The application around an (unopened) cluster; the lifespan opens and closes it."""
 
     @asynccontextmanager
@@ -99,9 +99,11 @@ def create_app(cluster: AsyncCluster, *, secure_cookie: bool = True) -> FastAPI:
 
 
 def app_from_env() -> FastAPI:
-    """``DATABASE_URL`` + ``DATABASE_REPLICA_URLS``; ``COOKIE_SECURE=0`` for plain http."""
+    """``DATABASE_URL`` + ``DATABASE_REPLICA_URLS``; ``COOKIE_SECURE=1`` behind an https proxy
+    (unset: the cookie is Secure when the request came over https)."""
+    secure = os.environ.get("COOKIE_SECURE")
     return create_app(
-        AsyncCluster.from_env(), secure_cookie=os.environ.get("COOKIE_SECURE", "1") != "0"
+        AsyncCluster.from_env(), secure_cookie=None if secure is None else secure != "0"
     )
 
 

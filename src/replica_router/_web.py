@@ -5,6 +5,11 @@ or a cookie (set by us on an earlier response). A token we cannot use -- garbage
 a truncated cookie, a token from another cluster -- is logged at WARNING and
 ignored: the request is served as if it had none, never failed. The response
 carries the token back only when the request's scope advanced it (it wrote).
+
+The cookie is ``Secure`` when the request came over https (or, behind a proxy
+we are told to trust, when ``X-Forwarded-Proto`` says so): a plain-http test
+client (Starlette's TestClient, Flask's test_client) drops a Secure cookie
+without a word, and the user's next request would read stale data.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Incoming:
     token: Token | None
     from_cookie: bool = False
     clear_cookie: bool = False  # the cookie held an unusable token: expire it (no more warnings)
+    https: bool = False  # the client reached us over https (directly or via a trusted proxy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +61,7 @@ class TokenTransport:
 
     cookie_name: str = "rr_token"
     header_name: str = "X-Replica-Router-Token"
-    secure: bool = True
+    secure: bool | None = None  # None: Secure exactly when the request came over https
     httponly: bool = True
     samesite: str | None = "lax"
     max_age: int | None = 3600
@@ -81,41 +87,48 @@ class TokenTransport:
         if not self.path.startswith("/") or ";" in self.path:
             raise ConfigurationError(f"path {self.path!r}: expected an absolute URL path")
 
-    def incoming(self, header_value: str | None, cookie_header: str | None) -> Incoming:
+    def incoming(
+        self, header_value: str | None, cookie_header: str | None, *, https: bool = False
+    ) -> Incoming:
         """The first usable token of: the header, then each cookie of our name."""
         if self.use_header and header_value is not None:
             token = _parse_or_warn(header_value, f"header {self.header_name}")
             if token is not None:
-                return Incoming(token)
+                return Incoming(token, https=https)
         clear_cookie = False
         if self.use_cookie and cookie_header:
             for value in cookie_values(cookie_header, self.cookie_name):
                 token = _parse_or_warn(value, f"cookie {self.cookie_name}")
                 if token is not None:
-                    return Incoming(token, from_cookie=True)
+                    return Incoming(token, from_cookie=True, https=https)
                 clear_cookie = True
-        return Incoming(None, clear_cookie=clear_cookie)
+        return Incoming(None, clear_cookie=clear_cookie, https=https)
+
+    def cookie_is_secure(self, incoming: Incoming) -> bool:
+        """The explicit ``secure=`` setting, else whether the request came over https."""
+        return incoming.https if self.secure is None else self.secure
 
     def response_headers(
         self, incoming: Incoming, scope: Scope, cluster: SessionSource
     ) -> list[tuple[str, str]]:
         """Headers to add to the response: the token when the request advanced it."""
+        secure = self.cookie_is_secure(incoming)
         token = scope.token_for(cluster.system_identifier)
         if token is None or token == incoming.token:
-            return [("Set-Cookie", self._expired_cookie())] if incoming.clear_cookie else []
+            return [("Set-Cookie", self._cookie("", 0, secure))] if incoming.clear_cookie else []
         text = str(token)
         headers = []
         if self.use_cookie:
-            headers.append(("Set-Cookie", self._cookie(text, self.max_age)))
+            headers.append(("Set-Cookie", self._cookie(text, self.max_age, secure)))
         if self.use_header:
             headers.append((self.header_name, text))
         return headers
 
-    def _cookie(self, value: str, max_age: int | None) -> str:
+    def _cookie(self, value: str, max_age: int | None, secure: bool) -> str:
         parts = [f"{self.cookie_name}={value}", f"Path={self.path}"]
         if max_age is not None:
             parts.append(f"Max-Age={max_age}")
-        if self.secure:
+        if secure:
             parts.append("Secure")
         if self.httponly:
             parts.append("HttpOnly")
@@ -123,16 +136,19 @@ class TokenTransport:
             parts.append(f"SameSite={_SAMESITE[self.samesite.lower()]}")
         return "; ".join(parts)
 
-    def _expired_cookie(self) -> str:
-        return self._cookie("", 0)
-
 
 App = TypeVar("App")
 
 
 class TokenMiddleware(Generic[App]):
     """The part both middlewares share: the wrapped app, the cluster, and the
-    :class:`TokenTransport` built (and checked) from the keyword options."""
+    :class:`TokenTransport` built (and checked) from the keyword options.
+
+    ``secure=None`` (the default) makes the cookie ``Secure`` when the request came
+    over https; ``True``/``False`` force it. ``trust_forwarded_proto=True`` takes the
+    scheme from ``X-Forwarded-Proto`` (its last value: the one our own proxy set);
+    turn it on only behind a proxy that sets that header.
+    """
 
     def __init__(
         self,
@@ -141,7 +157,8 @@ class TokenMiddleware(Generic[App]):
         *,
         cookie_name: str = "rr_token",
         header_name: str = "X-Replica-Router-Token",
-        secure: bool = True,
+        secure: bool | None = None,
+        trust_forwarded_proto: bool = False,
         httponly: bool = True,
         samesite: str | None = "lax",
         max_age: int | None = 3600,
@@ -151,6 +168,8 @@ class TokenMiddleware(Generic[App]):
     ) -> None:
         self.app = app
         self.cluster = cluster
+        self.trust_forwarded_proto = trust_forwarded_proto
+        self._warned_secure_over_http = False
         self.transport = TokenTransport(
             cookie_name=cookie_name,
             header_name=header_name,
@@ -162,6 +181,30 @@ class TokenMiddleware(Generic[App]):
             use_cookie=use_cookie,
             use_header=use_header,
         )
+
+    def is_https(self, scheme: str, forwarded_proto: str | None) -> bool:
+        """Whether the client reached us over https, as far as we may believe."""
+        if self.trust_forwarded_proto and forwarded_proto:
+            scheme = forwarded_proto.rsplit(",", 1)[-1]
+        return scheme.strip().lower() in ("https", "wss")
+
+    def response_headers(self, incoming: Incoming, scope: Scope) -> list[tuple[str, str]]:
+        """The transport's headers; warns once when a Secure cookie goes out over http."""
+        headers = self.transport.response_headers(incoming, scope, self.cluster)
+        if (
+            not incoming.https
+            and not self._warned_secure_over_http
+            and self.transport.cookie_is_secure(incoming)
+            and any(name == "Set-Cookie" for name, _ in headers)
+        ):
+            self._warned_secure_over_http = True
+            log.warning(
+                "a Secure %s cookie went out over plain http: clients drop it, so their next"
+                " request may read stale data (secure=None follows the request's scheme;"
+                " behind an https proxy, trust_forwarded_proto=True)",
+                self.transport.cookie_name,
+            )
+        return headers
 
 
 def cookie_values(cookie_header: str, name: str) -> Iterable[str]:

@@ -44,21 +44,27 @@ class ConsistencyMiddleware(TokenMiddleware[ASGIApp]):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header_value = None
+        header_value = forwarded_proto = None
         cookies = []  # HTTP/2 and HTTP/3 clients may send each cookie in its own header
         for key, value in scope["headers"]:
             if key == self._header_key:
                 header_value = value.decode("latin-1")
             elif key == b"cookie":
                 cookies.append(value.decode("latin-1"))
-        incoming = self.transport.incoming(header_value, "; ".join(cookies) or None)
+            elif key == b"x-forwarded-proto":
+                forwarded_proto = value.decode("latin-1")
+        incoming = self.transport.incoming(
+            header_value,
+            "; ".join(cookies) or None,
+            https=self.is_https(scope.get("scheme", "http"), forwarded_proto),
+        )
 
         with ExitStack() as stack:
             consistency, incoming = enter_scope(stack, self.cluster, incoming)
 
             async def send_with_token(message: Message) -> None:
                 if message["type"] == "http.response.start":
-                    extra = self.transport.response_headers(incoming, consistency, self.cluster)
+                    extra = self.response_headers(incoming, consistency)
                     if extra:
                         headers = list(message.get("headers", ()))
                         headers.extend(

@@ -14,6 +14,7 @@ iterated cannot hand their token on. Write before you respond.
 from __future__ import annotations
 
 import contextvars
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from functools import cached_property
@@ -41,7 +42,11 @@ class ConsistencyMiddleware(TokenMiddleware["WSGIApplication"]):
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         incoming = self.transport.incoming(
-            environ.get(self._environ_key), environ.get("HTTP_COOKIE")
+            environ.get(self._environ_key),
+            environ.get("HTTP_COOKIE"),
+            https=self.is_https(
+                environ.get("wsgi.url_scheme", "http"), environ.get("HTTP_X_FORWARDED_PROTO")
+            ),
         )
         context = contextvars.copy_context()
         stack = ExitStack()
@@ -50,7 +55,7 @@ class ConsistencyMiddleware(TokenMiddleware["WSGIApplication"]):
         def start_with_token(
             status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None, /
         ) -> Callable[[bytes], object]:
-            extra = self.transport.response_headers(incoming, consistency, self.cluster)
+            extra = self.response_headers(incoming, consistency)
             return start_response(status, [*headers, *extra], exc_info)
 
         try:
@@ -62,13 +67,21 @@ class ConsistencyMiddleware(TokenMiddleware["WSGIApplication"]):
 
 
 class _ScopedBody:
-    """The app's body, iterated and closed inside the request's context."""
+    """The app's body, iterated and closed inside the request's context.
+
+    A server calls ``close()``; a test client may never do so (Flask's
+    ``test_client`` without ``buffered=True``) and just drops the body. Then the
+    scope is closed when the body is garbage-collected, still inside the
+    request's context: left to the garbage collector, the scope's generator
+    would be closed in whatever context is current and fail to reset its
+    context variable ("... was created in a different Context").
+    """
 
     def __init__(self, body: Iterable[bytes], context: contextvars.Context, stack: ExitStack):
         self._body = body
         self._iterator: Iterator[bytes] | None = None
         self._context = context
-        self._stack = stack
+        self._close_scope = weakref.finalize(self, context.run, stack.close)
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -84,4 +97,4 @@ class _ScopedBody:
             if close is not None:
                 self._context.run(close)
         finally:
-            self._context.run(self._stack.close)
+            self._close_scope()
