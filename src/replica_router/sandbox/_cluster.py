@@ -25,7 +25,7 @@ from psycopg import conninfo
 
 from ..errors import ConfigurationError, SandboxError
 from . import _template
-from ._binaries import Binaries, find_binaries
+from ._binaries import Binaries, find_binaries, runnable_by
 from ._processes import (
     STOP_SIGNALS,
     RunAs,
@@ -123,6 +123,7 @@ class LocalCluster:
         os_user: str | None = None,
         password: str | None = None,
         startup_timeout: float = 30.0,
+        bindir: str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
             raise ConfigurationError(f"replicas: expected a whole number >= 0, got {replicas!r}")
@@ -144,6 +145,7 @@ class LocalCluster:
         self._os_user = os_user
         self._password = password
         self._startup_timeout = startup_timeout
+        self._bindir = bindir
         self._lock = threading.RLock()
         self._directory: Path | None = None
         self._created_dir = False
@@ -162,8 +164,8 @@ class LocalCluster:
                 raise SandboxError("this LocalCluster is already open")
             started = time.monotonic()
             try:
-                binaries = find_binaries()
                 run_as = resolve_run_as(self._os_user)
+                binaries = runnable_by(find_binaries(self._bindir), run_as, temp_root())
                 self._create(binaries, run_as)
             except BaseException:
                 self.close()
@@ -232,7 +234,9 @@ class LocalCluster:
             os_user=state.os_user,
             password=state.password,
         )
-        binaries = Binaries(bindir=Path(state.bindir), major=state.major)
+        binaries = Binaries(
+            bindir=Path(state.bindir), major=state.major, version=state.version, origin=state.origin
+        )
         if not (binaries.bindir / "postgres").exists():
             raise SandboxError(f"the server binaries this sandbox used are gone: {binaries.bindir}")
         cluster._binaries = binaries
@@ -277,6 +281,25 @@ class LocalCluster:
             raise SandboxError("system identifier not known yet")
         return ident
 
+    @property
+    def bindir(self) -> Path:
+        """The directory of the PostgreSQL server programs this sandbox runs."""
+        self._require_open()
+        return self._require_binaries()[0].bindir
+
+    @property
+    def server_version(self) -> str:
+        """The PostgreSQL version the servers run, as ``postgres --version`` says (``"18.6"``)."""
+        self._require_open()
+        binaries = self._require_binaries()[0]
+        return binaries.version or str(binaries.major)
+
+    @property
+    def postgres_description(self) -> str:
+        """Which PostgreSQL, found how, and where: ``PostgreSQL 15.14 (system) in /usr/lib/...``."""
+        self._require_open()
+        return self._require_binaries()[0].describe()
+
     def port(self, name: str) -> int:
         return self._node(name).port
 
@@ -292,6 +315,7 @@ class LocalCluster:
         return self._require_open()[1] / f"{name}.log"
 
     def is_running(self, name: str) -> bool:
+        self._node(name)
         return self._pid(name) is not None
 
     def __repr__(self) -> str:
@@ -505,6 +529,8 @@ class LocalCluster:
             primary_name=PRIMARY,
             system_identifier=None,
             nodes=nodes,
+            version=binaries.version,
+            origin=binaries.origin,
         )
         state.save(directory)  # from here on a crash is reaped by the next sandbox
         self._state = state

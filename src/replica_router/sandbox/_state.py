@@ -63,6 +63,8 @@ class SandboxState:
     primary_name: str
     system_identifier: int | None
     nodes: list[NodeRecord]
+    version: str = ""  # of the server binaries, "18.6"
+    origin: str = ""  # how they were found
 
     def save(self, directory: Path) -> None:
         data = asdict(self)
