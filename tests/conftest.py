@@ -9,6 +9,9 @@ import pytest
 from replica_router import consistency
 from replica_router.sandbox import LocalCluster
 
+# The Django tests' fixtures (Django is configured only when one of them runs).
+pytest_plugins = ["django_support"]
+
 
 @pytest.fixture(autouse=True)
 def _independent_consistency_scope() -> Iterator[None]:

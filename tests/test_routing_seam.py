@@ -72,3 +72,19 @@ def test_checkout_of_an_unknown_node_is_a_clear_error(replica_cluster: LocalClus
     lc = replica_cluster
     with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster, pytest.raises(Error):
         cluster.checkout("nosuch")
+
+
+def test_route_read_keeps_the_preferred_node_while_it_qualifies(
+    replica_cluster: LocalCluster,
+) -> None:
+    """``prefer=`` keeps a unit of work on the replica it read from (round robin
+    would alternate), and gives it up when that replica no longer qualifies."""
+    lc = replica_cluster
+    first, second = lc.replica_names
+    with cluster_for(lc) as cluster:
+        assert len({cluster.route_read() for _ in range(4)}) == 2  # round robin alternates
+        assert {cluster.route_read(prefer=second) for _ in range(4)} == {second}
+        with scratch_table(lc, "prefer", "id int") as table, replay_paused(lc):
+            with cluster.write() as conn:
+                conn.execute(f"INSERT INTO {table} VALUES (1)")
+            assert cluster.route_read(prefer=first) == "primary"  # neither has the write

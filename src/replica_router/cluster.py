@@ -1333,16 +1333,18 @@ class Cluster(_ClusterCore):
 
     # -- the public routing seam (integrations with their own connections) -------------
 
-    def route_read(self, max_lag: float | None = None) -> str:
+    def route_read(self, max_lag: float | None = None, prefer: str | None = None) -> str:
         """The node name a read in the current scope should use now.
 
         For integrations that hold their own connections (SQLAlchemy, Django,
         Peewee, yours): every rule of ``read()`` applies (lag bounds, this
         scope's token and monotonic floor, ``fallback``), counted as routed.
-        The name may be the primary's. Raises ``NoReplicaAvailable`` (or
-        ``ConsistencyTimeout``) like ``read()``.
+        The name may be the primary's. ``prefer`` keeps a node (the one this
+        unit of work read from before) while it still qualifies, so its reads
+        do not go back in time by hopping to a replica that is further behind.
+        Raises ``NoReplicaAvailable`` (or ``ConsistencyTimeout``) like ``read()``.
         """
-        return self._read_target(max_lag=max_lag)[0]
+        return self._read_target(max_lag=max_lag, prefer=prefer)[0]
 
     def record_write(self, position: int | str | None) -> None:
         """Tell the cluster the current scope committed a write on the primary.
@@ -1358,7 +1360,10 @@ class Cluster(_ClusterCore):
         self._note_write(position)
 
     def _read_target(
-        self, exclude: frozenset[str] = frozenset(), max_lag: float | None = None
+        self,
+        exclude: frozenset[str] = frozenset(),
+        max_lag: float | None = None,
+        prefer: str | None = None,
     ) -> tuple[str, str | None]:
         """Where a read goes now: ``(node, fallback reason or None)``, counted as routed.
 
@@ -1372,7 +1377,7 @@ class Cluster(_ClusterCore):
         plan = self._plan_read(topology, max_lag, None, None)
         wait_until: float | None = None
         while True:
-            decision = self._decide(topology, plan, exclude)
+            decision = self._decide(topology, plan, exclude, prefer)
             reason = decision.fallback
             if (reason is not None and not plan.force_primary and self._fallback == "wait"
                     and decision.waitable):  # fmt: skip

@@ -1,0 +1,1 @@
+"""A small Django app the Django integration tests run against (models, views, urls)."""

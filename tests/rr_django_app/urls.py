@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("create", views.create),
+    path("show/<int:pk>", views.show),
+    path("top", views.top),
+    path("async", views.acreate_then_get),
+    path("login", views.log_in),
+    path("whoami", views.whoami),
+]

@@ -1,0 +1,46 @@
+"""Views the tests drive through ``django.test.Client``; where each statement ran is
+recorded by the tests themselves (execute wrappers on every alias)."""
+
+from __future__ import annotations
+
+import json
+
+from django.contrib.auth import authenticate, login
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+from .models import Post
+
+
+def create(request: HttpRequest) -> HttpResponse:
+    post = Post.objects.create(title=request.POST.get("title", "hello"))
+    return JsonResponse({"pk": post.pk})
+
+
+def show(request: HttpRequest, pk: int) -> HttpResponse:
+    return JsonResponse({"titles": [p.title for p in Post.objects.filter(pk=pk)]})
+
+
+def top(request: HttpRequest) -> HttpResponse:
+    """The benchmark's view: ten rows through the ORM."""
+    return JsonResponse({"titles": [p.title for p in Post.objects.order_by("pk")[:10]]})
+
+
+async def acreate_then_get(request: HttpRequest) -> HttpResponse:
+    post = await Post.objects.acreate(title=request.GET.get("title", "async"))
+    read = await Post.objects.aget(pk=post.pk)
+    return JsonResponse({"pk": post.pk, "title": read.title})
+
+
+def log_in(request: HttpRequest) -> HttpResponse:
+    data = json.loads(request.body)
+    user = authenticate(request, username=data["username"], password=data["password"])
+    if user is None:
+        return JsonResponse({"ok": False}, status=403)
+    login(request, user)
+    return JsonResponse({"ok": True})
+
+
+def whoami(request: HttpRequest) -> HttpResponse:
+    return JsonResponse(
+        {"authenticated": request.user.is_authenticated, "username": request.user.get_username()}
+    )
