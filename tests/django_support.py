@@ -32,7 +32,6 @@ ROUTER_SETTING = {
     "REPLICAS": ["replica1", "replica2"],
     # No lag bound: a paused replica stays eligible, so only the token keeps a read off it.
     "OPTIONS": {"max_lag": None, "monitor_interval": 0.1},
-    "TOKEN": {"secure": False},
 }
 
 

@@ -664,18 +664,18 @@ class ConsistencyMiddleware:
     def _incoming(self, request: HttpRequest) -> Incoming:
         transport = self.transport
         header = request.META.get(self._meta_key)
+        https = request.is_secure()  # Django's SECURE_PROXY_SSL_HEADER says whom to trust
         if not self.signed:
-            return transport.incoming(header, request.META.get("HTTP_COOKIE"))
-        incoming = transport.incoming(header, None)
+            return transport.incoming(header, request.META.get("HTTP_COOKIE"), https=https)
+        incoming = transport.incoming(header, None, https=https)
         value = request.COOKIES.get(transport.cookie_name) if transport.use_cookie else None
         if incoming.token is not None or value is None:
             return incoming
         try:
-            text = _signer().unsign(value)
-            return Incoming(Token.parse(text), from_cookie=True)
+            return Incoming(Token.parse(_signer().unsign(value)), from_cookie=True, https=https)
         except (signing.BadSignature, TokenError) as exc:
             log.warning("ignoring a consistency token cookie that fails its check: %s", exc)
-            return Incoming(None, clear_cookie=True)
+            return Incoming(None, clear_cookie=True, https=https)
 
     def _finish(self, response: HttpResponseBase, incoming: Incoming, scope: Scope) -> None:
         request = _REQUEST.get()
@@ -695,7 +695,7 @@ class ConsistencyMiddleware:
                 value,
                 max_age=transport.max_age,
                 path=transport.path,
-                secure=transport.secure,
+                secure=transport.cookie_is_secure(incoming),
                 httponly=transport.httponly,
                 samesite=transport.samesite,
             )
