@@ -20,6 +20,28 @@ def show(request: HttpRequest, pk: int) -> HttpResponse:
     return JsonResponse({"titles": [p.title for p in Post.objects.filter(pk=pk)]})
 
 
+def write_then_read(request: HttpRequest) -> HttpResponse:
+    """Two writes, then two reads, in one request."""
+    first = Post.objects.create(title="first")
+    Post.objects.create(title="second")
+    titles = [p.title for p in Post.objects.filter(pk__gte=first.pk).order_by("pk")]
+    return JsonResponse({"titles": titles, "count": Post.objects.filter(pk__gte=first.pk).count()})
+
+
+def reads(request: HttpRequest) -> HttpResponse:
+    """Several reads; the aliases they would use."""
+    return JsonResponse({"aliases": [Post.objects.all().db for _ in range(6)]})
+
+
+def get_or_create(request: HttpRequest) -> HttpResponse:
+    post, created = Post.objects.get_or_create(title=request.GET["title"])
+    return JsonResponse({"pk": post.pk, "created": created})
+
+
+async def awhere(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"alias": Post.objects.all().db})
+
+
 def top(request: HttpRequest) -> HttpResponse:
     """The benchmark's view: ten rows through the ORM."""
     return JsonResponse({"titles": [p.title for p in Post.objects.order_by("pk")[:10]]})
