@@ -6,8 +6,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from helpers import FAST, cluster_for, replay_paused, scratch_table
-from replica_router import Cluster, Error
+from helpers import FAST, cluster_for, replay_paused, run, scratch_table
+from replica_router import AsyncCluster, Cluster, Error
 from replica_router.consistency import commit_and_capture
 from replica_router.lsn import format_lsn
 from replica_router.sandbox import LocalCluster
@@ -88,3 +88,25 @@ def test_route_read_keeps_the_preferred_node_while_it_qualifies(
             with cluster.write() as conn:
                 conn.execute(f"INSERT INTO {table} VALUES (1)")
             assert cluster.route_read(prefer=first) == "primary"  # neither has the write
+
+
+def test_route_write_names_the_primary(replica_cluster: LocalCluster) -> None:
+    with Cluster(replica_cluster.primary_dsn, replica_cluster.replica_dsns, **FAST) as cluster:
+        assert cluster.route_write() == "primary"
+
+
+def test_async_route_read_and_write_follow_the_token(replica_cluster: LocalCluster) -> None:
+    lc = replica_cluster
+
+    async def main() -> None:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST) as cluster:
+            assert await cluster.route_read() in lc.replica_names
+            assert await cluster.route_write() == "primary"
+            with replay_paused(lc):
+                async with cluster.write() as conn:
+                    await conn.execute("SELECT pg_catalog.txid_current()")
+                assert await cluster.route_read() == "primary"
+                cluster.record_write(None)  # the shared, pure half of the seam
+                assert cluster.token is not None
+
+    run(main())

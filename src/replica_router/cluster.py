@@ -638,6 +638,19 @@ class _ClusterCore:
         if scope.user_id is not None:
             self._user_marks.record(scope.user_id, mark)
 
+    def record_write(self, position: int | str | None) -> None:
+        """Tell the cluster the current scope committed a write on the primary.
+
+        ``position`` is the commit's WAL position (an LSN as ``int`` or
+        ``"16/B374D848"``) or None when unknown: window mode still works, and
+        LSN mode keeps the token it had. Capture it in the commit's own round
+        trip (``consistency.commit_and_capture``) so it is at or past the
+        commit record.
+        """
+        if isinstance(position, str):
+            position = parse_lsn(position)
+        self._note_write(position)
+
     def _raise_floor(self, position: int | None) -> None:
         if position is not None:
             current_scope().raise_floor(self.system_identifier, position)
@@ -1346,18 +1359,10 @@ class Cluster(_ClusterCore):
         """
         return self._read_target(max_lag=max_lag, prefer=prefer)[0]
 
-    def record_write(self, position: int | str | None) -> None:
-        """Tell the cluster the current scope committed a write on the primary.
-
-        ``position`` is the commit's WAL position (an LSN as ``int`` or
-        ``"16/B374D848"``) or None when unknown: window mode still works, and
-        LSN mode keeps the token it had. Capture it in the commit's own round
-        trip (``consistency.commit_and_capture``) so it is at or past the
-        commit record.
-        """
-        if isinstance(position, str):
-            position = parse_lsn(position)
-        self._note_write(position)
+    def route_write(self) -> str:
+        """The node name a write should use now: the primary (waiting up to
+        ``write_timeout`` for one). Raises ``PrimaryUnavailable`` like ``write()``."""
+        return self._write_target()
 
     def _read_target(
         self,
@@ -1867,6 +1872,54 @@ class AsyncCluster(_ClusterCore):
                         self._scrub(primary, str(exc)))  # fmt: skip
         finally:
             await self._checkin(lease)
+
+    async def route_read(self, max_lag: float | None = None) -> str:
+        """The node name a read in the current scope should use now (see
+        :meth:`Cluster.route_read`; ``fallback="wait"`` waits without blocking the loop)."""
+        monitor = self._require_monitor()
+        topology = monitor.topology
+        plan = self._plan_read(topology, max_lag, None, None)
+        wait_until: float | None = None
+        while True:
+            decision = self._decide(topology, plan, frozenset())
+            reason = decision.fallback
+            if (reason is not None and not plan.force_primary and self._fallback == "wait"
+                    and decision.waitable):  # fmt: skip
+                now = time.monotonic()
+                if wait_until is None:
+                    wait_until = now + self._consistency_timeout
+                if now >= wait_until:
+                    raise self._read_failed(decision, (), timed_out=True)
+                ready = self._ready(plan, frozenset())
+                waited = await asyncio.to_thread(
+                    monitor.wait_for, ready, min(wait_until - now, _WAIT_SLICE)
+                )
+                topology = waited or monitor.topology
+                continue
+            target = decision.target
+            if target is None:
+                raise self._read_failed(decision, ())
+            if reason is not None:
+                self._count_fallback(reason, target)
+            self._count_route("read", target, reason or "replica")
+            return target
+
+    async def route_write(self) -> str:
+        """The node name a write should use now (see :meth:`Cluster.route_write`)."""
+        monitor = self._require_monitor()
+        deadline = time.monotonic() + (self._write_timeout or 0.0)
+        while True:
+            topology = monitor.topology
+            target = route_write(topology)
+            if target is not None:
+                self._count_route("write", target)
+                return target
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._no_primary(monitor.topology, None)
+            await asyncio.to_thread(
+                monitor.wait_for, _new_primary_after(topology.generation), remaining
+            )
 
     async def _capture_commit(self, conn: psycopg.AsyncConnection[Any]) -> int | None:
         if self._ryw != "lsn":
