@@ -1873,7 +1873,7 @@ class AsyncCluster(_ClusterCore):
         finally:
             await self._checkin(lease)
 
-    async def route_read(self, max_lag: float | None = None) -> str:
+    async def route_read(self, max_lag: float | None = None, prefer: str | None = None) -> str:
         """The node name a read in the current scope should use now (see
         :meth:`Cluster.route_read`; ``fallback="wait"`` waits without blocking the loop)."""
         monitor = self._require_monitor()
@@ -1881,7 +1881,7 @@ class AsyncCluster(_ClusterCore):
         plan = self._plan_read(topology, max_lag, None, None)
         wait_until: float | None = None
         while True:
-            decision = self._decide(topology, plan, frozenset())
+            decision = self._decide(topology, plan, frozenset(), prefer)
             reason = decision.fallback
             if (reason is not None and not plan.force_primary and self._fallback == "wait"
                     and decision.waitable):  # fmt: skip
