@@ -1,0 +1,246 @@
+"""Failures never crash, hang or mislead the application (issue 11, design rules 7, 9, 10):
+a restarted primary, a forked process, a hung (SIGSTOPped) node."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from helpers import FAST, port_of, wait_until
+from replica_router import Cluster, Error, PrimaryUnavailable
+from replica_router.sandbox import LocalCluster
+
+HUNG_BOUND = 3.0  # design rule 10: a hung node is noticed, and left, within 3 s
+
+
+def within(seconds: float, action: Callable[[], Any]) -> tuple[bool, Any]:
+    """Run ``action`` in a thread; (finished in time, its result or exception)."""
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(action())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return (not thread.is_alive(), outcome[0] if outcome else None)
+
+
+# -- defect 12: a restarted primary -----------------------------------------------------------
+
+
+@pytest.mark.destructive
+@pytest.mark.xfail(
+    strict=True,
+    raises=PrimaryUnavailable,
+    reason="defect 12: writes after a primary restart get dead pooled connections",
+)
+def test_writes_after_a_primary_restart_succeed_and_keep_the_primary_in_routing(
+    fresh_replica_cluster: LocalCluster,
+) -> None:
+    """Defect 12: a statement that failed before it reached the server (a pooled
+    connection the restart killed) is retried on a fresh connection; the healthy
+    primary is not taken out of routing for it."""
+    lc = fresh_replica_cluster
+    pools = {"primary": {"min_size": 3, "max_size": 3}}
+    with Cluster(lc.primary_dsn, lc.replica_dsns, pool_kwargs=pools, **FAST) as cluster:  # type: ignore[arg-type]
+        with cluster.write() as conn:
+            conn.execute("CREATE TABLE guar_restart (id int)")
+        wait_until(lambda: len(set(backend_pids(cluster, 3))) == 3, what="three pooled writers")
+        lc.stop("primary", mode="fast")
+        lc.start("primary")
+        wait_until(
+            lambda: (
+                cluster.topology.by_name["primary"].consecutive_successes > 0
+                and cluster.topology.primary == "primary"
+            ),
+            what="the monitor to see the primary back",
+        )
+        for i in range(4):
+            with cluster.write() as conn:
+                conn.execute("INSERT INTO guar_restart VALUES (%s)", (i,))
+        assert cluster.topology.primary == "primary"
+        assert lc.execute("primary", "SELECT count(*) FROM guar_restart") == [(4,)]
+
+
+def backend_pids(cluster: Cluster, n: int) -> list[int]:
+    """Check out ``n`` write connections at once (so the pool holds that many)."""
+    blocks = [cluster.write() for _ in range(n)]
+    pids = []
+    try:
+        for block in blocks:
+            pids.append(block.__enter__().info.backend_pid)
+    finally:
+        for block in blocks[: len(pids)]:
+            block.__exit__(None, None, None)
+    return pids
+
+
+# -- defect 13: fork -----------------------------------------------------------------------
+
+
+def in_child(action: Callable[[], dict[str, Any]], timeout: float = 20.0) -> dict[str, Any]:
+    """Fork; run ``action`` in the child; its JSON result (or what went wrong)."""
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read_end)
+        try:
+            result = action()
+        except BaseException as exc:
+            result = {"error": type(exc).__name__, "is_router_error": isinstance(exc, Error),
+                      "message": str(exc)}  # fmt: skip
+        os.write(write_end, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write_end)
+    deadline = time.monotonic() + timeout
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(read_end)
+            return {"error": "hang", "is_router_error": False, "message": "the child hung"}
+        time.sleep(0.01)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    return json.loads(data) if data else {"error": "crash", "is_router_error": False}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 13: a forked child shares the parent's sockets and has no monitor",
+)
+def test_a_forked_child_never_uses_the_parents_connections(replica_cluster: LocalCluster) -> None:
+    """Defect 13: after ``os.fork()`` the child gets connections of its own and a
+    running monitor, or one clear replica-router error that says what to do; the
+    parent's pooled connections keep working either way."""
+    lc = replica_cluster
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:  # type: ignore[arg-type]
+        with cluster.write() as conn:
+            conn.execute("PREPARE guar_fork AS SELECT 1")  # prepared on the pooled backend
+            parent_pids = {conn.info.backend_pid}
+        with cluster.read() as conn:
+            parent_pids.add(conn.info.backend_pid)
+
+        def child() -> dict[str, Any]:
+            with cluster.write() as conn:
+                pid = conn.info.backend_pid
+                conn.execute("PREPARE guar_fork AS SELECT 2")
+            with cluster.read() as conn:
+                read_pid = conn.info.backend_pid
+            monitor = cluster.monitor
+            return {"pids": [pid, read_pid], "monitor": monitor is not None and monitor.running}
+
+        result = in_child(child)
+        if "error" in result:
+            assert result["is_router_error"], result
+            assert "fork" in result["message"], result
+        else:
+            assert not set(result["pids"]) & parent_pids, result
+            assert result["monitor"], result
+        with cluster.write() as conn:
+            assert conn.execute("EXECUTE guar_fork").fetchone() == (1,)
+        with cluster.read() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+# -- design rule 10: a hung node -------------------------------------------------------------
+
+
+@pytest.fixture
+def frozen(fresh_replica_cluster: LocalCluster) -> Iterator[Callable[[str], None]]:
+    lc = fresh_replica_cluster
+    done: list[str] = []
+
+    def freeze(name: str) -> None:
+        lc.freeze(name)
+        done.append(name)
+
+    yield freeze
+    for name in done:
+        lc.thaw(name)
+
+
+@pytest.mark.destructive
+def test_the_monitor_notices_a_hung_replica_and_its_return(
+    fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
+) -> None:
+    """Design rule 10: a SIGSTOPped replica (no FIN, no RST) is unhealthy within the
+    bound with the default settings, and healthy again once it resumes."""
+    lc = fresh_replica_cluster
+    with Cluster(lc.primary_dsn, lc.replica_dsns) as cluster:
+        frozen("replica1")
+        wait_until(
+            lambda: not cluster.topology.by_name["replica1"].healthy,
+            HUNG_BOUND,
+            what="the monitor to see replica1 hung",
+        )
+        lc.thaw("replica1")
+        wait_until(
+            lambda: cluster.topology.by_name["replica1"].healthy,
+            what="the monitor to see replica1 back",
+        )
+
+
+@pytest.mark.destructive
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="rule 10: a checkout from a hung replica's pool hangs",
+)
+def test_new_reads_move_off_a_hung_replica(
+    fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
+) -> None:
+    """Design rule 10: with replica1 hung, every new read is served within the bound
+    (by replica2 or the primary); none waits for replica1 to wake up."""
+    lc = fresh_replica_cluster
+    with Cluster(lc.primary_dsn, lc.replica_dsns) as cluster:
+        for _ in range(4):  # every replica's pool holds an idle connection
+            with cluster.read() as conn:
+                conn.execute("SELECT 1")
+        frozen("replica1")
+        for _ in range(4):
+            done, port = within(HUNG_BOUND, lambda: read_port_now(cluster))
+            assert done, "a read hung on the frozen replica"
+            assert port in (lc.port("replica2"), lc.port("primary")), port
+
+
+def read_port_now(cluster: Cluster) -> int:
+    with cluster.read() as conn:
+        return port_of(conn)
+
+
+@pytest.mark.destructive
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="rule 10: a query in flight on a hung replica hangs forever",
+)
+def test_a_read_in_flight_on_a_hung_replica_fails_within_the_bound(
+    fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
+) -> None:
+    """Design rule 10: a query already sent to a node that then hangs fails (a
+    connectivity error the application can handle) instead of blocking forever."""
+    lc = fresh_replica_cluster
+    nodes = {"primary": lc.primary_dsn, "replica1": lc.dsn("replica1")}
+    with Cluster(nodes=nodes, max_lag=None) as cluster, cluster.read() as conn:  # type: ignore[arg-type]
+        assert port_of(conn) == lc.port("replica1")
+        frozen("replica1")
+        done, outcome = within(HUNG_BOUND + 1.0, lambda: conn.execute("SELECT 1").fetchone())
+        assert done, "the query on the hung replica never returned"
+        assert isinstance(outcome, psycopg.OperationalError), outcome

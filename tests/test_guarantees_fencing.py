@@ -1,0 +1,202 @@
+"""Fencing and timelines: nothing is written where it will be lost, nothing read from
+a node that left the current timeline (issue 11, design rules 2, 3 and 4).
+
+The promotions here leave the old primary running on its old timeline: the
+split brain a router must fence. Each test has a sandbox of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import psycopg2
+import pytest
+
+import helpers
+from helpers import FAST, port_of
+from replica_router import Cluster, Error, PrimaryUnavailable
+from replica_router.integrations import psycopg2 as routed
+from replica_router.sandbox import LocalCluster
+
+T = TypeVar("T")
+
+TABLE = "guar_fence"
+
+
+def wait_until(predicate: Callable[[], T], what: str) -> T:
+    return helpers.wait_until(predicate, 20.0, what)
+
+
+@pytest.fixture
+def lc(fresh_replica_cluster: LocalCluster) -> LocalCluster:
+    fresh_replica_cluster.execute("primary", f"CREATE TABLE {TABLE} (id int PRIMARY KEY)")
+    fresh_replica_cluster.wait_replicated()
+    return fresh_replica_cluster
+
+
+@pytest.fixture
+def cluster(lc: LocalCluster) -> Iterator[Cluster]:
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as c:  # type: ignore[arg-type]
+        yield c
+    routed.close_pools(c)
+
+
+def rows_on(lc: LocalCluster, node: str, row_id: int) -> int:
+    rows = lc.execute(node, f"SELECT count(*) FROM {TABLE} WHERE id = {row_id}")
+    return int(rows[0][0])
+
+
+def fenced_after_promotion(cluster: Cluster) -> bool:
+    topology = cluster.topology
+    return topology.primary == "replica1" and topology.by_name["primary"].fenced
+
+
+@pytest.mark.destructive
+@pytest.mark.xfail(
+    strict=True,
+    raises=pytest.fail.Exception,
+    reason="defect 1: a pinned RoutedConnection writes to the fenced old primary",
+)
+def test_a_pinned_routed_connection_never_writes_to_a_fenced_primary(
+    lc: LocalCluster, cluster: Cluster
+) -> None:
+    """Defect 1: the session holds an advisory lock, so it is pinned to the primary;
+    once the router fenced that node, the next write gets a clear error and the
+    old timeline gets nothing."""
+    conn = cluster.connection()
+    try:
+        conn.execute("SELECT pg_advisory_lock(11)")
+        conn.execute(f"INSERT INTO {TABLE} VALUES (1)")
+        lc.promote("replica1")
+        wait_until(lambda: fenced_after_promotion(cluster), "the old primary to be fenced")
+        with pytest.raises(Error):
+            conn.execute(f"INSERT INTO {TABLE} VALUES (2)")
+    finally:
+        conn.close()
+    assert rows_on(lc, "primary", 2) == 0, "the write committed on the dead timeline"
+
+
+@pytest.mark.destructive
+@pytest.mark.xfail(
+    strict=True,
+    raises=pytest.fail.Exception,
+    reason="defect 1: the psycopg2 adapter writes to the fenced old primary",
+)
+def test_a_pinned_psycopg2_connection_never_writes_to_a_fenced_primary(
+    lc: LocalCluster, cluster: Cluster
+) -> None:
+    """Defect 1, psycopg2 adapter: the same pinned session, the same refusal."""
+    conn = routed.connect(cluster, autocommit=True)
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT pg_advisory_lock(11)")
+        cur.execute(f"INSERT INTO {TABLE} VALUES (1)")
+        lc.promote("replica1")
+        wait_until(lambda: fenced_after_promotion(cluster), "the old primary to be fenced")
+        with pytest.raises((Error, psycopg2.Error)):
+            cur.execute(f"INSERT INTO {TABLE} VALUES (2)")
+    finally:
+        conn.close()
+    assert rows_on(lc, "primary", 2) == 0, "the write committed on the dead timeline"
+
+
+@pytest.mark.destructive
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 2: close()/open() forgets the newest timeline",
+)
+def test_a_reopened_cluster_still_fences_the_old_primary(
+    lc: LocalCluster, cluster: Cluster
+) -> None:
+    """Defect 2: after a failover the new primary goes down; the same Cluster object
+    is closed and opened again. The old primary (timeline 1) must stay fenced: it
+    lost the writes made on timeline 2, and taking new ones would split the data."""
+    lc.promote("replica1")
+    wait_until(lambda: fenced_after_promotion(cluster), "the old primary to be fenced")
+    with cluster.write() as conn:
+        conn.execute(f"INSERT INTO {TABLE} VALUES (3)")
+    lc.stop("replica1", mode="immediate")
+    cluster.close()
+    cluster.open()
+    assert cluster.topology.primary != "primary"
+    with pytest.raises(PrimaryUnavailable), cluster.write() as conn:
+        conn.execute(f"INSERT INTO {TABLE} VALUES (4)")
+    assert rows_on(lc, "primary", 4) == 0, "the fenced old primary took a write"
+
+
+@pytest.mark.destructive
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 4: a replica stranded on the old timeline serves token reads, lag 0",
+)
+def test_a_replica_stranded_on_the_old_timeline_gets_no_reads(
+    lc: LocalCluster, cluster: Cluster
+) -> None:
+    """Defect 4: replica1 is promoted from outside (an HA manager), replica2 keeps
+    following the old primary, which keeps writing on timeline 1. replica2's replay
+    position passes the new primary's tokens numerically, but it has none of the
+    new timeline's commits: it gets no reads, and its lag is never reported as 0."""
+    lc.execute("replica1", "SELECT pg_promote(wait => true)")
+    wait_until(lambda: fenced_after_promotion(cluster), "the old primary to be fenced")
+    with cluster.write() as conn:
+        conn.execute(f"INSERT INTO {TABLE} VALUES (5)")
+    token = cluster.token
+    assert token is not None
+    for i in range(3):  # the old timeline moves on, well past the token
+        lc.execute("primary", f"INSERT INTO {TABLE} VALUES ({100 + i})")
+        lc.execute("primary", "SELECT pg_switch_wal()")
+
+    def stranded_past_the_token() -> bool:
+        state = cluster.topology.by_name["replica2"]
+        return state.healthy and (state.replay_lsn or 0) > token.lsn
+
+    wait_until(stranded_past_the_token, "replica2 to replay the old timeline past the token")
+    for _ in range(4):
+        with cluster.read() as conn:
+            row = conn.execute(f"SELECT count(*) FROM {TABLE} WHERE id = 5").fetchone()
+            assert (port_of(conn), row) == (lc.port("replica1"), (1,))
+    status = {row.name: row for row in cluster.status()}["replica2"]
+    assert status.lag_bytes != 0
+    assert status.lag_seconds != 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 10: psycopg2 idle connections survive remove/add under the same name",
+)
+def test_psycopg2_reads_follow_a_replica_replaced_under_the_same_name(
+    replica_cluster: LocalCluster,
+) -> None:
+    """Defect 10: ``remove_replica`` then ``add_replica`` with another server under the
+    same name; the psycopg2 adapter's idle connections to the old server must go."""
+    lc = replica_cluster
+    nodes = {"primary": lc.primary_dsn, "replica1": lc.dsn("replica1")}
+    with Cluster(nodes=nodes, max_lag=None, **FAST) as cluster:  # type: ignore[arg-type]
+        try:
+            before = read_port_psycopg2(cluster)
+            assert before == lc.port("replica1")
+            cluster.remove_replica("replica1")
+            cluster.add_replica(lc.dsn("replica2"), name="replica1")
+            wait_until(
+                lambda: cluster.topology.by_name["replica1"].healthy,
+                "the new replica1 to be probed",
+            )
+            assert read_port_psycopg2(cluster) == lc.port("replica2")
+        finally:
+            routed.close_pools(cluster)
+
+
+def read_port_psycopg2(cluster: Cluster) -> int:
+    conn: Any = routed.connect(cluster, autocommit=True)
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT inet_server_port()")
+        port = int(cur.fetchone()[0])
+        assert conn.nodes["read"] == "replica1"
+        return port
+    finally:
+        conn.close()

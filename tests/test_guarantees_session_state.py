@@ -1,0 +1,250 @@
+"""Session state: what one user sets never reaches the next, and what a session set
+is kept where it runs (issue 11, design rules 5 and 8).
+
+Pools of one connection make "the next user gets the same connection" certain.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import psycopg2
+import psycopg2.errors
+import pytest
+
+from helpers import FAST, port_of, wait_until
+from replica_router import Cluster
+from replica_router.integrations import psycopg2 as routed
+from replica_router.sandbox import LocalCluster
+
+ONE = {"min_size": 1, "max_size": 1}
+
+
+@pytest.fixture(scope="module")
+def lc(replica_cluster: LocalCluster) -> LocalCluster:
+    return replica_cluster
+
+
+@pytest.fixture(scope="module")
+def tenant(lc: LocalCluster) -> Iterator[str]:
+    """A role a request may switch to (per-tenant roles with row-level security)."""
+    name = f"guar_tenant_{uuid.uuid4().hex[:8]}"
+    lc.execute("primary", f"CREATE ROLE {name} NOLOGIN")
+    lc.wait_replicated()
+    yield name
+    lc.execute("primary", f"DROP ROLE IF EXISTS {name}")
+
+
+@pytest.fixture
+def table(lc: LocalCluster) -> Iterator[str]:
+    name = f"guar_state_{uuid.uuid4().hex[:8]}"
+    lc.execute("primary", f"CREATE TABLE {name} (id int)")
+    lc.wait_replicated()
+    yield name
+    lc.execute("primary", f"DROP TABLE IF EXISTS {name}")
+
+
+def one_connection_cluster(lc: LocalCluster, replicas: list[str]) -> Cluster:
+    return Cluster(
+        lc.primary_dsn,
+        replicas,
+        max_lag=None,
+        pool_kwargs={"primary": ONE, "replica": ONE},
+        **FAST,  # type: ignore[arg-type]
+    )
+
+
+def session_facts(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
+    row = conn.execute(
+        "SELECT session_user::text, current_user::text, current_setting('search_path'),"
+        " current_setting('default_transaction_read_only'),"
+        " current_setting('application_name'),"
+        " (SELECT count(*) FROM pg_prepared_statements),"
+        " (SELECT count(*) FROM pg_class WHERE relpersistence = 't')"
+    ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 18: a pooled read connection keeps the last user's session state",
+)
+def test_a_read_connection_carries_no_session_state_to_the_next_user(
+    lc: LocalCluster, tenant: str
+) -> None:
+    """Defect 18: role, session authorization, search_path, GUCs and
+    default_transaction_read_only set by one ``cluster.read()`` user are gone for the next."""
+    with one_connection_cluster(lc, [lc.dsn("replica1")]) as cluster:
+        with cluster.read() as conn:
+            clean = session_facts(conn)
+        with cluster.read() as conn:
+            conn.execute(f"SET SESSION AUTHORIZATION {tenant}")
+            conn.execute("SET search_path = pg_catalog")
+            conn.execute("SET application_name = 'leaked'")
+            conn.execute("SET default_transaction_read_only = off")
+            conn.execute("PREPARE guar_leak AS SELECT 1")
+        with cluster.read() as conn:
+            assert session_facts(conn) == clean
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 18: SET ROLE in one cluster.write() leaks to the next user",
+)
+def test_a_write_connection_carries_no_session_state_to_the_next_user(
+    lc: LocalCluster, tenant: str
+) -> None:
+    """Defect 18: the same for ``cluster.write()``, plus SET ROLE, prepared statements
+    and temp tables."""
+    with one_connection_cluster(lc, []) as cluster:
+        with cluster.write() as conn:
+            clean = session_facts(conn)
+        with cluster.write() as conn:
+            conn.execute(f"SET ROLE {tenant}")
+            conn.execute("SET search_path = pg_catalog")
+            conn.execute("SET application_name = 'leaked'")
+            conn.execute("RESET ROLE")  # temp tables need the owner's rights back
+            conn.execute("CREATE TEMP TABLE guar_leak (id int)")
+            conn.execute("PREPARE guar_leak AS SELECT 1")
+            conn.execute(f"SET ROLE {tenant}")
+        with cluster.write() as conn:
+            assert session_facts(conn) == clean
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=pytest.fail.Exception,
+    reason="defect 18: a read block's read-only off lets the next read write",
+)
+def test_a_write_inside_cluster_read_never_succeeds_after_another_user_lifted_read_only(
+    lc: LocalCluster, table: str
+) -> None:
+    """Defect 18: with no replica, reads fall back to the primary; a previous user's
+    ``SET default_transaction_read_only = off`` must not make a write in
+    ``cluster.read()`` succeed there."""
+    with one_connection_cluster(lc, []) as cluster:
+        with cluster.read() as conn:
+            conn.execute("SET default_transaction_read_only = off")
+        with cluster.read() as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute(f"INSERT INTO {table} VALUES (1)")
+    assert lc.execute("primary", f"SELECT count(*) FROM {table}") == [(0,)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 19: RoutedConnection drops SET SESSION AUTHORIZATION",
+)
+def test_session_authorization_is_kept_for_the_routed_sessions_reads(
+    lc: LocalCluster, tenant: str
+) -> None:
+    """Defect 19: ``SET SESSION AUTHORIZATION`` inside a transaction (on the primary)
+    is read back at commit and replayed, like any session setting: the session's
+    next read, on a replica, runs as that user."""
+    with (
+        Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST) as cluster,  # type: ignore[arg-type]
+        cluster.connection() as conn,
+    ):
+        with conn.transaction():
+            conn.execute(f"SET SESSION AUTHORIZATION {tenant}")
+        row = conn.execute("SELECT session_user::text, current_user::text").fetchone()
+        assert conn.nodes.get("read") in lc.replica_names
+        assert row == (tenant, tenant)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=pytest.fail.Exception,
+    reason="defect 16: psycopg2 adapter autocommit=True, readonly=True accepts writes",
+)
+def test_psycopg2_autocommit_readonly_refuses_writes(lc: LocalCluster, table: str) -> None:
+    """Defect 16: psycopg2 itself refuses a write with ``autocommit=True, readonly=True``
+    (it sets ``default_transaction_read_only`` on the session); the adapter must too."""
+    plain = psycopg2.connect(lc.primary_dsn)
+    try:
+        plain.set_session(readonly=True, autocommit=True)
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+            plain.cursor().execute(f"INSERT INTO {table} VALUES (1)")
+    finally:
+        plain.close()
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:  # type: ignore[arg-type]
+        conn = routed.connect(cluster)
+        try:
+            conn.set_session(readonly=True, autocommit=True)
+            with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+                conn.cursor().execute(f"INSERT INTO {table} VALUES (1)")
+        finally:
+            conn.close()
+            routed.close_pools(cluster)
+    assert lc.execute("primary", f"SELECT count(*) FROM {table}") == [(0,)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=psycopg.errors.FeatureNotSupported,
+    reason="defect 14: SERIALIZABLE READ ONLY goes to a hot standby, which refuses it",
+)
+def test_a_serializable_read_only_transaction_runs_on_the_primary(lc: LocalCluster) -> None:
+    """Defect 14: a hot standby refuses SERIALIZABLE; such a transaction runs on the
+    primary (RoutedConnection)."""
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:  # type: ignore[arg-type]
+        with cluster.connection(read_only=True) as conn:
+            conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+            with conn.transaction():
+                assert port_of(conn) == lc.port("primary")
+        with cluster.connection() as conn:
+            conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY")
+            assert port_of(conn) == lc.port("primary")
+            conn.execute("COMMIT")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=psycopg2.errors.FeatureNotSupported,
+    reason="defect 14: psycopg2 SERIALIZABLE readonly goes to a hot standby",
+)
+def test_a_psycopg2_serializable_read_only_transaction_runs_on_the_primary(
+    lc: LocalCluster,
+) -> None:
+    """Defect 14, psycopg2 adapter."""
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:  # type: ignore[arg-type]
+        conn = routed.connect(cluster)
+        try:
+            conn.set_session(isolation_level="SERIALIZABLE", readonly=True)
+            cur = conn.cursor()
+            cur.execute("SELECT inet_server_port()")
+            assert cur.fetchone() == (lc.port("primary"),)
+            conn.commit()
+        finally:
+            conn.close()
+            routed.close_pools(cluster)
+
+
+@pytest.mark.destructive
+@pytest.mark.xfail(
+    strict=True,
+    raises=psycopg.OperationalError,
+    reason="defect 15: a plain SET goes to the held read link of a dead replica",
+)
+def test_a_plain_set_works_after_the_held_replica_died(fresh_replica_cluster: LocalCluster) -> None:
+    """Defect 15: the session's read link is on a replica that is killed; a plain SET
+    is recorded and works, and the next read runs elsewhere with it applied."""
+    lc = fresh_replica_cluster
+    with (
+        Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST) as cluster,  # type: ignore[arg-type]
+        cluster.connection() as conn,
+    ):
+        conn.execute("SELECT 1")
+        held = conn.nodes["read"]
+        lc.stop(held, mode="immediate")
+        wait_until(lambda: not cluster.topology.by_name[held].healthy, what=f"{held} down")
+        conn.execute("SET application_name = 'after-the-crash'")
+        row = conn.execute("SELECT current_setting('application_name')").fetchone()
+        assert row == ("after-the-crash",)
+        assert conn.nodes["read"] != held

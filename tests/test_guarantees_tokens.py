@@ -1,0 +1,482 @@
+"""Read-your-writes on every path: the token follows what the primary committed.
+
+Each test writes through the public API with replay paused on every replica, then
+reads: a read that honours the scope's token must see the row (only the primary
+has it), a read that lost the token lands on a replica that cannot have it. So
+each test fails exactly when the token did not advance (issue 11, design rule 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import psycopg2
+import pytest
+
+from helpers import FAST, replay_paused, run, scratch_table
+from replica_router import (
+    AsyncCluster,
+    Cluster,
+    ConsistencyTimeout,
+    NoReplicaAvailable,
+    Token,
+    TokenError,
+)
+from replica_router.asgi import ConsistencyMiddleware
+from replica_router.integrations import psycopg2 as routed
+from replica_router.lsn import format_lsn
+from replica_router.sandbox import LocalCluster
+
+
+@pytest.fixture(scope="module")
+def lc(replica_cluster: LocalCluster) -> LocalCluster:
+    return replica_cluster
+
+
+@pytest.fixture
+def table(lc: LocalCluster) -> Iterator[str]:
+    with scratch_table(lc, "guar_tok", "id int PRIMARY KEY") as name:
+        yield name
+
+
+@pytest.fixture
+def cluster(lc: LocalCluster) -> Iterator[Cluster]:
+    with Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST) as c:  # type: ignore[arg-type]
+        yield c
+    routed.close_pools(c)
+
+
+@pytest.fixture
+def paused(lc: LocalCluster, table: str) -> Iterator[None]:
+    """Replay paused on every replica, after ``table`` exists everywhere."""
+    with replay_paused(lc):
+        yield
+    lc.wait_replicated()
+
+
+def seen(cluster: Cluster, table: str, row_id: int) -> bool:
+    """Whether a read in the current scope sees row ``row_id``."""
+    with cluster.read() as conn:
+        return conn.execute(f"SELECT 1 FROM {table} WHERE id = %s", (row_id,)).fetchone() == (1,)
+
+
+def committed(lc: LocalCluster, table: str, row_id: int) -> bool:
+    return lc.execute("primary", f"SELECT count(*) FROM {table} WHERE id = {row_id}") == [(1,)]
+
+
+# -- defect 3: commits the block made itself -------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 3: conn.commit() inside cluster.write() never advances the token",
+)
+@pytest.mark.usefixtures("paused")
+def test_a_commit_inside_a_write_block_advances_the_token(cluster: Cluster, table: str) -> None:
+    """Defect 3: ``conn.commit()`` inside ``cluster.write()`` is a commit on the primary."""
+    with cluster.write() as conn:
+        conn.execute(f"INSERT INTO {table} VALUES (1)")
+        conn.commit()
+    assert seen(cluster, table, 1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 3: conn.transaction() inside cluster.write() never advances the token",
+)
+@pytest.mark.usefixtures("paused")
+def test_a_transaction_block_inside_a_write_block_advances_the_token(
+    cluster: Cluster, table: str
+) -> None:
+    """Defect 3: ``with conn.transaction()`` inside ``cluster.write()`` commits on its exit."""
+    with cluster.write() as conn, conn.transaction():
+        conn.execute(f"INSERT INTO {table} VALUES (2)")
+    assert seen(cluster, table, 2)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 3: a write block that commits and then raises advances nothing",
+)
+@pytest.mark.usefixtures("paused")
+def test_a_write_block_that_commits_then_raises_still_advances_the_token(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    """Defect 3: the commit happened; the later exception does not undo it."""
+    with pytest.raises(RuntimeError, match="after the commit"), cluster.write() as conn:
+        conn.execute(f"INSERT INTO {table} VALUES (3)")
+        conn.commit()
+        raise RuntimeError("after the commit")
+    assert committed(lc, table, 3)
+    assert seen(cluster, table, 3)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 3: AsyncCluster.write(): conn.commit() never advances the token",
+)
+@pytest.mark.usefixtures("paused")
+def test_a_commit_inside_an_async_write_block_advances_the_token(
+    lc: LocalCluster, table: str
+) -> None:
+    """Defect 3, asyncio: the same commit on an ``AsyncCluster``."""
+
+    async def main() -> bool:
+        cluster = AsyncCluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST)  # type: ignore[arg-type]
+        async with cluster:
+            async with cluster.write() as conn:
+                await conn.execute(f"INSERT INTO {table} VALUES (4)")
+                await conn.commit()
+            async with cluster.read() as conn:
+                cur = await conn.execute(f"SELECT 1 FROM {table} WHERE id = 4")
+                return await cur.fetchone() == (1,)
+
+    assert run(main())
+
+
+# -- defect 5: writes the classifier takes for reads --------------------------------------------
+
+
+@pytest.fixture
+def writing_view(lc: LocalCluster, table: str) -> Iterator[str]:
+    """A view whose SELECT inserts into ``table`` (through a VOLATILE function)."""
+    suffix = uuid.uuid4().hex[:8]
+    func, view = f"guar_ins_{suffix}", f"guar_view_{suffix}"
+    lc.execute(
+        "primary",
+        f"CREATE FUNCTION {func}() RETURNS int VOLATILE LANGUAGE sql "
+        f"AS 'INSERT INTO {table} VALUES (5) RETURNING id'",
+    )
+    lc.execute("primary", f"CREATE VIEW {view} AS SELECT {func}() AS id")
+    lc.wait_replicated()
+    yield view
+    lc.execute("primary", f"DROP VIEW IF EXISTS {view}")
+    lc.execute("primary", f"DROP FUNCTION IF EXISTS {func}()")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 5: a write taken for a read in a primary transaction gets no token",
+)
+def test_a_view_that_writes_inside_a_routed_transaction_advances_the_token(
+    lc: LocalCluster, cluster: Cluster, table: str, writing_view: str
+) -> None:
+    """Defect 5: the transaction ran on the primary and committed a row; what the
+    classifier thought of its SELECT does not matter."""
+    with replay_paused(lc):
+        with cluster.connection(autocommit=False) as conn:
+            conn.execute(f"SELECT * FROM {writing_view}")
+            conn.commit()
+        assert committed(lc, table, 5)
+        assert seen(cluster, table, 5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 5: psycopg2 default mode: a write taken for a read gets no token",
+)
+def test_a_view_that_writes_in_psycopg2_default_mode_advances_the_token(
+    lc: LocalCluster, cluster: Cluster, table: str, writing_view: str
+) -> None:
+    """Defect 5, psycopg2's default transactional mode."""
+    with replay_paused(lc):
+        conn = routed.connect(cluster)
+        try:
+            conn.cursor().execute(f"SELECT * FROM {writing_view}")
+            conn.commit()
+        finally:
+            conn.close()
+        assert committed(lc, table, 5)
+        assert seen(cluster, table, 5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 5: a function re-declared VOLATILE after it was learned STABLE",
+)
+def test_a_function_redeclared_volatile_after_it_was_learned_advances_the_token(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    """Defect 5: volatility learned at open() is stale once the function is replaced."""
+    func = f"guar_relearn_{uuid.uuid4().hex[:8]}"
+    lc.execute("primary", f"CREATE FUNCTION {func}() RETURNS int STABLE LANGUAGE sql AS 'SELECT 1'")
+    lc.wait_replicated()
+    try:
+        with cluster.connection() as conn:
+            conn.execute(f"SELECT {func}()")  # learned STABLE
+        lc.execute(
+            "primary",
+            f"CREATE OR REPLACE FUNCTION {func}() RETURNS int VOLATILE LANGUAGE sql "
+            f"AS 'INSERT INTO {table} VALUES (6) RETURNING id'",
+        )
+        lc.wait_replicated()
+        with replay_paused(lc):
+            with cluster.connection(autocommit=False) as conn:
+                conn.execute(f"SELECT {func}()")
+                conn.commit()
+            assert committed(lc, table, 6)
+            assert seen(cluster, table, 6)
+    finally:
+        lc.execute("primary", f"DROP FUNCTION IF EXISTS {func}()")
+
+
+# -- defects 6 and 7: COMMIT inside a string, partial commits -----------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 6: BEGIN; INSERT; COMMIT in one string never advances the token",
+)
+@pytest.mark.usefixtures("paused")
+def test_a_multi_statement_string_ending_in_commit_advances_the_token(
+    cluster: Cluster, table: str
+) -> None:
+    """Defect 6: ``BEGIN; INSERT ...; COMMIT`` sent as one string in autocommit."""
+    with cluster.connection() as conn:
+        conn.execute(f"BEGIN; INSERT INTO {table} VALUES (7); COMMIT")
+    assert seen(cluster, table, 7)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 6: INSERT; COMMIT inside a transaction never advances the token",
+)
+@pytest.mark.usefixtures("paused")
+def test_a_commit_statement_inside_a_transaction_string_advances_the_token(
+    cluster: Cluster, table: str
+) -> None:
+    """Defect 6: ``INSERT ...; COMMIT`` with ``autocommit=False`` commits the transaction."""
+    with cluster.connection(autocommit=False) as conn:
+        conn.execute(f"INSERT INTO {table} VALUES (8); COMMIT")
+    assert seen(cluster, table, 8)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 7: INSERT; COMMIT; SELECT 1/0 commits but never advances the token",
+)
+def test_a_string_that_commits_then_fails_advances_the_token(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    """Defect 7: the INSERT committed before the division failed."""
+    with replay_paused(lc):
+        with cluster.connection() as conn, pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute(f"INSERT INTO {table} VALUES (9); COMMIT; SELECT 1/0")
+        assert committed(lc, table, 9)
+        assert seen(cluster, table, 9)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 7: psycopg2 autocommit executemany failing midway advances nothing",
+)
+def test_psycopg2_executemany_failing_midway_advances_the_token(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    """Defect 7: rows 10 and 11 committed one by one before row 10 again failed."""
+    with replay_paused(lc):
+        conn = routed.connect(cluster, autocommit=True)
+        try:
+            with pytest.raises(psycopg2.errors.UniqueViolation):
+                conn.cursor().executemany(f"INSERT INTO {table} VALUES (%s)", [(10,), (11,), (10,)])
+        finally:
+            conn.close()
+        assert committed(lc, table, 11)
+        assert seen(cluster, table, 11)
+
+
+# -- defect 8: request state made at the scope boundary -----------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 8: a write in asyncio.to_thread before the caller has a scope is lost",
+)
+@pytest.mark.usefixtures("paused")
+def test_a_write_in_to_thread_reaches_the_callers_scope(cluster: Cluster, table: str) -> None:
+    """Defect 8: ``asyncio.to_thread`` copies the context; the write must still count."""
+
+    def write() -> None:
+        with cluster.write() as conn:
+            conn.execute(f"INSERT INTO {table} VALUES (12)")
+
+    async def main() -> bool:
+        await asyncio.to_thread(write)
+        return seen(cluster, table, 12)
+
+    assert run(main())  # a fresh context: the caller has no scope yet
+
+
+# -- defect 9: the monotonic floor rises when a read is served -----------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="defect 9: the monotonic floor only rises when a read link is released",
+)
+def test_a_monotonic_read_never_goes_back_while_a_routed_read_is_held(
+    lc: LocalCluster, table: str
+) -> None:
+    """Defect 9: once a routed read saw the row on replica1, no read of the scope may
+    be served by replica2, which has not replayed it."""
+    with Cluster(
+        lc.primary_dsn,
+        lc.replica_dsns,
+        max_lag=None,
+        read_your_writes=None,
+        monotonic_reads=True,
+        **FAST,  # type: ignore[arg-type]
+    ) as cluster:
+        lc.pause_replay("replica2")
+        try:
+            lc.execute("primary", f"INSERT INTO {table} VALUES (13)")
+            lc.wait_replicated()  # replica1 only: replica2 is paused
+            held: Any = None
+            for _ in range(10):  # round robin: one of the first two lands on replica1
+                conn = cluster.connection()
+                row = conn.execute(f"SELECT count(*) FROM {table} WHERE id = 13").fetchone()
+                if conn.nodes.get("read") == "replica1":
+                    assert row == (1,)
+                    held = conn
+                    break
+                conn.close()
+            assert held is not None, "no routed read landed on replica1"
+            try:
+                later = [seen(cluster, table, 13) for _ in range(4)]
+            finally:
+                held.close()
+            assert all(later), f"a later read went back in time: {later}"
+        finally:
+            lc.resume_replay("replica2")
+            lc.wait_replicated()
+
+
+# -- defects 20 and 21: what an unreached token does --------------------------------------------
+
+
+def far_future(lc: LocalCluster) -> Token:
+    return Token(2**62, lc.system_identifier)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=NoReplicaAvailable,
+    reason="defect 20: fallback='error' raises NoReplicaAvailable, not ConsistencyTimeout",
+)
+def test_fallback_error_with_an_unreached_token_raises_consistency_timeout(
+    lc: LocalCluster,
+) -> None:
+    """Defect 20: docs/consistency.md promises ``ConsistencyTimeout``, a subclass of
+    ``NoReplicaAvailable``, so handlers written from either name catch it."""
+    with (
+        Cluster(lc.primary_dsn, lc.replica_dsns, fallback="error", **FAST) as cluster,  # type: ignore[arg-type]
+        cluster.session(token=far_future(lc)),
+    ):
+        with pytest.raises(ConsistencyTimeout), cluster.read():
+            pass
+        with pytest.raises(NoReplicaAvailable):
+            cluster.route_read()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=ConsistencyTimeout,
+    reason="defect 21: fallback='wait' fails a read whose token no replica reaches",
+)
+def test_fallback_wait_with_an_unreached_token_reads_the_primary_after_the_timeout(
+    lc: LocalCluster,
+) -> None:
+    """Defect 21: a token no replica reaches within ``consistency_timeout`` reads the
+    primary while it is up; only ``fallback="error"`` raises."""
+    with (
+        Cluster(
+            lc.primary_dsn,
+            lc.replica_dsns,
+            fallback="wait",
+            consistency_timeout=0.2,
+            **FAST,  # type: ignore[arg-type]
+        ) as cluster,
+        cluster.session(token=far_future(lc)),
+    ):
+        with cluster.read() as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+        assert cluster.route_read() == "primary"
+
+
+# -- defect 22: tokens are ASCII --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1.\u212a.1", "1.1.\u212a", "1.\u017f.1", "1.1.\u017f", "1.\u0131.1", "1.1.\u0131"],
+    ids=["kelvin-sid", "kelvin-lsn", "long-s-sid", "long-s-lsn", "dotless-i-sid", "dotless-i-lsn"],
+)
+@pytest.mark.xfail(
+    strict=True, raises=ValueError, reason="defect 22: Token.parse raises a bare ValueError"
+)
+def test_a_token_with_non_ascii_letters_is_a_token_error(text: str) -> None:
+    """Defect 22: K (U+212A), ſ and ı match ``[0-9a-z]`` only case-insensitively;
+    they are not base-36 digits and must be rejected as a malformed token."""
+    with pytest.raises(TokenError):
+        Token.parse(text)
+
+
+def test_a_token_still_round_trips_in_either_case() -> None:
+    """Defect 22 (the other side): the fix must not reject real tokens."""
+    token = Token(0x16B374D848, 7311111111111111111)
+    assert Token.parse(str(token)) == token
+    assert Token.parse(str(token).upper()) == token
+    assert format_lsn(Token.parse(str(token)).lsn) == "16/B374D848"
+
+
+# -- defect 11: a token in any cookie header ------------------------------------------------
+
+
+def test_the_asgi_middleware_finds_the_token_in_any_cookie_header(lc: LocalCluster) -> None:
+    """Defect 11: HTTP/2 clients may send one ``cookie`` header per cookie; the token
+    in the first of them is the request's token."""
+    token = Token(0x3000060, lc.system_identifier)
+    seen_tokens: list[Token | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen_tokens.append(cluster.token)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def call() -> None:
+        middleware = ConsistencyMiddleware(app, cluster=cluster)
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/",
+            "headers": [(b"cookie", f"rr_token={token}".encode()), (b"cookie", b"theme=dark")],
+        }
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Any) -> None:
+            pass
+
+        await middleware(scope, receive, send)
+
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:  # type: ignore[arg-type]
+        run(call())
+    assert seen_tokens == [token]
