@@ -1346,7 +1346,13 @@ class Cluster(_ClusterCore):
 
     # -- the public routing seam (integrations with their own connections) -------------
 
-    def route_read(self, max_lag: float | None = None, prefer: str | None = None) -> str:
+    def route_read(
+        self,
+        max_lag: float | None = None,
+        prefer: str | None = None,
+        *,
+        exclude: Iterable[str] = (),
+    ) -> str:
         """The node name a read in the current scope should use now.
 
         For integrations that hold their own connections (SQLAlchemy, Django,
@@ -1354,10 +1360,21 @@ class Cluster(_ClusterCore):
         scope's token and monotonic floor, ``fallback``), counted as routed.
         The name may be the primary's. ``prefer`` keeps a node (the one this
         unit of work read from before) while it still qualifies, so its reads
-        do not go back in time by hopping to a replica that is further behind.
+        do not go back in time by hopping to a replica that is further behind
+        (and a held connection is not swapped per read); ``exclude`` skips
+        nodes that just failed you.
         Raises ``NoReplicaAvailable`` (or ``ConsistencyTimeout``) like ``read()``.
         """
-        return self._read_target(max_lag=max_lag, prefer=prefer)[0]
+        return self._read_target(frozenset(exclude), max_lag=max_lag, prefer=prefer)[0]
+
+    def route_write(self) -> str:
+        """The node a write should use now: the primary, counted as routed.
+
+        Waits up to ``write_timeout`` for one; raises ``PrimaryUnavailable``
+        like ``write()``. For integrations that hold a primary connection:
+        check the held node against this (or ``topology``) before each use.
+        """
+        return self._write_target()
 
     def route_write(self) -> str:
         """The node name a write should use now: the primary (waiting up to
