@@ -110,3 +110,13 @@ def test_async_route_read_and_write_follow_the_token(replica_cluster: LocalClust
                 assert cluster.token is not None
 
     run(main())
+
+
+def test_route_read_skips_excluded_nodes(replica_cluster: LocalCluster) -> None:
+    """``exclude=`` is for a retry after a node failed this unit of work."""
+    lc = replica_cluster
+    first, second = lc.replica_names
+    with cluster_for(lc) as cluster:
+        assert {cluster.route_read(exclude=[second]) for _ in range(6)} == {first}
+        assert cluster.route_read(exclude=lc.replica_names) == "primary"  # the fallback
+        assert cluster.route_read(prefer="primary") in lc.replica_names  # not a candidate

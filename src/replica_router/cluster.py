@@ -1368,15 +1368,6 @@ class Cluster(_ClusterCore):
         return self._read_target(frozenset(exclude), max_lag=max_lag, prefer=prefer)[0]
 
     def route_write(self) -> str:
-        """The node a write should use now: the primary, counted as routed.
-
-        Waits up to ``write_timeout`` for one; raises ``PrimaryUnavailable``
-        like ``write()``. For integrations that hold a primary connection:
-        check the held node against this (or ``topology``) before each use.
-        """
-        return self._write_target()
-
-    def route_write(self) -> str:
         """The node name a write should use now: the primary (waiting up to
         ``write_timeout`` for one). Raises ``PrimaryUnavailable`` like ``write()``."""
         return self._write_target()

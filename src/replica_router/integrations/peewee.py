@@ -643,6 +643,8 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         born = self._born.get(conn)
         if born is None:  # the server knows when this backend started
             row = conn.execute(_AGE_SQL).fetchone()
+            if not conn.autocommit:
+                conn.rollback()  # a write connection: leave no transaction open
             born = time.monotonic() - (float(row[0]) if row and row[0] is not None else 0.0)
             self._born[conn] = born
         return time.monotonic() - born > timeout

@@ -1,0 +1,544 @@
+"""Peewee integration: RoutedPostgresqlDatabase on real servers (replay paused wherever
+staleness would show), plus the pure routing-by-type decision without a server."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import peewee
+import psycopg
+import pytest
+from playhouse.pool import MaxConnectionsExceeded
+from playhouse.postgres_ext import BinaryJSONField
+
+from helpers import FAST, replay_paused, replica_ports, wait_until
+from replica_router import Cluster
+from replica_router.integrations.peewee import (
+    RoutedPostgresqlDatabase,
+    check_connections,
+    reads_only,
+    use_primary,
+)
+from replica_router.sandbox import LocalCluster
+
+
+class _Base(peewee.Model):
+    name = peewee.TextField()
+
+
+def _model(db: peewee.Database, table: str) -> type[peewee.Model]:
+    """A model on ``table`` bound to ``db`` (its own class: models are never rebound)."""
+    meta = type("Meta", (), {"database": db, "table_name": table})
+    return type(f"User_{table}", (_Base,), {"Meta": meta, "__module__": __name__})
+
+
+def port(db: peewee.Database) -> int:
+    """The port of the server a read through ``db`` ran on (routed like a select)."""
+    row = db.execute_sql("SELECT inet_server_port()").fetchone()
+    return int(row[0])
+
+
+@pytest.fixture
+def cluster(replica_cluster: LocalCluster) -> Iterator[Cluster]:
+    lc = replica_cluster
+    with Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST) as c:
+        yield c
+
+
+@pytest.fixture
+def db(cluster: Cluster) -> Iterator[RoutedPostgresqlDatabase]:
+    database = RoutedPostgresqlDatabase(cluster)
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def user(replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase) -> Iterator[Any]:
+    table = f"pw_{uuid.uuid4().hex[:10]}"
+    model = _model(db, table)
+    replica_cluster.execute("primary", f"CREATE TABLE {table} (id serial PRIMARY KEY, name text)")
+    replica_cluster.wait_replicated()
+    try:
+        yield model
+    finally:
+        replica_cluster.execute("primary", f"DROP TABLE IF EXISTS {table}")
+
+
+def replica_only(lc: LocalCluster, db: RoutedPostgresqlDatabase) -> None:
+    """Wait until this scope's reads go to a replica (the monitor saw the table's WAL)."""
+    ports = replica_ports(lc)
+    wait_until(lambda: port(db) in ports, what="a read on a replica")
+
+
+# -- the pure decision --------------------------------------------------------------------
+
+
+def test_query_types_decide_the_route_without_a_server() -> None:
+    db = peewee.PostgresqlDatabase(None)
+    model = _model(db, "t")
+    assert reads_only(model.select()) is True
+    assert reads_only(model.select() | model.select()) is True
+    assert reads_only(model.select().for_update()) is False
+    assert reads_only(model.insert(name="a")) is False
+    assert reads_only(model.insert_many([{"name": "a"}])) is False
+    assert reads_only(model.update(name="b")) is False
+    assert reads_only(model.delete()) is False
+    assert reads_only(model.raw("SELECT 1")) is None  # raw SQL: the classifier decides
+    cte = model.insert(name="c").returning(model.id).cte("made")
+    assert reads_only(cte.select_from(cte.c.id)) is None  # a data-modifying CTE may hide
+    assert reads_only(peewee.SQL("SELECT 1")) is None
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+
+def test_select_goes_to_a_replica(
+    replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any
+) -> None:
+    replica_only(replica_cluster, db)
+    before = {s.name: s.reads for s in db.status()}
+    assert user.select().count() == 0
+    after = {s.name: s.reads for s in db.status()}
+    assert [n for n in after if after[n] > before[n]] in (
+        [n] for n in replica_cluster.replica_names
+    )
+
+
+def test_create_then_get_by_id_sees_the_row_a_fresh_scope_may_not(
+    replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any
+) -> None:
+    lc = replica_cluster
+    replica_only(lc, db)
+    with replay_paused(lc):
+        made = user.create(name="Ada")
+        assert db.token is not None  # the commit advanced this scope's token
+        assert user.get_by_id(made.id).name == "Ada"  # the replicas cannot have it: primary
+        assert port(db) == lc.port("primary")
+        with db.session(inherit=False):  # another request: no token
+            assert port(db) in replica_ports(lc)
+            assert user.get_or_none(user.id == made.id) is None  # the paused replica's view
+
+
+def test_atomic_and_nested_savepoints_keep_everything_on_the_primary(
+    replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any
+) -> None:
+    lc = replica_cluster
+    replica_only(lc, db)
+    with replay_paused(lc), db.session(inherit=False):
+        with db.atomic():
+            assert port(db) == lc.port("primary")
+            made = user.create(name="in-tx")
+            with db.atomic():  # a savepoint
+                assert user.get_by_id(made.id).name == "in-tx"  # uncommitted: same node
+                with db.savepoint():
+                    user.update(name="deeper").where(user.id == made.id).execute()
+                    assert port(db) == lc.port("primary")
+            with db.transaction():  # nested transaction() is a savepoint too
+                assert user.select().where(user.name == "deeper").count() == 1
+        assert db.token is not None
+        assert user.get_by_id(made.id).name == "deeper"
+
+
+@pytest.mark.parametrize("how", ["raw_update", "execute_sql_insert", "for_update", "insert_many"])
+def test_writes_and_locking_reads_run_on_the_primary(
+    replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any, how: str
+) -> None:
+    """Each is run in a scope with no token while replay is paused: had it gone to a
+    replica, it would fail (a read-only node) or not see the row written just now."""
+    lc = replica_cluster
+    table = user._meta.table_name
+    replica_only(lc, db)
+    with replay_paused(lc):
+        lc.execute("primary", f"INSERT INTO {table} (id, name) VALUES (100, 'seed')")
+        with db.session(inherit=False):
+            assert db.token is None
+            if how == "raw_update":
+                rows = list(user.raw(f"UPDATE {table} SET name = %s RETURNING *", "raw"))
+                assert [(r.id, r.name) for r in rows] == [(100, "raw")]
+            elif how == "execute_sql_insert":
+                db.execute_sql(f"INSERT INTO {table} (id, name) VALUES (%s, %s)", (2, "sql"))
+                assert lc.execute("primary", f"SELECT name FROM {table} WHERE id = 2") == [("sql",)]
+            elif how == "for_update":
+                rows = list(user.select().where(user.id == 100).for_update())
+                assert [r.name for r in rows] == ["seed"]  # only the primary has it
+            else:
+                user.insert_many([{"name": "m1"}, {"name": "m2"}]).execute()
+                assert lc.execute("primary", f"SELECT count(*) FROM {table}") == [(3,)]
+            assert db.token is not None  # the write's commit advanced the token
+            assert port(db) == lc.port("primary")  # ... so this scope now reads the primary
+
+
+def test_use_primary_module_and_database(
+    replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any
+) -> None:
+    lc = replica_cluster
+    replica_only(lc, db)
+    with use_primary():
+        assert port(db) == lc.port("primary")
+        assert user.select().count() == 0
+    with db.use_primary():
+        assert port(db) == lc.port("primary")
+    other = RoutedPostgresqlDatabase(db.cluster)
+    try:
+        with other.use_primary():  # another database's block does not move this one
+            assert port(db) in replica_ports(lc)
+    finally:
+        other.close()
+    assert port(db) in replica_ports(lc)
+
+
+def test_a_select_that_writes_is_refused_by_the_replica_and_runs_on_the_primary(
+    replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any
+) -> None:
+    lc = replica_cluster
+    seq = f"{user._meta.table_name}_id_seq"
+    replica_only(lc, db)
+    assert db.token is None
+    # A Select by its type; nextval() writes, which the read-only replica refuses.
+    value = peewee.Select(columns=[peewee.fn.nextval(seq)]).bind(db).scalar()
+    assert value >= 1
+    assert lc.execute("primary", f"SELECT last_value FROM {seq}") == [(value,)]
+    assert db.token is not None  # it committed on the primary: the token advanced
+
+
+def test_peewee_errors_and_postgres_ext_fields_with_psycopg3_links(
+    replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase
+) -> None:
+    """Apps written for psycopg2 keep working: Peewee's exceptions and fields are
+    driver-independent, and the links are psycopg 3 whatever else is installed."""
+    table = f"pwj_{uuid.uuid4().hex[:10]}"
+    meta = type("Meta", (), {"database": db, "table_name": table})
+    doc = type(
+        "Doc",
+        (peewee.Model,),
+        {
+            "Meta": meta,
+            "key": peewee.TextField(unique=True),
+            "data": BinaryJSONField(),
+            "__module__": __name__,
+        },
+    )
+    assert isinstance(db._adapter, peewee.Psycopg3Adapter)
+    db.create_tables([doc])
+    try:
+        doc.create(key="a", data={"tags": ["x", "y"]})
+        with pytest.raises(peewee.IntegrityError):
+            doc.create(key="a", data={})
+        with db.atomic():
+            assert doc.get(doc.key == "a").data == {"tags": ["x", "y"]}
+        assert isinstance(db.connection(), psycopg.Connection)
+    finally:
+        db.drop_tables([doc])
+
+
+# -- state per unit of work ----------------------------------------------------------------
+
+
+def test_eight_threads_see_their_own_writes_and_nothing_else(
+    replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any
+) -> None:
+    """Threads 0-3 write and read back with replay paused (the primary must serve
+    them); threads 4-7 only read and must stay on replicas throughout."""
+    lc = replica_cluster
+    replica_only(lc, db)
+    barrier = threading.Barrier(8)
+    results: dict[int, Any] = {}
+    ports = replica_ports(lc)
+
+    def work(i: int) -> None:
+        try:
+            seen: list[tuple[str, int]] = []
+            with db.connection_context():
+                for round_ in range(5):
+                    barrier.wait(timeout=30)
+                    if i < 4:
+                        made = user.create(name=f"t{i}-{round_}")
+                        got = user.get_by_id(made.id)
+                        seen.append((got.name, port(db)))
+                    else:
+                        user.select().where(user.name == "none").count()
+                        seen.append(("", port(db)))
+                results[i] = (seen, db.token)
+        except BaseException as exc:  # reported by the main thread
+            results[i] = exc
+
+    with replay_paused(lc):
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    for i in range(8):
+        result = results[i]
+        assert not isinstance(result, BaseException), result
+        seen, token = result
+        if i < 4:
+            assert [name for name, _ in seen] == [f"t{i}-{r}" for r in range(5)]
+            assert {p for _, p in seen} == {lc.port("primary")}
+            assert token is not None
+        else:
+            assert {p for _, p in seen} <= ports, f"thread {i} read from the primary"
+            assert token is None  # nobody else's write leaked into its scope
+    db.close()
+    assert all(db.cluster.in_use(n) == 0 for n in lc.node_names)
+
+
+def test_asyncio_tasks_and_copied_contexts_never_share_links(
+    replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any
+) -> None:
+    lc = replica_cluster
+    replica_only(lc, db)
+    assert not db.is_closed()
+    parent_conn = db.connection()  # the parent holds a primary link
+
+    def in_copy() -> tuple[bool, Any]:
+        closed = db.is_closed()
+        with db.connection_context():
+            return closed, db.connection()
+
+    async def child() -> tuple[bool, Any]:
+        return in_copy()
+
+    async def main() -> list[tuple[bool, Any]]:
+        return list(await asyncio.gather(child(), asyncio.to_thread(in_copy)))
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        in_pool = pool.submit(contextvars.copy_context().run, in_copy).result()
+    for closed, conn in [*asyncio.run(main()), in_pool]:
+        assert closed  # the copy did not inherit the open scope...
+        assert conn is not parent_conn  # ...nor its connection
+    assert db.connection() is parent_conn
+
+
+_GEVENT_SCRIPT = """
+from gevent import monkey
+monkey.patch_all()
+import json, sys, uuid
+import gevent, peewee
+from replica_router import Cluster
+from replica_router.integrations.peewee import RoutedPostgresqlDatabase
+
+primary, replicas, table = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+with Cluster(primary, replicas, max_lag=None, monitor_interval=0.1) as cluster:
+    db = RoutedPostgresqlDatabase(cluster)
+    class User(peewee.Model):
+        name = peewee.TextField()
+        class Meta:
+            database = db
+            table_name = table
+
+    def work(i):
+        seen = []
+        with db.connection_context():
+            for r in range(5):
+                gevent.sleep(0)  # let the other greenlets interleave
+                if i % 2 == 0:
+                    made = User.create(name="g%d-%d" % (i, r))
+                    gevent.sleep(0)
+                    got = User.get_by_id(made.id).name
+                else:
+                    got = None
+                    User.select().count()
+                port = db.execute_sql("SELECT inet_server_port()").fetchone()[0]
+                seen.append([got, port])
+        return {"seen": seen, "token": str(db.token) if db.token else None}
+
+    jobs = [gevent.spawn(work, i) for i in range(8)]
+    gevent.joinall(jobs, raise_error=True)
+    print(json.dumps([j.value for j in jobs]))
+"""
+
+
+@pytest.mark.slow
+def test_gevent_greenlets_see_their_own_writes_and_nothing_else(
+    replica_cluster: LocalCluster, user: Any, tmp_path: Path
+) -> None:
+    lc = replica_cluster
+    script = tmp_path / "gevent_app.py"
+    script.write_text(_GEVENT_SCRIPT)
+    table = user._meta.table_name
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with replay_paused(lc):
+        done = subprocess.run(
+            [sys.executable, str(script), lc.primary_dsn, ",".join(lc.replica_dsns), table],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env=env,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for i, result in enumerate(results):
+        ports = {p for _, p in result["seen"]}
+        if i % 2 == 0:
+            assert [g for g, _ in result["seen"]] == [f"g{i}-{r}" for r in range(5)]
+            assert ports == {lc.port("primary")}
+            assert result["token"] is not None
+        else:
+            assert ports <= replica_ports(lc), f"greenlet {i} read from the primary"
+            assert result["token"] is None
+
+
+# -- links and pools -------------------------------------------------------------------------
+
+
+def test_close_and_connection_context_return_both_links(
+    replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any
+) -> None:
+    lc = replica_cluster
+    cluster = db.cluster
+    replica_only(lc, db)
+    db.close()
+    assert sum(cluster.in_use(n) for n in lc.node_names) == 0
+    with db.connection_context():
+        user.create(name="x")  # the primary link
+        with db.session(inherit=False):
+            replica_node = next(n for n in lc.replica_names if port(db) == lc.port(n))
+        assert cluster.in_use("primary") == 1
+        assert cluster.in_use(replica_node) == 1
+    assert db.is_closed()
+    assert sum(cluster.in_use(n) for n in lc.node_names) == 0
+    db.connect()
+    user.select().count()
+    user.create(name="y")
+    assert sum(cluster.in_use(n) for n in lc.node_names) == 2
+    assert db.close() is True
+    assert sum(cluster.in_use(n) for n in lc.node_names) == 0
+    with pytest.raises(peewee.OperationalError), db.atomic():
+        db.close()  # not while a transaction is open, as in Peewee
+
+
+def test_max_connections_and_timeout_mean_what_playhouse_pool_says(
+    replica_cluster: LocalCluster, cluster: Cluster
+) -> None:
+    db = RoutedPostgresqlDatabase(cluster, max_connections=1, timeout=None)
+    waiting = RoutedPostgresqlDatabase(cluster, max_connections=1, timeout=0.3)
+    try:
+        db.connection()  # this thread holds the one primary link allowed
+        waiting.connection()
+        errors: list[BaseException] = []
+
+        def other(database: RoutedPostgresqlDatabase) -> None:
+            try:
+                database.connection()
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                database.close()
+
+        for database in (db, waiting):
+            t = threading.Thread(target=other, args=(database,))
+            t.start()
+            t.join(10)
+        assert [type(e) for e in errors] == [MaxConnectionsExceeded, MaxConnectionsExceeded]
+        db.close()
+        t = threading.Thread(target=other, args=(db,))  # the link is free again
+        t.start()
+        t.join(10)
+        assert len(errors) == 2
+    finally:
+        db.close()
+        waiting.close()
+
+
+def test_stale_timeout_replaces_old_connections(replica_cluster: LocalCluster) -> None:
+    lc = replica_cluster
+    one = {"min_size": 1, "max_size": 1}
+    with Cluster(lc.primary_dsn, [], pool_kwargs={"primary": one}, **FAST) as cluster:
+        fresh = RoutedPostgresqlDatabase(cluster, stale_timeout=0.5)
+        kept = RoutedPostgresqlDatabase(cluster)
+
+        def backend(database: RoutedPostgresqlDatabase) -> int:
+            with database.connection_context():
+                return int(database.connection().info.backend_pid)
+
+        first = backend(kept)
+        assert backend(kept) == first  # one pooled connection, reused
+        old = backend(fresh)
+        wait_until(lambda: backend(fresh) != old, what="a new connection past stale_timeout")
+
+
+def test_add_and_remove_replicas_at_run_time(replica_cluster: LocalCluster) -> None:
+    lc = replica_cluster
+    first, second = lc.replica_names
+    with Cluster(lc.primary_dsn, {first: lc.dsn(first)}, max_lag=None, **FAST) as cluster:
+        db = RoutedPostgresqlDatabase(cluster)
+        try:
+            assert set(db.check_connections()) == {"primary", first}
+            assert port(db) == lc.port(first)
+            assert db.add_replica(lc.dsn(second), name=second) == second
+            assert check_connections(db) == {"primary": True, first: True, second: True}
+
+            def reaches_second() -> bool:
+                with db.session(inherit=False):
+                    return db.cluster.route_read() == second
+
+            wait_until(reaches_second, what="reads routed to the added replica")
+            assert port(db) == lc.port(first)  # the held link stays while it qualifies
+            db.remove_replica(first)
+            assert port(db) == lc.port(second)  # moved, no error
+            assert set(db.check_connections()) == {"primary", second}
+            assert [s.name for s in db.status()] == ["primary", second]
+        finally:
+            db.close()
+        assert cluster.in_use(first) == 0 and cluster.in_use(second) == 0
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.destructive
+def test_after_a_replica_restart_no_stale_socket_error_reaches_the_caller(
+    make_replica_cluster: Any,
+) -> None:
+    lc = make_replica_cluster(replicas=1)
+    with Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST) as cluster:
+        db = RoutedPostgresqlDatabase(cluster)
+        with db.connection_context():
+            wait_until(lambda: port(db) == lc.port("replica1"), what="a read on the replica")
+            lc.stop("replica1", mode="immediate")
+            lc.start("replica1")
+            for _ in range(5):  # the held link and the pool's idle ones are all dead
+                assert port(db) in {lc.port("replica1"), lc.port("primary")}
+            wait_until(lambda: port(db) == lc.port("replica1"), what="reads back on replica1")
+        assert cluster.in_use("replica1") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.destructive
+def test_a_held_link_to_a_demoted_primary_never_runs_another_statement(
+    make_replica_cluster: Any,
+) -> None:
+    lc = make_replica_cluster(replicas=1)
+    table = "pw_fence"
+    lc.execute("primary", f"CREATE TABLE {table} (id serial PRIMARY KEY, name text)")
+    lc.wait_replicated()
+    with Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST) as cluster:
+        db = RoutedPostgresqlDatabase(cluster)
+        user = _model(db, table)
+        with db.connection_context():
+            user.create(name="before")  # holds a link to the old primary
+            lc.wait_replicated()
+            failed = pytest.raises(peewee.OperationalError, match="no longer the primary")
+            with failed, db.atomic():
+                user.create(name="lost")
+                lc.promote("replica1")  # the old primary keeps running: split brain
+                wait_until(lambda: cluster.topology.primary == "replica1", what="follow")
+            user.create(name="after")  # outside a transaction: the new primary
+        old = lc.execute("primary", f"SELECT name FROM {table} ORDER BY id")
+        new = lc.execute("replica1", f"SELECT name FROM {table} ORDER BY id")
+        assert old == [("before",)]  # nothing committed on the demoted node
+        assert new == [("before",), ("after",)]
