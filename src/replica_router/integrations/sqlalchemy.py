@@ -228,7 +228,8 @@ class _NodeLink:
     def take_back(self, conn: Any) -> Lease[Any] | None:
         return self.leases.pop(id(conn), None)
 
-    def guard(self, conn: Any) -> None:
+    def guard(self, conn: Any | None) -> None:
+        """Raise unless this node takes writes now; ``conn`` (driver level) is closed then."""
         if self.purpose == "read":
             return
         topology = self.cluster.topology
@@ -237,11 +238,17 @@ class _NodeLink:
         if route_write(topology) == self.node:
             self._checked = topology
             return
-        conn.close()  # psycopg then reports it broken: SQLAlchemy invalidates it
+        if conn is not None:
+            conn.close()  # psycopg then reports it closed: SQLAlchemy invalidates it
         raise PrimaryUnavailable(
             f"{self.node} is no longer the primary: its write connection runs nothing more "
             "(the transaction is lost; retry it)"
         )
+
+
+def _driver_of(context: Any) -> Any | None:
+    """The driver connection an execution context runs on."""
+    return None if context is None else context.root_connection.connection.driver_connection
 
 
 def _link_of(dialect: Any) -> _NodeLink | None:
@@ -274,13 +281,13 @@ class _CaptureMixin:
     def do_execute(self, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
         link = _link_of(self)
         if link is not None:
-            link.guard(cursor.connection)
+            link.guard(_driver_of(context))
         super().do_execute(cursor, statement, parameters, context)  # type: ignore[misc]
 
     def do_execute_no_params(self, cursor: Any, statement: Any, context: Any = None) -> None:
         link = _link_of(self)
         if link is not None:
-            link.guard(cursor.connection)
+            link.guard(_driver_of(context))
         super().do_execute_no_params(cursor, statement, context)  # type: ignore[misc]
 
     def do_executemany(
@@ -288,7 +295,7 @@ class _CaptureMixin:
     ) -> None:
         link = _link_of(self)
         if link is not None:
-            link.guard(cursor.connection)
+            link.guard(_driver_of(context))
         super().do_executemany(cursor, statement, parameters, context)  # type: ignore[misc]
 
 

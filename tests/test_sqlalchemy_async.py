@@ -1,0 +1,111 @@
+"""The SQLAlchemy integration under asyncio: AsyncSession on AsyncCluster with the
+psycopg async dialect, routed through the ``sync_session_class``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from helpers import FAST, replay_paused, run
+from replica_router import AsyncCluster
+from replica_router.integrations.sqlalchemy import async_sessionmaker, use_primary
+from replica_router.sandbox import LocalCluster
+from test_sqlalchemy import Base, Note, plain_engine
+
+PORT = text("SELECT inet_server_port()")
+
+
+@pytest.fixture(scope="module")
+def schema(replica_cluster: LocalCluster) -> Iterator[None]:
+    engine = plain_engine(replica_cluster.primary_dsn)
+    Base.metadata.create_all(engine)
+    replica_cluster.wait_replicated()
+    yield
+    engine.dispose()
+
+
+def _cluster(lc: LocalCluster) -> AsyncCluster:
+    return AsyncCluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST)
+
+
+def test_async_sessionmaker_is_sqlalchemys_own(replica_cluster: LocalCluster) -> None:
+    factory = async_sessionmaker(_cluster(replica_cluster), expire_on_commit=False)
+    assert isinstance(factory, sa.ext.asyncio.async_sessionmaker)
+    assert isinstance(factory(), AsyncSession)
+
+
+def test_reads_writes_and_the_token(replica_cluster: LocalCluster, schema: None) -> None:
+    lc = replica_cluster
+    primary = lc.port("primary")
+
+    async def main() -> None:
+        async with _cluster(lc) as cluster:
+            Session = async_sessionmaker(cluster)
+            async with Session() as session:
+                assert await session.scalar(PORT) != primary
+            with replay_paused(lc):
+                async with Session() as session:
+                    note = Note(body="async")
+                    session.add(note)
+                    await session.flush()
+                    assert await session.scalar(PORT) == primary  # the transaction wrote
+                    note_id = note.id
+                    await session.commit()
+                    assert cluster.token is not None
+                    query = select(Note.body).where(Note.id == note_id)
+                    assert (await session.scalars(query)).one() == "async"
+                    assert await session.scalar(PORT) == primary  # replicas lack the commit
+                async with use_primary(), Session() as session:
+                    assert await session.scalar(PORT) == primary
+            assert sum(cluster.in_use(n) for n in cluster.node_names) == 0
+
+    run(main())
+
+
+@pytest.mark.slow
+def test_200_concurrent_tasks_leak_no_pin_and_no_token(
+    replica_cluster: LocalCluster, schema: None
+) -> None:
+    """Half the tasks write and read their write back; the other half only read.
+    Replay is paused, so a writer's read-back passes only on the primary, and a
+    reader that inherited anyone's token or pin would read from the primary too."""
+    lc = replica_cluster
+    primary = lc.port("primary")
+
+    async def writer(
+        Session: async_sessionmaker[AsyncSession], cluster: AsyncCluster, i: int
+    ) -> None:
+        with cluster.session(inherit=False):
+            async with Session() as session:
+                note = Note(body=f"task {i}")
+                session.add(note)
+                await session.commit()
+            assert cluster.token is not None
+            async with Session() as session:
+                assert await session.get(Note, note.id) is not None
+                assert await session.scalar(PORT) == primary
+
+    async def reader(Session: async_sessionmaker[AsyncSession], cluster: AsyncCluster) -> None:
+        with cluster.session(inherit=False):
+            async with Session() as session:
+                await session.scalars(select(Note.id).limit(1))
+                assert await session.scalar(PORT) != primary
+            assert cluster.token is None
+
+    async def main() -> None:
+        async with _cluster(lc) as cluster:
+            Session = async_sessionmaker(cluster, expire_on_commit=False)
+            with replay_paused(lc):
+                tasks = [
+                    writer(Session, cluster, i) if i % 2 else reader(Session, cluster)
+                    for i in range(200)
+                ]
+                await asyncio.gather(*tasks)
+            assert sum(cluster.in_use(n) for n in cluster.node_names) == 0
+
+    run(main())
