@@ -51,14 +51,17 @@ from django.core import signing
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.db import DatabaseError, connections
+from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.signals import connection_created
 from django.db.transaction import TransactionManagementError
 from django.http import HttpRequest, HttpResponseBase
 
 from .. import Cluster, Intent
+from .. import classify as default_classify
 from .._web import Incoming, TokenTransport, enter_scope
-from ..consistency import POSITION_SQL, Scope, Token
+from ..consistency import POSITION_SQL, Scope, Token, current_scope
 from ..errors import ConfigurationError, Error, TokenError
+from ..lsn import parse_lsn
 from ..sources import ConnectionSource, Purpose, SourceFactory, pool_sources
 from ..topology import NodeSpec, Role
 
@@ -178,9 +181,12 @@ def _dsn(alias: str) -> str:
     return psycopg.conninfo.make_conninfo(**params)
 
 
-def _server(alias: str) -> tuple[str, str, str]:
+def _server(alias: str) -> tuple[str, str]:
+    """Where an alias's server is. An alias on the primary's own server is the
+    primary's data: a test mirror (its NAME becomes the test database's once the
+    test runner has made it), never a replica to measure."""
     db = connections[alias].settings_dict
-    return (str(db.get("HOST") or ""), str(db.get("PORT") or ""), str(db.get("NAME") or ""))
+    return (str(db.get("HOST") or ""), str(db.get("PORT") or ""))
 
 
 class _LazySource:
@@ -388,6 +394,23 @@ def _in_transaction(conn: Any) -> bool:
     return conn.connection is not None and (conn.in_atomic_block or not conn.autocommit)
 
 
+_MANUAL = object()  # the transaction of a connection with autocommit off
+
+
+def _transaction_of(conn: Any) -> object:
+    """What identifies the connection's open transaction (None: none is open).
+
+    The outermost atomic block: a test case opens a new one for each test (and
+    one per class, around ``setUpTestData``), so a write of one test does not
+    keep the next test's reads on the primary.
+    """
+    if conn.connection is None:
+        return None
+    if conn.in_atomic_block:
+        return conn.atomic_blocks[0]
+    return None if conn.autocommit else _MANUAL
+
+
 def _in_own_transaction(conn: Any) -> bool:
     """A transaction the application opened: ``TestCase`` wraps every test in an
     atomic block of its own, which must not send every read to the primary."""
@@ -413,7 +436,12 @@ def _capture(alias: str) -> None:
     except DatabaseError as exc:
         log.warning("could not learn the position of a write on %s: %s", alias, exc)
         return
-    _state().cluster.record_write(row[0] if row else None)
+    position = row[0] if row else None
+    process = _current()
+    if process is not None:
+        process.cluster.record_write(position)
+    elif position is not None:  # before the cluster opened (a migration): any cluster's
+        current_scope().advance(Token(parse_lsn(position)))
 
 
 def _committed(alias: str) -> None:
@@ -447,7 +475,8 @@ class _Guard:
 
     def __init__(self, alias: str) -> None:
         self.alias = alias
-        self.open_write = False  # a write ran in the connection's current transaction
+        # The transaction a write ran in (see _transaction_of), while it may be open.
+        self.open_write: object = None
         self._hooked: object = None  # the on_commit list our callback waits in
 
     def __call__(
@@ -458,10 +487,15 @@ class _Guard:
         many: bool,
         context: dict[str, Any],
     ) -> Any:
-        process = _state()
-        primary = process.primary()
+        # Never opens the cluster: statements run while the test runner makes the
+        # test databases, before the aliases point where they will.
+        process = _current()
+        if process is not None:
+            primary, classify = process.primary(), process.cluster.classifier.classify
+        else:
+            primary, classify = _settings().primary, default_classify
         if self.alias != primary:
-            if process.cluster.classifier.classify(sql) is Intent.WRITE:
+            if classify(sql) is Intent.WRITE:
                 return self._on_primary(primary, sql, params, many, context)
             try:
                 return execute(sql, params, many, context)
@@ -470,7 +504,7 @@ class _Guard:
                     raise
                 return self._on_primary(primary, sql, params, many, context, refused=exc)
         result = execute(sql, params, many, context)
-        if process.cluster.classifier.classify(sql) is Intent.WRITE:
+        if classify(sql) is Intent.WRITE:
             self.wrote(context["connection"])
         return result
 
@@ -479,7 +513,12 @@ class _Guard:
         if not _in_transaction(conn):
             _committed(self.alias)
             return
-        self.open_write = True
+        self.open_write = _transaction_of(conn)
+        if not _in_own_transaction(conn):
+            # A test case's transaction never commits: its test reads the write
+            # from here (open_write), and its requests hand a token on as if.
+            _committed(self.alias)
+            return
         # Once per transaction: Django replaces ``run_on_commit`` with a new
         # list whenever it runs or drops the pending callbacks.
         if conn.in_atomic_block and self._hooked is not conn.run_on_commit:
@@ -537,8 +576,15 @@ def _install(conn: Any) -> _Guard | None:
 
 
 def _connection_created(*, connection: Any, **kwargs: Any) -> None:
-    if getattr(settings, _SETTING, None) is not None:
-        _install(connection)
+    if getattr(settings, _SETTING, None) is None:
+        return
+    if connection.alias == NO_DB_ALIAS:
+        # Django is about to create or drop a database (the test runner's test
+        # databases): the cluster's own connections to it would block DROP
+        # DATABASE, and its DSNs name the databases of before. Start afresh.
+        _close()
+        return
+    _install(connection)
 
 
 connection_created.connect(_connection_created, dispatch_uid="replica_router.django.guard")
@@ -560,10 +606,10 @@ class ReplicaRouter:
         guard = _install(conn)
         if _in_own_transaction(conn):
             return primary
-        if guard is not None and guard.open_write:
-            if _in_transaction(conn):
+        if guard is not None and guard.open_write is not None:
+            if _transaction_of(conn) is guard.open_write:
                 return primary  # a test case's transaction: its writes are only there
-            guard.open_write = False
+            guard.open_write = None
         request = _REQUEST.get()
         if request is not None and request.wrote_on is not None:
             return primary  # its position is learned once, at the end of the request

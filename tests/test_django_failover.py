@@ -1,0 +1,100 @@
+"""A stopped replica and a promotion, each on a sandbox of its own (the Django
+aliases point there for the test), and Django's own connection pool."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from django_support import ALIASES, aliases_for, pointed_at, recording
+from helpers import wait_until
+from replica_router.sandbox import LocalCluster
+
+
+@pytest.fixture
+def own_sandbox(
+    rr_django: LocalCluster, fresh_replica_cluster: LocalCluster
+) -> Iterator[LocalCluster]:
+    with pointed_at(fresh_replica_cluster):
+        yield fresh_replica_cluster
+
+
+@pytest.mark.destructive
+@pytest.mark.slow
+def test_a_stopped_replica_is_skipped_and_readmitted_when_it_recovers(
+    own_sandbox: LocalCluster,
+) -> None:
+    from replica_router.integrations.django import get_cluster
+    from rr_django_app.models import Post
+
+    lc = own_sandbox
+    cluster = get_cluster()
+    lc.stop("replica1", mode="immediate")
+    wait_until(lambda: not cluster.topology.by_name["replica1"].healthy, what="replica1 down")
+    with recording() as ran:
+        for _ in range(6):
+            list(Post.objects.all())
+    assert aliases_for(ran, "rr_django_app_post") == {"replica2"}
+    lc.start("replica1")
+    wait_until(lambda: cluster.topology.by_name["replica1"].healthy, what="replica1 back")
+    with recording() as ran:
+        for _ in range(6):
+            list(Post.objects.all())
+    assert aliases_for(ran, "rr_django_app_post") == {"replica1", "replica2"}
+
+
+@pytest.mark.destructive
+@pytest.mark.slow
+def test_after_a_promotion_writes_go_to_the_promoted_alias_and_succeed(
+    own_sandbox: LocalCluster,
+) -> None:
+    from django.db import router
+
+    from replica_router.integrations.django import get_cluster
+    from rr_django_app.models import Post
+
+    lc = own_sandbox
+    cluster = get_cluster()
+    before = Post.objects.create(title="before")
+    assert router.db_for_write(Post) == "default"
+    lc.stop(lc.primary_name, mode="immediate")
+    lc.promote("replica1")
+    wait_until(lambda: cluster.topology.primary == "replica1", what="replica1 measured primary")
+    assert router.db_for_write(Post) == "replica1"
+    with recording() as ran:
+        after = Post.objects.create(title="after")
+    assert aliases_for(ran, "INSERT INTO") == {"replica1"}
+    titles = set(Post.objects.filter(pk__in=[before.pk, after.pk]).values_list("title", flat=True))
+    assert titles == {"before", "after"}
+    # migrate follows the measured primary too: the old one is refused.
+    assert router.allow_migrate("replica1", "rr_django_app") is True
+    assert router.allow_migrate("default", "rr_django_app") is False
+
+
+def test_djangos_connection_pool(django_env: LocalCluster) -> None:
+    """``OPTIONS={"pool": True}`` (Django 5.1+, psycopg 3): the same routing."""
+    import django
+    from django.db import connections
+    from django.test import Client
+
+    from rr_django_app.models import Post
+
+    if django.VERSION < (5, 1):
+        pytest.fail("this Django has no connection pool; the lock pins Django 5.2+")
+    connections.close_all()
+    for alias in ALIASES:
+        connections.settings[alias]["OPTIONS"] = {"pool": {"min_size": 0, "max_size": 4}}
+    try:
+        lc = django_env
+        with recording() as ran:
+            post = Post.objects.create(title="pooled")
+            lc.wait_replicated()
+            assert Client().get(f"/show/{post.pk}").json()["titles"] == ["pooled"]
+        assert aliases_for(ran, "INSERT INTO") == {"default"}
+        assert aliases_for(ran, "WHERE") <= {"replica1", "replica2"}  # the view's read
+        assert all(connections[alias].pool is not None for alias, _ in ran)
+    finally:
+        for alias in ALIASES:
+            connections[alias].close_pool()
+            connections.settings[alias]["OPTIONS"] = {}
