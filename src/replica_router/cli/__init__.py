@@ -3,18 +3,32 @@
 Each sub-command lives in its own module exposing ``register(subparsers)``; the
 parser it adds sets ``func`` to a callable taking the parsed namespace and
 returning the exit code. Bad arguments exit with code 2 and one clear line.
+When the reader of our output goes away (``status --watch --json | head``), we
+stop quietly with code 141, as a process killed by SIGPIPE would.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
 __all__ = ["main"]
 
 _COMMAND_MODULES = ("sandbox", "demo", "status", "dashboard")
+_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGPIPE
+_REST_ROLE = re.compile(r":[a-z]+:`~?(?:[\w.]+\.)?([^`]+)`")  # :class:`~a.b.C` -> C
+
+
+def description(docstring: str | None) -> str | None:
+    """A module docstring's first line as ``--help`` text: plain, without reST markup."""
+    if not docstring:
+        return None
+    line = docstring.strip().splitlines()[0]
+    return _REST_ROLE.sub(r"\1", line).replace("``", "")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,3 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Python would report the failed flush of stdout at exit: point it at nothing.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return _BROKEN_PIPE

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError, Error
+from . import description
 
 __all__ = ["register"]
 
@@ -37,7 +38,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "dashboard",
         help="serve a local web page with the topology and each replica's lag over time",
-        description=__doc__.splitlines()[0] if __doc__ else None,
+        description=description(__doc__),
     )
     parser.add_argument("dsn", nargs="*", metavar="DSN", help="one DSN per node (any order)")
     parser.add_argument(

@@ -35,7 +35,7 @@ from rich.text import Text
 
 from ..cluster import Cluster
 from ..sandbox import LocalCluster
-from . import seconds_between
+from . import description, seconds_between
 from .status import console_for_output, quiet_library_logs, render_table
 
 __all__ = ["register"]
@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="watch reads stay correct while replicas lag and fail (local sandbox)",
-        description=__doc__.splitlines()[0] if __doc__ else None,
+        description=description(__doc__),
     )
     parser.add_argument(
         "--duration",
@@ -181,7 +181,7 @@ class Show:
         line = f"[{time.monotonic() - self.started:5.1f} s] {text}"
         self.events.append(line)
         if not self.quiet:
-            self.console.print(line, highlight=False)
+            self.console.print(line, highlight=False, soft_wrap=True)
 
     def render(self) -> Group:
         tally = self.tally
@@ -294,16 +294,18 @@ def _summary(console: Console, rows: Any, fallbacks: Any, tally: Tally) -> int:
     verdict = "[green]OK[/]" if ok else "[red]FAILED[/]"
     console.print(
         f"reads {tally.reads:,} ({share:.0%} served by replicas)   writes {tally.writes:,}   "
-        f"failed operations {tally.failed}   stale reads {tally.stale}   {verdict}"
+        f"failed operations {tally.failed}   stale reads {tally.stale}   {verdict}",
+        soft_wrap=True,  # one line, for grep; the terminal wraps it
     )
     if fallbacks:
         detail = ", ".join(f"{k} {v:,}" for k, v in sorted(dict(fallbacks).items()))
-        console.print(f"reads sent to the primary instead of a replica: {detail}")
+        console.print(f"reads sent to the primary instead of a replica: {detail}", soft_wrap=True)
     if tally.interrupted:
         console.print(
             f"{tally.interrupted} read(s) were in flight on replica2 when it was killed; "
-            "the demo's app retried them once (the router retries only what was not sent)"
+            "the demo's app retried them once (the router retries only what was not sent)",
+            soft_wrap=True,
         )
     for error in tally.errors:
-        console.print(f"[red]error[/]: {error}", highlight=False)
+        console.print(f"[red]error[/]: {error}", highlight=False, soft_wrap=True)
     return 0 if ok else 1

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError, SandboxError
+from . import description
 
 __all__ = ["register"]
 
@@ -61,7 +62,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "sandbox",
         help="run a local primary + streaming replicas",
-        description=__doc__.splitlines()[0] if __doc__ else None,
+        description=description(__doc__),
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=type(parser))
     actions.required = True
@@ -327,13 +328,11 @@ def _print_json(data: dict[str, Any]) -> None:
 
 
 def _print_nodes(report: dict[str, Any]) -> None:
-    from rich import box
-    from rich.table import Table
+    from ._tables import node_table, with_errors
 
-    table = Table(title=f"sandbox {report['directory']}", title_justify="left", box=box.SIMPLE_HEAD)
     columns = ("node", "port", "state", "role", "streams from", "replay LSN", "lag bytes", "replay")
-    for column in columns:
-        table.add_column(column, no_wrap=True)
+    whole = {"port", "replay LSN", "lag bytes"}
+    table = node_table(f"sandbox {report['directory']}", columns, whole=whole)
     for node in report["nodes"]:
         if not node["running"]:
             state = "[red]stopped[/red]"
@@ -357,10 +356,8 @@ def _print_nodes(report: dict[str, Any]) -> None:
             replay,
         )
     console = _console()
-    console.print(table)
-    for node in report["nodes"]:
-        if "error" in node:
-            console.print(f"{node['name']}: [red]{node['error']}[/red]")
+    errors = [(node["name"], node["error"]) for node in report["nodes"] if "error" in node]
+    console.print(with_errors(table, errors), soft_wrap=False)
     for node in report["nodes"]:
         console.print(f"{node['name']:<10} {node['dsn']}")
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.table import Table
 
@@ -27,13 +28,15 @@ from ..errors import ConfigurationError
 from ..events import EventBus
 from ..monitor import Monitor
 from ..topology import NodeSpec, NodeStatus, Topology
-from . import seconds_between
+from . import description, seconds_between
+from ._tables import node_table, with_errors
 
 __all__ = [
     "console_for_output",
     "node_specs",
     "quiet_library_logs",
     "register",
+    "render_status",
     "render_table",
     "statuses",
 ]
@@ -43,7 +46,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "status",
         help="show role, health and lag of each node",
-        description=__doc__.splitlines()[0] if __doc__ else None,
+        description=description(__doc__),
     )
     parser.add_argument("dsns", nargs="+", metavar="DSN", help="node DSNs or a multi-host URL")
     parser.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
@@ -88,9 +91,12 @@ def _first_line(error: str | None) -> str:
 
 
 def console_for_output() -> Console:
-    """Rich's console; wide enough for the table when writing to a file or CI log."""
+    """Rich's console; wide enough for the table when writing to a file or CI log,
+    unless ``COLUMNS`` says how wide."""
     console = Console()
-    return console if console.is_terminal else Console(width=160)
+    if console.is_terminal or os.environ.get("COLUMNS"):
+        return console
+    return Console(width=160)
 
 
 def quiet_library_logs() -> None:
@@ -106,22 +112,12 @@ def _number(value: float | None, digits: int) -> str:
 def render_table(
     rows: Sequence[NodeStatus], *, traffic: bool = False, title: str | None = None
 ) -> Table:
-    """The status table the ``status`` and ``demo`` commands show."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("node", style="bold", no_wrap=True)
-    table.add_column("role")
-    table.add_column("healthy")
-    table.add_column("lag s", justify="right")
-    table.add_column("lag bytes", justify="right")
-    table.add_column("replay LSN", justify="right")
-    table.add_column("TL", justify="right")
-    if traffic:
-        table.add_column("reads", justify="right")
-        table.add_column("writes", justify="right")
-        table.add_column("in use", justify="right")
-    else:
-        table.add_column("latency ms", justify="right")
-        table.add_column("error", overflow="ellipsis", no_wrap=True)
+    """The status table the ``status`` and ``demo`` commands show (errors: see
+    :func:`render_status`)."""
+    headers = ["node", "role", "ok", "lag s", "lag bytes", "replay LSN", "TL"]
+    headers += ["reads", "writes", "in use"] if traffic else ["latency ms"]
+    right = {"lag s", "lag bytes", "replay LSN", "TL", "reads", "writes", "in use", "latency ms"}
+    table = node_table(title, headers, right=right)
     for row in rows:
         role = "fenced" if row.fenced else row.role
         role_style = {"primary": "cyan", "replica": "green", "fenced": "red"}.get(role, "yellow")
@@ -137,9 +133,15 @@ def render_table(
         if traffic:
             cells += [f"{row.reads:,}", f"{row.writes:,}", str(row.in_use)]
         else:
-            cells += [_number(row.latency_ms, 1), _first_line(row.last_error)]
+            cells.append(_number(row.latency_ms, 1))
         table.add_row(*cells)
     return table
+
+
+def render_status(rows: Sequence[NodeStatus]) -> RenderableType:
+    """The ``status`` table, each failing node's error below it."""
+    errors = [(r.name, _first_line(r.last_error)) for r in rows if r.last_error]
+    return with_errors(render_table(rows), errors)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -171,7 +173,7 @@ def _show(console: Console, rows: Sequence[NodeStatus], *, as_json: bool) -> Non
     if as_json:
         print(json.dumps([r.as_dict() for r in rows]), flush=True)
     else:
-        console.print(render_table(rows))
+        console.print(render_status(rows))
 
 
 def _watch(
@@ -183,7 +185,7 @@ def _watch(
         while True:
             _show(console, statuses(specs, monitor.topology), as_json=args.json)
             time.sleep(args.interval)
-    with Live(render_table(statuses(specs, monitor.topology)), console=console) as live:
+    with Live(render_status(statuses(specs, monitor.topology)), console=console) as live:
         while True:
             time.sleep(args.interval)
-            live.update(render_table(statuses(specs, monitor.topology)))
+            live.update(render_status(statuses(specs, monitor.topology)))
