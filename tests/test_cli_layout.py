@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from replica_router.cli import build_parser, description
-from replica_router.cli.sandbox import _print_up
+from replica_router.cli.sandbox import _print_nodes
 from replica_router.sandbox import LocalCluster
 
 SCRIPT = str(Path(sys.executable).with_name("replica-router"))
@@ -82,7 +82,7 @@ def test_sandbox_up_table_puts_a_long_error_below_and_wraps_it(
 ) -> None:
     monkeypatch.setenv("COLUMNS", str(WIDTH))
     error = "could not connect: " + "a very long reason [not markup] " * 4 + "END"
-    _print_up(sandbox_report(error))
+    _print_nodes(sandbox_report(error))  # the table `sandbox up` and `status` print
     out = capsys.readouterr().out
     table = dsn_lines_removed(out)
     assert_fits(table, ["primary", "replica1", "replica12"])
