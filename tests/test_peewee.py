@@ -25,9 +25,12 @@ from playhouse.postgres_ext import BinaryJSONField
 from helpers import FAST, replay_paused, replica_ports, wait_until
 from replica_router import Cluster
 from replica_router.integrations.peewee import (
+    CLASSIFY,
+    READ,
+    WRITE,
     RoutedPostgresqlDatabase,
     check_connections,
-    reads_only,
+    query_route,
     use_primary,
 )
 from replica_router.sandbox import LocalCluster
@@ -87,17 +90,17 @@ def replica_only(lc: LocalCluster, db: RoutedPostgresqlDatabase) -> None:
 def test_query_types_decide_the_route_without_a_server() -> None:
     db = peewee.PostgresqlDatabase(None)
     model = _model(db, "t")
-    assert reads_only(model.select()) is True
-    assert reads_only(model.select() | model.select()) is True
-    assert reads_only(model.select().for_update()) is False
-    assert reads_only(model.insert(name="a")) is False
-    assert reads_only(model.insert_many([{"name": "a"}])) is False
-    assert reads_only(model.update(name="b")) is False
-    assert reads_only(model.delete()) is False
-    assert reads_only(model.raw("SELECT 1")) is None  # raw SQL: the classifier decides
+    assert query_route(model.select()) == READ
+    assert query_route(model.select() | model.select()) == READ
+    assert query_route(model.select().for_update()) == WRITE
+    assert query_route(model.insert(name="a")) == WRITE
+    assert query_route(model.insert_many([{"name": "a"}])) == WRITE
+    assert query_route(model.update(name="b")) == WRITE
+    assert query_route(model.delete()) == WRITE
+    assert query_route(model.raw("SELECT 1")) == CLASSIFY  # raw SQL: the classifier decides
     cte = model.insert(name="c").returning(model.id).cte("made")
-    assert reads_only(cte.select_from(cte.c.id)) is None  # a data-modifying CTE may hide
-    assert reads_only(peewee.SQL("SELECT 1")) is None
+    assert query_route(cte.select_from(cte.c.id)) == CLASSIFY  # a data-modifying CTE may hide
+    assert query_route(peewee.SQL("SELECT 1")) == CLASSIFY
 
 
 # -- routing ---------------------------------------------------------------------------------

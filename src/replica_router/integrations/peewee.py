@@ -109,16 +109,21 @@ def _owner() -> object:
     return _current_flow()
 
 
-def reads_only(query: Any) -> bool | None:
-    """A query object's routing by its type: True a read, False a write, None: ask
-    the classifier (raw SQL, selects with CTEs, which may modify data)."""
+# How a statement is routed (see query_route); the classifier decides for CLASSIFY.
+CLASSIFY: Final = 0  # raw SQL, a select with CTEs (which may modify data), a bare node
+READ: Final = 1  # a select: the read link unless the scope must stay on the primary
+WRITE: Final = 2  # everything else: the primary
+
+
+def query_route(query: Any) -> int:
+    """A query object's route by its type (pure; no I/O)."""
     if isinstance(query, peewee.SelectBase):
         if getattr(query, "_for_update", None) is not None:
-            return False
-        return None if getattr(query, "_cte_list", None) else True
+            return WRITE
+        return CLASSIFY if getattr(query, "_cte_list", None) else READ
     if isinstance(query, peewee.RawQuery) or not isinstance(query, peewee.Query):
-        return None
-    return False
+        return CLASSIFY
+    return WRITE
 
 
 @contextlib.contextmanager
@@ -266,6 +271,11 @@ class _NodeLimits:
         with self._cond:
             self._held[node] = self._held.get(node, 1) - 1
             self._cond.notify()
+
+
+def _lsn(cursor: psycopg.Cursor[Any]) -> int | None:
+    row = cursor.fetchone()
+    return None if row is None or row[0] is None else parse_lsn(str(row[0]))
 
 
 def _server_hung_up(conn: psycopg.Connection[Any]) -> bool:
@@ -418,19 +428,19 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         """Run a query object where its type says it may run (see the module doc)."""
         ctx: Any = self.get_sql_context(**context_options)
         sql, params = ctx.sql(query).query()
-        return self._run(sql, params, reads_only(query))
+        return self._run(sql, params, query_route(query))
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
         """Run SQL text where the cluster's classifier says it may run."""
-        return self._run(sql, params, None)
+        return self._run(sql, params, CLASSIFY)
 
-    def _run(self, sql: str, params: Any, reads: bool | None) -> Any:
+    def _run(self, sql: str, params: Any, kind: int) -> Any:
         self._log_query(sql, params)
         start = time.perf_counter() if self.query_hooks else None
         try:
             try:
                 with _translated:
-                    cursor = self._route(sql, params, reads)
+                    cursor = self._route(sql, params, kind)
             except _ROUTER_ERRORS as exc:  # existing `except peewee.OperationalError` handlers
                 raise peewee.OperationalError(exc, *exc.args) from exc
         except Exception as exc:
@@ -441,18 +451,18 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
             self._notify_hooks(sql, params, start, None)
         return cursor
 
-    def _route(self, sql: str, params: Any, reads: bool | None) -> psycopg.Cursor[Any]:
+    def _route(self, sql: str, params: Any, kind: int) -> psycopg.Cursor[Any]:
         links = self._open_links()
         session = False
-        if reads is None:
+        if kind == CLASSIFY:
             st = self.cluster.classifier.analyze(sql)
-            reads = st.intent is _READ and not st.session
+            kind = READ if st.intent is _READ and not st.session else WRITE
             if st.session:
                 session = True
                 links.dirty = True
                 if st.session & PINNING_EFFECTS or "set" in st.session:
                     links.pinned = True  # the state lives on the primary's backend only
-        if reads and not links.in_transaction():
+        if kind == READ and not links.in_transaction():
             primary_only = _PRIMARY_ONLY.get()
             if not primary_only or (
                 _EVERY_DATABASE not in primary_only and self not in primary_only
@@ -492,7 +502,7 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
             try:
                 cursor.execute(sql, params)
             except ReadOnlySqlTransaction:
-                return self._write(links, sql, params, False)  # the server says it writes
+                return self._write(links, sql, params)  # the server says it writes
             except SerializationFailure:
                 if cluster.topology.primary == node:
                     raise
@@ -513,26 +523,26 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
             f"the read failed on every node tried ({', '.join(sorted(failed | set(exclude)))})"
         )
 
-    def _write(self, links: _Links, sql: str, params: Any, session: bool) -> psycopg.Cursor[Any]:
+    def _write(
+        self, links: _Links, sql: str, params: Any, session: bool = False
+    ) -> psycopg.Cursor[Any]:
+        """On the primary link; an autocommit statement's WAL position is read right
+        after it committed, on the same connection (not a pooled one of its own)."""
         lease = self._writer(links)
         conn = lease.conn
         cursor = conn.cursor()
         try:
             cursor.execute(sql, params)
+            if session or conn.pgconn.transaction_status != _IDLE:
+                return cursor  # in a transaction: its COMMIT captures the position
+            position = _lsn(conn.execute(POSITION_SQL))
         except psycopg.Error:
             if conn.broken:
                 links.writer = None
                 self._give_back(lease)
             raise
-        if conn.pgconn.transaction_status == _IDLE and not session:
-            self._capture(conn)  # it committed on its own: the token advances past it
+        self.cluster.record_write(position)  # it committed: the token advances past it
         return cursor
-
-    def _capture(self, conn: psycopg.Connection[Any]) -> None:
-        """An autocommit statement committed on ``conn`` (the primary): record where."""
-        row = conn.execute(POSITION_SQL).fetchone()
-        value = row[0] if row else None
-        self.cluster.record_write(None if value is None else parse_lsn(str(value)))
 
     # -- the primary link ---------------------------------------------------------------------
 

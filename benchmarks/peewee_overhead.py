@@ -1,0 +1,193 @@
+"""What ``RoutedPostgresqlDatabase`` adds to Peewee's ``get_by_id`` and ``create``.
+
+On a LocalCluster (primary + 1 replica), in the same run, interleaved rounds (A B B A):
+
+* ``plain``: Peewee's own ``PostgresqlDatabase`` (psycopg 3 driver, connection held
+  open as Peewee does) to the node the routed side uses: the replica for
+  ``get_by_id``, the primary for ``create``.
+* ``plain, same conn``: a ``PostgresqlDatabase`` whose connection *is* the pooled
+  connection the routed side holds (the same server backend: on a small shared VM
+  two backends can differ by more than the router costs).
+* ``routed``: ``RoutedPostgresqlDatabase(cluster)`` inside ``connection_context()``.
+  ``get_by_id`` is routed per statement (``route_read`` keeps the held replica);
+  ``create`` is an autocommit INSERT whose WAL position is read right after it on
+  the same connection, so the scope's token advances (read-your-writes).
+* ``routed, ryw off``: the same with ``Cluster(read_your_writes=None)``.
+* ``Model.create in db.atomic()``: the same INSERT in a transaction, where the
+  position comes back in the COMMIT's own round trip (``commit_and_capture``).
+
+Ratios are of the medians of the per-round means (wall clock).
+
+    .venv/bin/python benchmarks/peewee_overhead.py [--rounds 100] [--ops 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import peewee
+import psycopg
+
+from replica_router import Cluster
+from replica_router.integrations.peewee import RoutedPostgresqlDatabase
+from replica_router.sandbox import LocalCluster
+
+ROWS = 1000
+
+
+def time_ops(op: Callable[[int], object], ops: int) -> float:
+    start = time.perf_counter()
+    for i in range(ops):
+        op(i)
+    return (time.perf_counter() - start) / ops
+
+
+def compare(sides: dict[str, Callable[[int], object]], rounds: int, ops: int) -> dict[str, float]:
+    """Median seconds per op per side over interleaved rounds (order reversed every round)."""
+    for op in sides.values():
+        time_ops(op, ops)  # warm up: connections, caches
+    samples: dict[str, list[float]] = {name: [] for name in sides}
+    items = list(sides.items())
+    for i in range(rounds):
+        for name, op in items if i % 2 == 0 else reversed(items):
+            samples[name].append(time_ops(op, ops))
+    return {name: statistics.median(got) for name, got in samples.items()}
+
+
+def model(db: peewee.Database) -> Any:
+    class User(peewee.Model):
+        name = peewee.TextField()
+
+        class Meta:
+            database = db
+            table_name = "bench_user"
+
+    return User
+
+
+class _Borrowed(peewee.PostgresqlDatabase):
+    """Peewee's own database on a connection it is handed (the routed side's)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._borrowed = conn
+        super().__init__("borrowed", prefer_psycopg3=True)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        return self._borrowed
+
+    def _close(self, conn: Any) -> None:
+        pass
+
+
+def in_atomic(db: peewee.Database, user: Any) -> object:
+    with db.atomic():
+        return user.create(name="a")
+
+
+def table(title: str, results: dict[str, float], base: str) -> list[str]:
+    lines = [title, f"  {'side':<18} {'us/op':>8} {'x ' + base:>12}"]
+    for name, value in results.items():
+        lines.append(f"  {name:<18} {value * 1e6:>8.1f} {value / results[base]:>12.3f}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--ops", type=int, default=50)
+    args = parser.parse_args()
+
+    out: list[str] = []
+    with LocalCluster(replicas=1) as lc:
+        lc.execute("primary", "CREATE TABLE bench_user (id serial PRIMARY KEY, name text)")
+        lc.execute(
+            "primary",
+            f"INSERT INTO bench_user (name) SELECT md5(i::text) FROM generate_series(1, {ROWS}) i",
+        )
+        lc.wait_replicated()
+        with (
+            Cluster(lc.primary_dsn, lc.replica_dsns) as cluster,
+            Cluster(lc.primary_dsn, lc.replica_dsns, read_your_writes=None) as plain_cluster,
+        ):
+            routed_db = RoutedPostgresqlDatabase(cluster)
+            off_db = RoutedPostgresqlDatabase(plain_cluster)
+            routed, off = model(routed_db), model(off_db)
+
+            def reads() -> list[str]:
+                with routed_db.connection_context(), off_db.connection_context():
+                    routed.get_by_id(1)  # lease the replica link
+                    off.get_by_id(1)
+                    reader = routed_db._links().reader
+                    assert reader is not None and reader.node == "replica1"
+                    own = peewee.PostgresqlDatabase(lc.replica_dsns[0], prefer_psycopg3=True)
+                    same = _Borrowed(reader.conn)
+                    plain, borrowed = model(own), model(same)
+                    results = compare(
+                        {
+                            "plain": lambda i: plain.get_by_id(i % ROWS + 1),
+                            "plain, same conn": lambda i: borrowed.get_by_id(i % ROWS + 1),
+                            "routed": lambda i: routed.get_by_id(i % ROWS + 1),
+                            "routed, ryw off": lambda i: off.get_by_id(i % ROWS + 1),
+                        },
+                        args.rounds,
+                        args.ops,
+                    )
+                    same.close()
+                    own.close()
+                    served = {s.name: s.reads for s in cluster.status()}
+                    assert served["primary"] == 0, served  # every routed read on the replica
+                title = f"Model.get_by_id (replica), {args.rounds} rounds x {args.ops}"
+                return table(title, results, "plain, same conn")
+
+            def writes() -> list[str]:
+                with routed_db.connection_context(), off_db.connection_context():
+                    routed.create(name="warm")  # lease the primary link
+                    off.create(name="warm")
+                    writer = routed_db._links().writer
+                    assert writer is not None and writer.node == "primary"
+                    own = peewee.PostgresqlDatabase(lc.primary_dsn, prefer_psycopg3=True)
+                    same = _Borrowed(writer.conn)
+                    plain, borrowed = model(own), model(same)
+                    results = compare(
+                        {
+                            "plain": lambda i: plain.create(name="p"),
+                            "plain, same conn": lambda i: borrowed.create(name="s"),
+                            "routed": lambda i: routed.create(name="r"),
+                            "routed, ryw off": lambda i: off.create(name="o"),
+                        },
+                        max(args.rounds // 2, 4),
+                        args.ops,
+                    )
+                    atomic = compare(
+                        {
+                            "plain, same conn": lambda i: in_atomic(same, borrowed),
+                            "routed": lambda i: in_atomic(routed_db, routed),
+                        },
+                        max(args.rounds // 2, 4),
+                        args.ops,
+                    )
+                    same.close()
+                    own.close()
+                    assert routed_db.token is not None  # the writes advanced the token
+                rounds = max(args.rounds // 2, 4)
+                return [
+                    *table(f"Model.create (primary, autocommit), {rounds} rounds", results,
+                           "plain, same conn"),
+                    *table(f"Model.create in db.atomic() (primary), {rounds} rounds", atomic,
+                           "plain, same conn"),
+                ]  # fmt: skip
+
+            # Each in a context of its own: the writes' token must not steer the reads.
+            out += contextvars.Context().run(reads)
+            out += contextvars.Context().run(writes)
+    print("\n".join(out))
+    print("target: routed / plain <= 1.05")
+
+
+if __name__ == "__main__":
+    main()
