@@ -107,6 +107,11 @@ def test_up_operate_and_down_from_the_command_line(
     started = run_json(capsys, "start", "primary", "--dir", d)
     assert _node(started, "primary")["running"] is True
     assert _node(started, "primary")["role"] == "primary"  # old timeline: split brain
+    rejoined = run_json(capsys, "rejoin", "primary", "--dir", d)
+    assert rejoined["message"] == "primary rejoined as a replica of replica1"
+    assert _node(rejoined, "primary")["role"] == "replica"
+    assert _node(rejoined, "primary")["streaming_from"] == "replica1"
+    assert rejoined["replica_dsns"][0] == _node(rejoined, "primary")["dsn"]
 
     code, out, _ = run_cli(capsys, "status", "--dir", d)
     assert code == 0
@@ -177,7 +182,7 @@ def test_unknown_node_is_a_bad_argument(
     assert err.strip() == (
         "replica-router sandbox lag: error: unknown node 'replica7'; nodes are: primary"
     )
-    for action in ("kill", "start", "promote"):
+    for action in ("kill", "start", "promote", "rejoin"):
         code, out, err = run_cli(capsys, action, "replica7", "--dir", str(sandbox_dir))
         assert (code, out) == (2, ""), (action, err)
         assert err.strip() == (

@@ -98,6 +98,7 @@ def register(subparsers: Any) -> None:
         ("kill", _kill, "stop a node at once (immediate shutdown)"),
         ("start", _start, "start a stopped node"),
         ("promote", _promote, "promote a replica and re-point the others"),
+        ("rejoin", _rejoin, "bring a node back as a replica of the primary (pg_rewind)"),
     ):
         sub = actions.add_parser(name, parents=[common], help=text)
         sub.add_argument("node")
@@ -221,6 +222,17 @@ def _promote(args: argparse.Namespace) -> int:
         cluster = LocalCluster.attach(_directory(args))
         cluster.promote(args.node)
         return _done(args, f"{args.node} promoted; the other replicas follow it", cluster)
+
+    return _run(args, action)
+
+
+def _rejoin(args: argparse.Namespace) -> int:
+    from ..sandbox import LocalCluster
+
+    def action() -> int:
+        cluster = LocalCluster.attach(_directory(args))
+        cluster.rejoin(args.node)
+        return _done(args, f"{args.node} rejoined as a replica of {cluster.primary_name}", cluster)
 
     return _run(args, action)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import time
 import weakref
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,10 +32,12 @@ from ._processes import (
     STOP_SIGNALS,
     RunAs,
     check_traversable,
+    is_suspended,
     postmaster_pid,
     postmaster_status,
     process_start_marker,
     resolve_run_as,
+    run,
     signal_tree,
     spawn,
     terminate_postmaster,
@@ -60,6 +64,16 @@ _PORT_ATTEMPTS = 5
 _MAX_SOCKET_PATH = 100  # sun_path is 104-108 bytes; leave room for /.s.PGSQL.NNNNN
 _LOG_TAIL_LINES = 25
 _POLL = 0.01
+_OBSERVE_TIMEOUT = 2  # seconds to ask a node what it is; a hung one stays as last seen
+_TIMELINE_SQL = (
+    "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
+)
+_OBSERVE_SQL = (
+    "SELECT pg_is_in_recovery(), current_setting('primary_conninfo'),"
+    " CASE WHEN NOT pg_is_in_recovery() THEN"
+    " ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END"
+)
+_AUTO_CONNINFO = re.compile(r"\s*primary_conninfo\s*=\s*'((?:[^']|'')*)'")
 
 _open_clusters: weakref.WeakSet[LocalCluster] = weakref.WeakSet()
 
@@ -91,6 +105,39 @@ def _pick_port(exclude: Iterable[int] = ()) -> int:
 
 def _quote_setting(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """What one node is, as its server (or, stopped, its data directory) says."""
+
+    standby: bool
+    upstream_port: int | None  # where its primary_conninfo points
+    timeline: int | None  # a running primary's current timeline
+
+
+def _conninfo_port(text: str | None) -> int | None:
+    if not text:
+        return None
+    try:
+        port = conninfo.conninfo_to_dict(text).get("port")
+    except psycopg.ProgrammingError:
+        return None
+    return int(port) if port is not None and str(port).isdigit() else None
+
+
+def _auto_conf_conninfo(data_dir: Path) -> str | None:
+    """``primary_conninfo`` as ``ALTER SYSTEM`` left it (it overrides our file)."""
+    try:
+        text = (data_dir / "postgresql.auto.conf").read_text()
+    except OSError:
+        return None
+    found = None
+    for line in text.splitlines():
+        match = _AUTO_CONNINFO.match(line)
+        if match:
+            found = match.group(1).replace("''", "'")
+    return found
 
 
 def _tail(path: Path, offset: int = 0, lines: int = _LOG_TAIL_LINES) -> str:
@@ -257,13 +304,18 @@ class LocalCluster:
 
     @property
     def primary_name(self) -> str:
-        """The node that takes writes now (changes after :meth:`promote`)."""
-        return self._require_open()[0].primary_name
+        """The node that takes writes now, as the servers say: after :meth:`promote`,
+        or a promotion by someone else (the router's ``failover="promote"``), the new
+        one. Of two primaries (a split brain), the one on the newer timeline."""
+        with self._lock:
+            return self._refresh().primary_name
 
     @property
     def replica_names(self) -> list[str]:
-        """Nodes configured as standbys now, in node order (running or not)."""
-        return [n.name for n in self._require_open()[0].nodes if n.standby]
+        """Nodes that are standbys now (in recovery; stopped: with ``standby.signal``),
+        in node order, running or not."""
+        with self._lock:
+            return [n.name for n in self._refresh().nodes if n.standby]
 
     @property
     def primary_dsn(self) -> str:
@@ -414,11 +466,12 @@ class LocalCluster:
         replica whose primary runs, when it streams (likewise a primary's replicas)."""
         deadline = time.monotonic() + (timeout or self._startup_timeout)
         with self._lock:
-            state, _ = self._require_open()
-            node = self._node(name)
+            self._node(name)
             if self.is_running(name):
                 return
-            self._start_node(node, deadline)
+            self._start_node(self._node(name), deadline)
+            state = self._refresh()  # the roles and upstreams the servers have now
+            node = self._node(name)
             if node.standby:
                 waiting = [name] if node.upstream and self.is_running(node.upstream) else []
                 upstream = node.upstream
@@ -444,7 +497,12 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         with self._lock:
             state, directory = self._require_open()
-            node = self._require_standby(name)
+            self._refresh()
+            node = self._node(name)
+            if not node.standby and not (
+                self.is_running(name) and self.execute(name, _TIMELINE_SQL)[0][0] > 1
+            ):
+                raise SandboxError(f"{name} is not a replica (it is a primary now)")
             if not self.is_running(name):
                 raise SandboxError(f"cannot promote {name}: it is not running")
             rows = self.execute(
@@ -478,6 +536,60 @@ class LocalCluster:
             ]
             if ready:
                 self._wait_streaming(name, ready, deadline)
+
+    def rejoin(self, name: str, timeout: float = 60.0) -> None:
+        """Bring ``name`` back as a replica of the current primary: stop it, ``pg_rewind``
+        it onto the primary's timeline (what it wrote after the split is discarded),
+        start it as a standby, and return once it streams from the primary.
+
+        The usual case is an old primary after a failover; a replica that follows
+        another node (or nothing) is re-pointed the same way.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            state, directory = self._require_open()
+            binaries, run_as = self._require_binaries()
+            self._node(name)
+            primary = self._refresh().primary_name
+            if primary == name:
+                raise SandboxError(
+                    f"cannot rejoin {name}: it is the primary; promote another node first"
+                )
+            if not self.is_running(primary):
+                raise SandboxError(f"cannot rejoin {name}: the primary {primary} is not running")
+            self.stop(name, mode="fast", timeout=max(1.0, deadline - time.monotonic()))
+            # pg_rewind reads the source's timeline from its control file, which a fresh
+            # promotion updates only at the next checkpoint ("no rewind required" else).
+            self.execute(primary, "CHECKPOINT")
+            extra = {} if self._password is None else {"passfile": str(directory / _PASSFILE)}
+            source = conninfo.make_conninfo(
+                "",
+                host="127.0.0.1",
+                port=str(self.port(primary)),
+                user="postgres",
+                dbname="postgres",
+                **extra,
+            )
+            rewind = [binaries.path("pg_rewind"), "--target-pgdata", str(directory / name)]
+            done = run(
+                [*rewind, "--source-server", source],
+                run_as,
+                cwd=directory,
+                timeout=max(1.0, deadline - time.monotonic()),
+            )
+            logger.info("pg_rewind %s from %s: %s", name, primary, done.stdout.strip())
+            node = self._node(name)
+            node.standby, node.upstream = True, primary
+            node.settings.pop("synchronous_standby_names", None)
+            self._apply_settings(node, reload=False)  # pg_rewind copied the primary's file
+            self._write(directory / name / "standby.signal", "")
+            leader = self._node(primary)
+            if self._sync and leader.settings.pop("synchronous_standby_names", None) is not None:
+                self._apply_settings(leader)  # a standby to wait for again
+            state.save(directory)
+            self._start_node(node, deadline)
+            self._wait_streaming(primary, [name], deadline)
+            logger.info("%s rejoined as a replica of %s", name, primary)
 
     def wait_replicated(self, timeout: float = 10.0) -> str:
         """Wait until every running, un-paused replica has replayed the primary's
@@ -689,9 +801,10 @@ class LocalCluster:
     def _apply_settings(self, node: NodeRecord, reload: bool = True) -> None:
         """Rewrite the node's settings file and, if it runs, make it reload."""
         state, directory = self._require_open()
-        body = "".join(
-            f"{key} = {_quote_setting(value)}\n" for key, value in self._settings(node).items()
-        )
+        settings = self._settings(node)
+        if "primary_conninfo" in settings:
+            self._drop_auto_conninfo(directory / node.name)
+        body = "".join(f"{key} = {_quote_setting(value)}\n" for key, value in settings.items())
         self._write(
             directory / node.name / _CONF_FILE,
             "# Managed by replica-router's sandbox: rewritten on every change.\n" + body,
@@ -701,6 +814,79 @@ class LocalCluster:
             if pid is not None:
                 os.kill(pid, signal.SIGHUP)
         state.save(directory)
+
+    def _drop_auto_conninfo(self, data_dir: Path) -> None:
+        """Remove a ``primary_conninfo`` that ``ALTER SYSTEM`` set (the router re-points
+        replicas that way): it would override the one the sandbox sets now."""
+        path = data_dir / "postgresql.auto.conf"
+        try:
+            lines = path.read_text().splitlines(keepends=True)
+        except OSError:
+            return
+        kept = [line for line in lines if not _AUTO_CONNINFO.match(line)]
+        if kept != lines:
+            self._write(path, "".join(kept))
+
+    # -- internals: what the servers say -----------------------------------------
+
+    def _observe(self, node: NodeRecord) -> _Seen | None:
+        """Ask the node what it is; ``None`` if it cannot answer now (hung, starting)."""
+        _, directory = self._require_open()
+        data_dir = directory / node.name
+        pid = self._pid(node.name)
+        if pid is None:
+            if not (data_dir / "standby.signal").exists():
+                return _Seen(standby=False, upstream_port=None, timeline=None)
+            text = _auto_conf_conninfo(data_dir)
+            port = _conninfo_port(text) if text else None
+            return _Seen(standby=True, upstream_port=port, timeline=None)
+        if is_suspended(pid):
+            return None
+        try:
+            with psycopg.connect(
+                self.dsn(node.name), autocommit=True, connect_timeout=_OBSERVE_TIMEOUT
+            ) as conn:
+                row = conn.execute(_OBSERVE_SQL).fetchone()
+        except psycopg.Error:
+            return None
+        if row is None:
+            return None
+        in_recovery, text, timeline = row
+        if not in_recovery:
+            return _Seen(standby=False, upstream_port=None, timeline=int(timeline))
+        return _Seen(standby=True, upstream_port=_conninfo_port(text), timeline=None)
+
+    def _refresh(self) -> SandboxState:
+        """Make the state say what the servers say now: each node's role and upstream
+        (``pg_is_in_recovery()``, ``primary_conninfo``), and which node is the primary.
+        A node that cannot answer keeps its last known role."""
+        state, directory = self._require_open()
+        by_port = {n.port: n.name for n in state.nodes}
+        seen = {n.name: self._observe(n) for n in state.nodes}
+        before = [(n.standby, n.upstream) for n in state.nodes], state.primary_name
+        for node in state.nodes:
+            observed = seen[node.name]
+            if observed is None:
+                continue
+            node.standby = observed.standby
+            if not observed.standby:
+                node.upstream = None
+            elif observed.upstream_port in by_port:
+                node.upstream = by_port[observed.upstream_port]
+        primaries = [n.name for n in state.nodes if not n.standby]
+        timelines = {}
+        for name in primaries:
+            observed = seen[name]
+            if observed is not None and observed.timeline is not None:
+                timelines[name] = observed.timeline
+        if timelines:
+            newest = max(timelines.values())
+            primaries = [name for name, t in timelines.items() if t == newest]
+        if primaries and state.primary_name not in primaries:
+            state.primary_name = primaries[0]
+        if ([(n.standby, n.upstream) for n in state.nodes], state.primary_name) != before:
+            state.save(directory)
+        return state
 
     def _write(self, path: Path, text: str, mode: int = 0o600) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -879,6 +1065,8 @@ class LocalCluster:
         raise ConfigurationError(f"unknown node {name!r}; nodes are: {known}")
 
     def _require_standby(self, name: str) -> NodeRecord:
+        self._node(name)
+        self._refresh()
         node = self._node(name)
         if not node.standby:
             raise SandboxError(f"{name} is not a replica (it is a primary now)")

@@ -27,6 +27,7 @@ __all__ = [
     "RunAs",
     "check_traversable",
     "chown_tree",
+    "is_suspended",
     "pid_alive",
     "postmaster_pid",
     "postmaster_status",
@@ -166,6 +167,12 @@ def _proc_stat_fields(pid: int) -> list[str]:
     except OSError:
         return []
     return raw.rsplit(")", 1)[-1].split()
+
+
+def is_suspended(pid: int) -> bool:
+    """Whether ``pid`` is stopped by a signal (a frozen server); False off Linux."""
+    fields = _proc_stat_fields(pid)
+    return bool(fields) and fields[0] == "T"
 
 
 def process_start_marker(pid: int) -> str:
