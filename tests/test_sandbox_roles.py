@@ -68,8 +68,10 @@ def test_after_the_routers_own_promotion_the_old_primary_starts_and_rejoins(
                 ("rejoined",),
             ]
         wait_until(
-            lambda: cluster.topology.by_name["primary"].healthy
-            and cluster.status()[0].role == "replica",
+            lambda: (
+                cluster.topology.by_name["primary"].healthy
+                and cluster.status()[0].role == "replica"
+            ),
             what="the router sees the old primary as a replica",
         )
 

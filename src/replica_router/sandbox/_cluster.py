@@ -65,9 +65,7 @@ _MAX_SOCKET_PATH = 100  # sun_path is 104-108 bytes; leave room for /.s.PGSQL.NN
 _LOG_TAIL_LINES = 25
 _POLL = 0.01
 _OBSERVE_TIMEOUT = 2  # seconds to ask a node what it is; a hung one stays as last seen
-_TIMELINE_SQL = (
-    "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
-)
+_TIMELINE_SQL = "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
 _OBSERVE_SQL = (
     "SELECT pg_is_in_recovery(), current_setting('primary_conninfo'),"
     " CASE WHEN NOT pg_is_in_recovery() THEN"
@@ -975,11 +973,7 @@ class LocalCluster:
         while True:
             try:
                 port = self._node(upstream).port
-                timeline = self.execute(
-                    upstream,
-                    "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))"
-                    "::bit(32)::int",
-                )[0][0]
+                timeline = self.execute(upstream, _TIMELINE_SQL)[0][0]
                 # The replica's side first: once it receives on the new timeline, the
                 # upstream's walsender for it is the one serving that timeline.
                 on_timeline = {
