@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import venv
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -57,21 +58,44 @@ def ensure_env() -> None:
     STAMP.write_text(_digest())
 
 
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+CHROMIUM_APPS = (  # macOS installs an app bundle, not a command on PATH
+    "/Applications/Chromium.app/Contents/MacOS/Chromium",
+    "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
+)
+CHROMIUM_HINT = "Debian/Ubuntu: sudo apt-get install chromium; macOS: brew install --cask chromium"
+
+
+def find_chromium(path: str | None = None) -> str | None:
+    """A headless-capable Chromium or Chrome on ``path`` (default: $PATH), else None."""
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name, path=path)
+        if found:
+            return found
+    if path is None:
+        return next((app for app in CHROMIUM_APPS if os.access(app, os.X_OK)), None)
+    return None
+
+
+def browser_required(environ: Mapping[str, str]) -> bool:
+    """Under CI the browser test is mandatory; elsewhere it may be skipped."""
+    return environ.get("CI", "").lower() in ("true", "1")
+
+
 def ensure_browser() -> None:
-    """The dashboard test drives headless Chromium; as root, install it if missing."""
-    if shutil.which("chromium") or shutil.which("chromium-browser"):
+    """The dashboard's browser test drives headless Chromium. As root with apt-get
+    (CI), install it when missing; otherwise say in one line that the test will be
+    skipped -- or, under CI=true, that it will fail -- and run the suite anyway."""
+    if find_chromium():
         return
     if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
         print("installing chromium (dashboard browser test) ...", flush=True)
         _run("apt-get", "update", "-qq")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        if _run("apt-get", "install", "-y", "-qq", "chromium", env=env) == 0:
+        if _run("apt-get", "install", "-y", "-qq", "chromium", env=env) == 0 and find_chromium():
             return
-    sys.exit(
-        "the dashboard test needs Chromium: install it (Debian/Ubuntu: "
-        "'sudo apt-get install chromium'; macOS: 'brew install --cask chromium') "
-        "and run again"
-    )
+    outcome = "fail (CI=true)" if browser_required(os.environ) else "be skipped"
+    print(f"no Chromium: the dashboard browser test will {outcome}; {CHROMIUM_HINT}", flush=True)
 
 
 def main(argv: list[str]) -> int:
