@@ -21,9 +21,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from helpers import FAST, replay_paused, wait_until
-from replica_router import Cluster
+from replica_router import Cluster, ConfigurationError
 from replica_router.integrations.sqlalchemy import (
     RoutingSession,
+    cluster_from_engines,
+    engines,
+    pool_settings,
     sessionmaker,
     use_primary,
 )
@@ -314,3 +317,88 @@ def test_replica_engines_are_read_only(cluster: Cluster, replica_cluster: LocalC
     assert isinstance(engine, Engine)
     with engine.connect() as conn, pytest.raises(sa.exc.InternalError, match="read-only"):
         conn.execute(text("INSERT INTO sa_notes (body) VALUES ('no')"))
+
+
+@pytest.mark.destructive
+def test_writes_follow_a_promotion_and_a_fenced_primary_runs_nothing(
+    make_replica_cluster: Any,
+) -> None:
+    """The old primary keeps running after the promotion (split brain): the session
+    that held its write connection is refused at its next statement, the write
+    engine is disposed, and new sessions write to the new primary."""
+    lc = make_replica_cluster(replicas=2)
+    engine = plain_engine(lc.primary_dsn)
+    Base.metadata.create_all(engine)
+    engine.dispose()
+    lc.wait_replicated()
+    with Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST) as cluster:
+        Session = sessionmaker(cluster)
+        held = Session()
+        _add(held, "before")
+        held.flush()  # a write connection to the primary, transaction open
+        assert ("primary", "write") in engines(cluster)
+        lc.promote("replica1")
+        wait_until(
+            lambda: (
+                cluster.topology.primary == "replica1"
+                and cluster.topology.by_name["primary"].fenced
+            ),
+            what="replica1 elected, the old primary fenced",
+        )
+        _add(held, "after the promotion")
+        with pytest.raises(sa.exc.OperationalError, match="no longer the primary"):
+            held.flush()
+        held.rollback()
+        held.close()
+        assert lc.execute("primary", "SELECT count(*) FROM sa_notes") == [(0,)]
+        with Session() as session:
+            note = _add(session, "on the new primary")
+            session.commit()
+            note_id = note.id
+            assert session.connection().execute(text("SELECT inet_server_port()")).scalar() == (
+                lc.port("replica1")
+            )
+        assert lc.execute("replica1", f"SELECT body FROM sa_notes WHERE id = {note_id}") == [
+            ("on the new primary",)
+        ]
+        assert ("primary", "write") not in engines(cluster)
+        assert ("primary", "read") not in engines(cluster)  # fenced: no reads either
+
+
+def test_seed_004s_engines_become_the_clusters_pools(replica_cluster: LocalCluster) -> None:
+    lc = replica_cluster
+
+    def url(dsn: str) -> str:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+        user, host, port, db = info.get("user", ""), info["host"], info["port"], info["dbname"]
+        return f"postgresql+psycopg://{user}@{host}:{port}/{db}"
+
+    primary = sa.create_engine(
+        url(lc.primary_dsn), pool_size=3, max_overflow=2, pool_recycle=1800, pool_pre_ping=True
+    )
+    replicas = [sa.create_engine(url(d), pool_size=4, max_overflow=1) for d in lc.replica_dsns]
+    cluster = cluster_from_engines(primary, replicas, max_lag=None, **FAST)
+    assert isinstance(cluster, Cluster)
+    assert cluster._pool_kwargs["primary"]["max_size"] == 5
+    assert cluster._pool_kwargs["replica"] == {
+        **cluster._pool_kwargs["replica"],
+        "min_size": 4,
+        "max_size": 5,
+        "check": None,
+    }
+    with cluster, sessionmaker(cluster)() as session:
+        assert session.scalar(text("SELECT inet_server_port()")) in {
+            lc.port(n) for n in lc.replica_names
+        }
+    assert primary.pool.checkedout() == 0 and primary.pool.checkedin() == 0  # type: ignore[attr-defined]
+
+
+def test_pool_settings_keep_create_engines_meaning() -> None:
+    assert pool_settings(pool_size=30, max_overflow=20, pool_recycle=1800, pool_pre_ping=True) == {
+        "min_size": 30,
+        "max_size": 50,
+        "max_lifetime": 1800.0,
+    }
+    assert pool_settings()["check"] is None  # no pre-ping: no check per checkout
+    with pytest.raises(ConfigurationError):
+        pool_settings(pool_size=0)

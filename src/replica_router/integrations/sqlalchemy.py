@@ -63,7 +63,15 @@ from ..sources import Purpose
 if TYPE_CHECKING:
     from ..topology import Topology
 
-__all__ = ["RoutingSession", "async_sessionmaker", "sessionmaker", "use_primary"]
+__all__ = [
+    "RoutingSession",
+    "async_sessionmaker",
+    "cluster_from_engines",
+    "engines",
+    "pool_settings",
+    "sessionmaker",
+    "use_primary",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 AnyCluster = Cluster | AsyncCluster
@@ -548,6 +556,15 @@ def _router_for(cluster: AnyCluster) -> _Router:
     return router
 
 
+def engines(cluster: AnyCluster) -> Mapping[tuple[str, Purpose], Engine]:
+    """The engines made so far for ``cluster``, by ``(node, purpose)`` (a snapshot).
+
+    For observability and tests: sessions pick engines themselves. (For the
+    primary in tools such as Alembic, use ``session.connection()``.)
+    """
+    return _router_for(cluster).engines()
+
+
 # -- the session ---------------------------------------------------------------------------
 
 
@@ -655,3 +672,78 @@ def async_sessionmaker(
 def _check_class(cls: object) -> None:
     if not (isinstance(cls, type) and issubclass(cls, RoutingSession)):
         raise ConfigurationError(f"expected a RoutingSession subclass, got {cls!r}")
+
+
+# -- seed 004's engines -------------------------------------------------------------------
+
+
+def pool_settings(
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    pool_recycle: float = -1,
+    pool_pre_ping: bool = False,
+) -> dict[str, Any]:
+    """``create_engine``'s pool arguments as the cluster's pool settings for one role.
+
+    ``Cluster(pool_kwargs={"primary": pool_settings(pool_size=30, max_overflow=20,
+    pool_recycle=1800, pool_pre_ping=True), "replica": pool_settings(...)})``: the
+    pool keeps ``pool_size`` connections and opens up to ``max_overflow`` more
+    under load (psycopg_pool's ``min_size`` / ``max_size``), replaces a connection
+    older than ``pool_recycle`` seconds (``max_lifetime``; -1 keeps the cluster's
+    default) and checks each connection it hands out with ``pool_pre_ping``
+    (without it, no check).
+    """
+    if pool_size < 1 or max_overflow < 0:
+        raise ConfigurationError(
+            f"pool_settings: pool_size must be >= 1 and max_overflow >= 0, "
+            f"got {pool_size} and {max_overflow}"
+        )
+    settings: dict[str, Any] = {"min_size": pool_size, "max_size": pool_size + max_overflow}
+    if pool_recycle > 0:
+        settings["max_lifetime"] = float(pool_recycle)
+    if not pool_pre_ping:
+        settings["check"] = None  # with it, the cluster's own check of each checkout
+    return settings
+
+
+def _settings_of(engine: Engine) -> dict[str, Any]:
+    pool = engine.pool
+    size = getattr(pool, "size", None)
+    return pool_settings(
+        pool_size=size() if callable(size) and size() > 0 else 5,
+        max_overflow=max(0, getattr(pool, "_max_overflow", 10)),
+        pool_recycle=getattr(pool, "_recycle", -1),
+        pool_pre_ping=bool(getattr(pool, "_pre_ping", False)),
+    )
+
+
+def _dsn_of(engine: Engine) -> str:
+    if engine.dialect.name != "postgresql":
+        raise ConfigurationError(f"{engine!r}: expected a PostgreSQL engine")
+    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def cluster_from_engines(
+    primary: Engine | sa_asyncio.AsyncEngine,
+    replicas: list[Engine] | list[sa_asyncio.AsyncEngine],
+    **cluster_kwargs: Any,
+) -> Any:
+    """A ``Cluster`` (``AsyncCluster`` for async engines) of the nodes seed 004's
+    engines point at, with their pool settings per role.
+
+    The engines' own pools are disposed: from here on the cluster's pools are
+    the only ones, and :func:`sessionmaker` builds the per-node engines on them.
+    ``cluster_kwargs`` go to the cluster (``max_lag=2.0``, ``policy=...``).
+    """
+    engines = [e.sync_engine if isinstance(e, sa_asyncio.AsyncEngine) else e
+               for e in (primary, *replicas)]  # fmt: skip
+    roles = {"primary": _settings_of(engines[0])}
+    if replicas:
+        roles["replica"] = _settings_of(engines[1])
+    cluster_kwargs.setdefault("pool_kwargs", roles)
+    cls = AsyncCluster if isinstance(primary, sa_asyncio.AsyncEngine) else Cluster
+    cluster = cls(_dsn_of(engines[0]), [_dsn_of(e) for e in engines[1:]], **cluster_kwargs)
+    for engine in engines:
+        engine.dispose()
+    return cluster
