@@ -428,9 +428,6 @@ def test_fallback_wait_with_an_unreached_token_reads_the_primary_after_the_timeo
     ["1.\u212a.1", "1.1.\u212a", "1.\u017f.1", "1.1.\u017f", "1.\u0131.1", "1.1.\u0131"],
     ids=["kelvin-sid", "kelvin-lsn", "long-s-sid", "long-s-lsn", "dotless-i-sid", "dotless-i-lsn"],
 )
-@pytest.mark.xfail(
-    strict=True, raises=ValueError, reason="defect 22: Token.parse raises a bare ValueError"
-)
 def test_a_token_with_non_ascii_letters_is_a_token_error(text: str) -> None:
     """Defect 22: K (U+212A), ſ and ı match ``[0-9a-z]`` only case-insensitively;
     they are not base-36 digits and must be rejected as a malformed token."""

@@ -49,7 +49,9 @@ __all__ = [
 _MAX_U64 = 0xFFFFFFFFFFFFFFFF
 _VERSION = "1"
 # "1.<system id, base 36, may be empty>.<lsn, base 36>"; 2**64 is 13 base-36 digits.
-_TOKEN_RE = re.compile(r"1\.([0-9a-z]{0,13})\.([0-9a-z]{1,13})", re.IGNORECASE)
+# Both cases spelled out, not re.IGNORECASE: under it, [a-z] also matches K (U+212A),
+# ſ (U+017F) and ı (U+0131), which int(..., 36) then rejects with a bare ValueError.
+_TOKEN_RE = re.compile(r"1\.([0-9A-Za-z]{0,13})\.([0-9A-Za-z]{1,13})")
 _MAX_TOKEN_TEXT = 64  # longer input is garbage; don't regex-scan a megabyte cookie
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
