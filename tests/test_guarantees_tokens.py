@@ -375,11 +375,6 @@ def far_future(lc: LocalCluster) -> Token:
     return Token(2**62, lc.system_identifier)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NoReplicaAvailable,
-    reason="defect 20: fallback='error' raises NoReplicaAvailable, not ConsistencyTimeout",
-)
 def test_fallback_error_with_an_unreached_token_raises_consistency_timeout(
     lc: LocalCluster,
 ) -> None:
@@ -395,11 +390,6 @@ def test_fallback_error_with_an_unreached_token_raises_consistency_timeout(
             cluster.route_read()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConsistencyTimeout,
-    reason="defect 21: fallback='wait' fails a read whose token no replica reaches",
-)
 def test_fallback_wait_with_an_unreached_token_reads_the_primary_after_the_timeout(
     lc: LocalCluster,
 ) -> None:

@@ -757,8 +757,11 @@ class _ClusterCore:
         if timed_out:
             return ConsistencyTimeout(
                 f"no replica could serve the read within {self._consistency_timeout:g} s "
-                f"(consistency_timeout): {reason}{tail}"
+                f"(consistency_timeout) and the primary is unavailable: {reason}{tail}"
             )
+        if self._fallback == "error" and decision.fallback in ("token", "lag"):
+            return ConsistencyTimeout(f"no replica can serve the read: {reason} "
+                                      f"and fallback='error'{tail}")  # fmt: skip
         if self._fallback_to_primary:
             why = "and the primary is unavailable"
         elif self._fallback == "error":
@@ -766,6 +769,20 @@ class _ClusterCore:
         else:
             why = "and waiting cannot help (fallback='wait')"
         return NoReplicaAvailable(f"no node can serve the read: {reason} {why}{tail}")
+
+    def _after_wait(
+        self,
+        topology: Topology,
+        decision: ReadDecision,
+        exclude: frozenset[str],
+        failures: Sequence[str],
+    ) -> str:
+        """``fallback="wait"`` waited ``consistency_timeout`` in vain: the primary, which
+        has every commit, serves the read; ``ConsistencyTimeout`` only when it cannot."""
+        primary = route_write(topology)
+        if primary is None or primary in exclude:
+            raise self._read_failed(decision, failures, timed_out=True)
+        return primary
 
     def _no_primary(self, topology: Topology, error: Exception | None) -> PrimaryUnavailable:
         state = topology.primary_state
@@ -1209,12 +1226,12 @@ class Cluster(_ClusterCore):
                     now = time.monotonic()
                     if wait_until is None:
                         wait_until = now + self._consistency_timeout
-                    if now >= wait_until:
-                        raise self._read_failed(decision, failures, timed_out=True)
-                    ready = self._ready(plan, exclude)
-                    waited = monitor.wait_for(ready, min(wait_until - now, _WAIT_SLICE))
-                    topology = waited or monitor.topology
-                    continue
+                    if now < wait_until:
+                        ready = self._ready(plan, exclude)
+                        waited = monitor.wait_for(ready, min(wait_until - now, _WAIT_SLICE))
+                        topology = waited or monitor.topology
+                        continue
+                    target = self._after_wait(topology, decision, exclude, failures)
             if target is None:
                 raise self._read_failed(decision, failures)
             try:
@@ -1392,19 +1409,19 @@ class Cluster(_ClusterCore):
         while True:
             decision = self._decide(topology, plan, exclude, prefer)
             reason = decision.fallback
+            target = decision.target
             if (reason is not None and not plan.force_primary and self._fallback == "wait"
                     and decision.waitable):  # fmt: skip
                 now = time.monotonic()
                 if wait_until is None:
                     wait_until = now + self._consistency_timeout
-                if now >= wait_until:
-                    raise self._read_failed(decision, (), timed_out=True)
-                waited = monitor.wait_for(
-                    self._ready(plan, exclude), min(wait_until - now, _WAIT_SLICE)
-                )
-                topology = waited or monitor.topology
-                continue
-            target = decision.target
+                if now < wait_until:
+                    waited = monitor.wait_for(
+                        self._ready(plan, exclude), min(wait_until - now, _WAIT_SLICE)
+                    )
+                    topology = waited or monitor.topology
+                    continue
+                target = self._after_wait(topology, decision, exclude, ())
             if target is None:
                 raise self._read_failed(decision, ())
             if reason is not None:
@@ -1738,14 +1755,14 @@ class AsyncCluster(_ClusterCore):
                     now = time.monotonic()
                     if wait_until is None:
                         wait_until = now + self._consistency_timeout
-                    if now >= wait_until:
-                        raise self._read_failed(decision, failures, timed_out=True)
-                    ready = self._ready(plan, exclude)
-                    waited = await asyncio.to_thread(
-                        monitor.wait_for, ready, min(wait_until - now, _WAIT_SLICE)
-                    )
-                    topology = waited or monitor.topology
-                    continue
+                    if now < wait_until:
+                        ready = self._ready(plan, exclude)
+                        waited = await asyncio.to_thread(
+                            monitor.wait_for, ready, min(wait_until - now, _WAIT_SLICE)
+                        )
+                        topology = waited or monitor.topology
+                        continue
+                    target = self._after_wait(topology, decision, exclude, failures)
             if target is None:
                 raise self._read_failed(decision, failures)
             try:
@@ -1891,20 +1908,20 @@ class AsyncCluster(_ClusterCore):
         while True:
             decision = self._decide(topology, plan, frozenset(), prefer)
             reason = decision.fallback
+            target = decision.target
             if (reason is not None and not plan.force_primary and self._fallback == "wait"
                     and decision.waitable):  # fmt: skip
                 now = time.monotonic()
                 if wait_until is None:
                     wait_until = now + self._consistency_timeout
-                if now >= wait_until:
-                    raise self._read_failed(decision, (), timed_out=True)
-                ready = self._ready(plan, frozenset())
-                waited = await asyncio.to_thread(
-                    monitor.wait_for, ready, min(wait_until - now, _WAIT_SLICE)
-                )
-                topology = waited or monitor.topology
-                continue
-            target = decision.target
+                if now < wait_until:
+                    ready = self._ready(plan, frozenset())
+                    waited = await asyncio.to_thread(
+                        monitor.wait_for, ready, min(wait_until - now, _WAIT_SLICE)
+                    )
+                    topology = waited or monitor.topology
+                    continue
+                target = self._after_wait(topology, decision, frozenset(), ())
             if target is None:
                 raise self._read_failed(decision, ())
             if reason is not None:
