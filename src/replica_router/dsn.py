@@ -16,17 +16,49 @@ from .errors import ConfigurationError
 
 __all__ = ["DsnInfo", "parse_dsn", "password_of", "redact", "scrub", "split_hosts"]
 
-_URL_PASSWORD = re.compile(r"(?P<head>^[a-z][a-z0-9+.-]*://[^:/@?#]*:)(?P<pw>[^@/?#]*)(?=@)", re.I)
-_KV_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'|\S+)", re.I)
-_URL_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<pw>[^&#]*)", re.I)
+# Passwords in the shapes people write DSNs in, valid or not (an unparsable DSN is the
+# one whose error message we must still show): a URL of any scheme anywhere in the text
+# (libpq quotes the whole URL it choked on, after a leading space or inside quotes), a
+# scheme-less "user:password@host", and key=value where an unquoted value runs on over
+# spaces until the next "key=" (libpq stops at the space and quotes the rest).
+_URL_PASSWORD = re.compile(
+    r"(?P<head>(?<![\w+.-])[a-z][a-z0-9+.-]*://[^:/@?#\s'\"]*:)(?P<pw>[^@\s'\"]*)(?=@)", re.I
+)
+_BARE_PASSWORD = re.compile(
+    r"(?P<head>(?:^|(?<=[\s'\"]))[^\s:/@=?#'\"]+:)(?!//)(?P<pw>[^@\s'\"]*)(?=@)"
+)
+_KV_PASSWORD = re.compile(
+    r"(?P<head>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'?|\S+(?:\s+(?![\w.-]+\s*=)[^\s'\"]+)*)",
+    re.I,
+)
+_URL_QUERY_PASSWORD = re.compile(r"(?P<head>[?&]password=)(?P<pw>[^&#\s'\"]*)", re.I)
+# What libpq quotes in a parse error ('missing "=" after "..."', 'invalid
+# percent-encoded token: "..."') may be a piece of the password; only an option name
+# the DSN spells as "name=" is shown as it is.
+_QUOTED = re.compile(r'"([^"]*)"')
 REDACTED = "***"
 
 
 def redact(dsn: str) -> str:
-    """Return ``dsn`` with any password replaced by ``***`` (URL or key=value form)."""
+    """Return ``dsn`` with any password replaced by ``***`` (URL or key=value form,
+    also when the DSN does not parse)."""
     out = _URL_PASSWORD.sub(lambda m: m["head"] + REDACTED, dsn)
+    out = _BARE_PASSWORD.sub(lambda m: m["head"] + REDACTED, out)
     out = _URL_QUERY_PASSWORD.sub(lambda m: m["head"] + REDACTED, out)
     return _KV_PASSWORD.sub(lambda m: m["head"] + REDACTED, out)
+
+
+def _parse_error(dsn: str, field: str, exc: Exception) -> ConfigurationError:
+    """The error for a DSN libpq cannot parse: redacted DSN, and of libpq's message
+    only what cannot be a password (see ``_QUOTED``)."""
+    names = {m.lower() for m in re.findall(r"([A-Za-z_]+)\s*=", dsn)}
+
+    def quoted(match: re.Match[str]) -> str:
+        text = match[1]
+        return match[0] if text == "=" or text.lower() in names else f'"{REDACTED}"'
+
+    reason = _QUOTED.sub(quoted, redact(str(exc).strip()))
+    return ConfigurationError(f"{field}: invalid DSN {redact(dsn)!r}: {reason}")
 
 
 def password_of(dsn: str) -> str | None:
@@ -68,9 +100,7 @@ def parse_dsn(dsn: object, *, field: str) -> DsnInfo:
     try:
         params = conninfo.conninfo_to_dict(dsn)
     except Exception as exc:  # psycopg.ProgrammingError; its text may quote the DSN
-        raise ConfigurationError(
-            f"{field}: invalid DSN {redact(dsn)!r}: {redact(str(exc))}"
-        ) from None
+        raise _parse_error(dsn, field, exc) from None
     host = str(params.get("host") or params.get("hostaddr") or "localhost")
     if "," in host:
         raise ConfigurationError(
@@ -93,9 +123,7 @@ def split_hosts(url: str, *, field: str = "url") -> list[str]:
     try:
         params = conninfo.conninfo_to_dict(url)
     except Exception as exc:
-        raise ConfigurationError(
-            f"{field}: invalid DSN {redact(url)!r}: {redact(str(exc))}"
-        ) from None
+        raise _parse_error(url, field, exc) from None
     hosts = str(params.pop("host", "") or "localhost").split(",")
     ports = str(params.pop("port", "") or "").split(",")
     if len(ports) not in (1, len(hosts)):
