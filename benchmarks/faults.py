@@ -62,12 +62,25 @@ CLIENT_SETTINGS: dict[str, Any] = {
     "write_timeout": 2.0,
     "checkout_timeout": 1.0,
     "consistency_timeout": 1.0,
-    "pool_kwargs": {"primary": {"max_size": 4}, "replica": {"max_size": 4}},
+    "pool_kwargs": {  # small, and kept full: after a restart every pooled connection is dead
+        "primary": {"min_size": 4, "max_size": 4},
+        "replica": {"min_size": 2, "max_size": 4},
+    },
 }
+
+
+def settings_for(client: int) -> dict[str, Any]:
+    """Odd clients keep the default ``write_timeout=None``: a write fails at once when
+    no primary is usable, which is how a healthy primary wrongly taken out of routing
+    shows; even clients wait up to 2 s for one."""
+    return {**CLIENT_SETTINGS, "write_timeout": None} if client % 2 else dict(CLIENT_SETTINGS)
+
+
 HUNG_NODE_BOUND = 3.0  # issue 11, rule 10: an operation on a hung node fails or moves within this
 OVERTIME_SLACK = 1.0  # an operation may outlive its budget by this much
 PACE = 0.01  # pause between a client's operations (a benchmark's pace, not a sync)
 APP_NAME = "rr-faults-client"
+PINNED = "pinned connection()"  # a RoutedConnection with a temp table, kept across writes
 
 READS = frozenset({"read-own", "read-handoff", "read-mono"})
 ALL_KINDS = frozenset({"write"} | READS)
@@ -165,10 +178,13 @@ class History:
     rows: list[ServerRow] = field(default_factory=list)
     final_primary: str = "primary"
     ports: dict[int, str] = field(default_factory=dict)  # port -> node name
-    settings: dict[str, Any] = field(default_factory=lambda: dict(CLIENT_SETTINGS))
+    settings: dict[int, dict[str, Any]] = field(default_factory=dict)  # per client
     unfinished: list[int] = field(default_factory=list)  # clients that never reported back
     crashes: list[str] = field(default_factory=list)  # clients whose workload itself raised
     origin: float = 0.0  # when the episode's workload began
+
+    def settings_of(self, client: int) -> Mapping[str, Any]:
+        return self.settings.get(client) or settings_for(client)
 
     def node(self, port: int | None) -> str:
         """The node a port belonged to (for messages)."""
@@ -293,7 +309,8 @@ def excuses(faults: Iterable[FaultEvent], settings: Mapping[str, Any]) -> list[E
     """Which failures each fault step explains: the documented ones, no more.
 
     A killed, restarted or terminated server fails what was in flight on it
-    (a new operation gets another node or a fresh connection); a primary outage
+    (a new operation gets another node or a fresh connection), and a restarted
+    one what came before the monitor probed it again; a primary outage
     fails writes, and reads that need the primary, until the monitor has seen
     the new primary, and a session pinned to the old primary fails (it cannot
     move); a hung replica may hold a read for the hung-node bound
@@ -302,11 +319,12 @@ def excuses(faults: Iterable[FaultEvent], settings: Mapping[str, Any]) -> list[E
     starting or thawing a node explain no failure at all.
     """
     detect = detection_time(settings)
+    notice = 2 * float(settings["monitor_interval"])  # a node back up is probed again
     rules: dict[tuple[str, str], tuple[frozenset[str], float]] = {
         ("kill9", "replica"): (READS, 0.0),
         ("kill9", "primary"): (ALL_KINDS, 0.0),
-        ("restart", "primary"): (ALL_KINDS, 0.0),
-        ("restart", "replica"): (READS, 0.0),
+        ("restart", "primary"): (ALL_KINDS, notice),
+        ("restart", "replica"): (READS, notice),
         ("outage", "primary"): (ALL_KINDS, detect),
         ("promote", "replica"): (ALL_KINDS, detect),  # pinned sessions on the old primary fail
         ("freeze", "replica"): (READS, HUNG_NODE_BOUND + detect),
@@ -420,9 +438,9 @@ def misplaced_writes(h: History) -> list[str]:
 
 def overtime(h: History) -> list[str]:
     """No operation outlives its budget (``budgets``) by more than ``OVERTIME_SLACK``."""
-    limit = budgets(h.settings)
     out = [f"client {c} never reported back (an operation hung)" for c in h.unfinished]
     for op in h.ops:
+        limit = budgets(h.settings_of(op.client))
         if op.duration > limit[op.kind] + OVERTIME_SLACK:
             out.append(
                 f"client {op.client}: {op.kind} via {op.path} took {op.duration:.2f} s "
@@ -447,12 +465,33 @@ def undocumented_errors(h: History) -> list[str]:
     return out
 
 
+BREAKS_SESSIONS = frozenset({"kill9", "restart", "terminate", "outage", "promote", "freeze"})
+
+
+def _broken_pins(h: History) -> set[int]:
+    """Failed uses of a pinned session whose connection a fault broke since its last use:
+    the session cannot move (its temp table lives on that connection), so it fails once.
+    Returned as indexes into ``h.ops``."""
+    breaks = [f for f in h.faults if f.action in BREAKS_SESSIONS]
+    last: dict[int, float] = {}
+    found = set()
+    for index, op in sorted(enumerate(h.ops), key=lambda p: p[1].start):
+        if op.path != PINNED:
+            continue
+        since = last.get(op.client, float("-inf"))
+        if not op.ok and any(f.start <= op.end and f.end >= since for f in breaks):
+            found.add(index)
+        last[op.client] = op.start
+    return found
+
+
 def unexcused_failures(h: History) -> list[str]:
-    """An operation fails only when a fault explains it (``excuses``)."""
-    found = excuses(h.faults, h.settings)
+    """An operation fails only when a fault explains it (``excuses``, ``_broken_pins``)."""
+    found = excuses(h.faults, h.settings_of(0))  # the monitor's settings are everyone's
+    pins = _broken_pins(h)
     out = []
-    for op in h.ops:
-        if not op.ok and not any(x.covers(op) for x in found):
+    for index, op in enumerate(h.ops):
+        if not op.ok and index not in pins and not any(x.covers(op) for x in found):
             out.append(
                 f"client {op.client}: {op.kind} via {op.path} failed at {h.t(op.start)} "
                 f"with no fault to explain it: {op.error}: {op.message}"
@@ -542,7 +581,6 @@ def _routed_transaction(cluster: Cluster, sql: str, row: int, client: int) -> in
         return _row(conn.execute(sql, (row, client)))[1]
 
 
-PINNED = "pinned connection()"  # a RoutedConnection with a temp table, kept across writes
 WRITE_PATHS: dict[str, Callable[[Cluster, str, int, int], int]] = {
     "write()": _write_block,
     "write()+transaction()": _write_transaction,
@@ -567,11 +605,10 @@ class EpisodeSpec:
     name: str
     table: str
     dsns: dict[str, str]  # node name -> DSN
-    failover: tuple[str, ...]  # per client
     seed: int
     exhaust: tuple[tuple[int, float, float], ...] = ()  # (client, from, to) offsets in seconds
     reopen_at: float | None = None  # offset at which every client does close() + open()
-    settings: dict[str, Any] = field(default_factory=lambda: dict(CLIENT_SETTINGS))
+    settings: tuple[dict[str, Any], ...] = ()  # per client
 
 
 class Workload:
@@ -694,7 +731,7 @@ class Workload:
     def _exhaust(self, begin: float, end: float) -> None:
         """Hold every connection of the primary's write pool for a while."""
         time.sleep(max(0.0, begin - time.time()))
-        size = int(self.spec.settings["pool_kwargs"]["primary"]["max_size"])
+        size = int(self.spec.settings[self.client]["pool_kwargs"]["primary"]["max_size"])
         leases = []
         started = time.time()
         node = self.cluster.topology.primary or "primary"
@@ -741,9 +778,8 @@ def client_main(client: int, inbox: Any, results: Any, handoffs: Sequence[Any]) 
         cluster = Cluster(
             primary=spec.dsns["primary"],
             replicas={n: d for n, d in spec.dsns.items() if n != "primary"},
-            failover=spec.failover[client],
             connect_kwargs={"application_name": f"{APP_NAME}{client}"},
-            **spec.settings,
+            **spec.settings[client],
         )
         try:
             cluster.open()
@@ -1151,7 +1187,7 @@ def _split_brain(f: Faults, d: float) -> None:
 
 
 def _primary_restart(f: Faults, d: float) -> None:
-    for share in (0.25, 0.6):
+    for share in (0.15, 0.5):  # then half the episode for what follows a restart
         f.at(share * d)
         f.restart(f.lc.primary_name)
 
@@ -1207,7 +1243,7 @@ KINDS: dict[str, Kind] = {
     "split-brain-promote": Kind(
         _split_brain, ("alone", "freeze", "promote", "thaw"), 4.0, changes_primary=True
     ),
-    "primary-fast-restart": Kind(_primary_restart, ("restart",)),
+    "primary-fast-restart": Kind(_primary_restart, ("restart",), 4.0),
     "pg-terminate-backend": Kind(_terminate, ("terminate",)),
     "pool-exhaustion": Kind(_pool_exhaustion, ("exhaust",), exhaust=(0.3, 0.6)),
 }
@@ -1265,8 +1301,12 @@ def _episode(name: str, lc: LocalCluster, pool: ClientPool, duration: float, see
         name=table,
         table=table,
         dsns={n: lc.dsn(n) for n in lc.node_names},
-        failover=tuple(
-            "promote" if kind.router_promotes and i == 0 else "follow" for i in range(len(pool))
+        settings=tuple(
+            {
+                **settings_for(i),
+                "failover": "promote" if kind.router_promotes and i == 0 else "follow",
+            }
+            for i in range(len(pool))
         ),
         seed=seed,
         exhaust=()
@@ -1283,7 +1323,7 @@ def _episode(name: str, lc: LocalCluster, pool: ClientPool, duration: float, see
         kind.schedule(faults, duration)
     finally:
         faults.at(duration)
-        limit = max(budgets(spec.settings).values()) + OVERTIME_SLACK
+        limit = max(max(budgets(c).values()) for c in spec.settings) + OVERTIME_SLACK
         reports = pool.collect(end + limit + 5.0)
         faults.heal()
     return History(
@@ -1294,7 +1334,7 @@ def _episode(name: str, lc: LocalCluster, pool: ClientPool, duration: float, see
         rows=_snapshot(lc, table),
         final_primary=lc.primary_name,
         ports={lc.port(n): n for n in lc.node_names},
-        settings=dict(spec.settings),
+        settings=dict(enumerate(spec.settings)),
         unfinished=reports.unfinished,
         crashes=reports.crashes,
         origin=start,

@@ -221,6 +221,38 @@ def test_a_failure_needs_a_fault_that_explains_it() -> None:
     ]
 
 
+def test_a_pinned_session_may_fail_once_after_a_fault_broke_its_connection() -> None:
+    def pinned(start: float, ok: bool = True) -> Any:
+        if ok:
+            return Op(0, "write", faults.PINNED, start, start + 0.01, ids=(1,), port=PRIMARY)
+        return Op(
+            0,
+            "write",
+            faults.PINNED,
+            start,
+            start + 0.01,
+            ids=(1,),
+            error=OPERATIONAL[0],
+            error_mro=OPERATIONAL,
+        )
+
+    events = [FaultEvent("terminate", "all", "all", 2.0, 2.1)]
+    ops = [pinned(1.0), pinned(3.0, ok=False), pinned(4.0, ok=False)]
+    found = faults.unexcused_failures(history(ops=ops, faults=events))
+    assert len(found) == 1 and "at t=4.00s" in found[0]  # the second failure has no excuse
+
+
+def test_a_restarted_primary_excuses_failures_until_it_is_probed_again() -> None:
+    notice = 2 * faults.CLIENT_SETTINGS["monitor_interval"]
+    events = [FaultEvent("restart", "primary", "primary", 1.0, 2.0)]
+    ops = [
+        failed("write", 2.0 + notice - 0.05, 2.0 + notice - 0.05, *PRIMARY_UNAVAILABLE),
+        failed("write", 2.0 + notice + 0.05, 2.0 + notice + 0.05, *PRIMARY_UNAVAILABLE),
+    ]
+    found = faults.unexcused_failures(history(ops=ops, faults=events))
+    assert len(found) == 1 and f"at t={2.0 + notice + 0.05:.2f}s" in found[0]
+
+
 def test_attempt_records_the_error_and_swallows_it() -> None:
     recorder = faults.Recorder(client=4)
     with recorder.attempt("write", "write()", ids=(7,)) as a:
@@ -256,6 +288,10 @@ XFAIL["split-brain-promote"] = (
 )
 XFAIL["old-primary-restarted"] = (
     f"{D3}; defect 2: close() + open() forget the newest timeline, the old primary takes writes"
+)
+XFAIL["primary-fast-restart"] = (
+    f"{D3}; defect 12: after a restart, a fail-fast client's dead pooled connections take "
+    "the healthy primary out of routing"
 )
 XFAIL["replica-sigstop"] = (
     f"{D3}; issue 11 rule 10 (no numbered defect): a read on a hung replica waits for it"
