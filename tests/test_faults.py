@@ -1,7 +1,8 @@
 """The fault-injection checker (benchmarks/faults.py): its pure invariants on small
 hand-made histories, then a short schedule of every fault kind on real servers.
 
-Each fault kind runs on its own fresh sandbox with three client processes. A kind
+Each fault kind runs with three client processes (kinds that change the primary on
+a fresh sandbox of their own, the others on one shared sandbox). A kind
 that violates an invariant today because of a known defect (issue 11's numbered
 list) is a strict xfail naming it: fixing the defect turns it into a failure
 until the marker goes.
@@ -316,7 +317,12 @@ def servers() -> Iterator[Any]:
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=XFAIL[k]) if k in XFAIL else ())
+        pytest.param(
+            k,
+            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=XFAIL[k])
+            if k in XFAIL
+            else (),
+        )
         for k in faults.KINDS
     ],
 )
