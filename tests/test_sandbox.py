@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -23,7 +24,7 @@ from replica_router.errors import ConfigurationError, SandboxError
 from replica_router.sandbox import LocalCluster, _binaries, _cluster, _template
 from replica_router.sandbox._binaries import find_binaries
 from replica_router.sandbox._processes import pid_alive, postmaster_pid
-from replica_router.sandbox._state import temp_root
+from replica_router.sandbox._state import STATE_FILE, reap_orphans, temp_root
 
 MakeCluster = Callable[..., LocalCluster]
 
@@ -688,3 +689,16 @@ def test_freeze_hangs_a_node_without_closing_its_sockets(
     lc.freeze("replica1")  # and close() stops a frozen node too (the fixture closes it)
     with pytest.raises(SandboxError, match="not running"):
         lc.freeze("primary")
+
+
+def test_a_state_file_of_another_release_is_passed_over_by_the_reaper(tmp_path: Path) -> None:
+    """Orphan reaping scans every sandbox of this OS user; one written by a newer
+    release (a field this one does not know) must not break every new sandbox."""
+    other = tmp_path / "other-release"
+    other.mkdir()
+    state = {"format": 1, "owner_pid": 1, "owner_marker": "", "persistent": False,
+             "created_dir": True, "nodes": [{"name": "primary", "port": 1, "standby": False,
+                                             "field_of_a_newer_release": 1}]}  # fmt: skip
+    (other / STATE_FILE).write_text(json.dumps(state))
+    assert reap_orphans(tmp_path) == []
+    assert other.exists()

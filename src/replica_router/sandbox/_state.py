@@ -89,8 +89,11 @@ class SandboxState:
             raise SandboxError(f"cannot read {path}: {exc}") from None
         if data.pop("format", None) != _FORMAT:
             raise SandboxError(f"{path} was written by an incompatible version")
-        nodes = [NodeRecord(**n) for n in data.pop("nodes")]
-        return cls(nodes=nodes, **data)
+        try:
+            nodes = [NodeRecord(**n) for n in data.pop("nodes")]
+            return cls(nodes=nodes, **data)
+        except (KeyError, TypeError) as exc:  # fields of another release of this package
+            raise SandboxError(f"{path} was written by an incompatible version ({exc})") from None
 
 
 ROOT_ENV = "REPLICA_ROUTER_SANDBOX_ROOT"
