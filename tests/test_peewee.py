@@ -545,3 +545,25 @@ def test_a_held_link_to_a_demoted_primary_never_runs_another_statement(
         new = lc.execute("replica1", f"SELECT name FROM {table} ORDER BY id")
         assert old == [("before",)]  # nothing committed on the demoted node
         assert new == [("before",), ("after",)]
+
+
+def test_the_example_app_reads_its_own_writes_across_requests(
+    replica_cluster: LocalCluster, cluster: Cluster
+) -> None:
+    from examples.peewee_app.app import SCHEMA, create_app
+
+    lc = replica_cluster
+    lc.execute("primary", SCHEMA)
+    lc.wait_replicated()
+    app = create_app(cluster)
+    client, stranger = app.test_client(), app.test_client()
+    with replay_paused(lc):
+        made = client.post("/users", json={"name": "Ada", "email": "ada@example.com"})
+        assert made.status_code == 201
+        path = f"/users/{made.get_json()['id']}"
+        assert client.get(path).get_json()["name"] == "Ada"  # the cookie's token: primary
+        assert stranger.get(path).status_code == 404  # no token: the paused replica
+        renamed = client.post(f"{path}/rename", json={"name": "Ada L."})
+        assert renamed.get_json()["name"] == "Ada L."
+    assert client.get("/health").get_json() == {"primary": True, "replica1": True, "replica2": True}
+    assert sum(cluster.in_use(n) for n in lc.node_names) == 0  # every request closed its links

@@ -139,15 +139,15 @@ def use_primary() -> Iterator[None]:
 def check_connections(database: RoutedPostgresqlDatabase | None = None) -> dict[str, bool]:
     """Seed 003's ``check_connections()``: ``{node: healthy}``, one entry per node.
 
-    Without an argument, for every routed database of this process (their
-    clusters' nodes merged; usually there is one).
+    Without an argument, for every routed database of this process whose cluster
+    is open (their nodes merged; usually there is one cluster).
     """
     if database is not None:
         return database.check_connections()
     result: dict[str, bool] = {}
     seen: set[int] = set()
     for db in list(_databases):
-        if id(db.cluster) not in seen:
+        if id(db.cluster) not in seen and db.cluster.monitor is not None:
             seen.add(id(db.cluster))
             result.update(db.check_connections())
     return result
@@ -199,11 +199,13 @@ class _Links:
         return writer is not None and writer.conn.pgconn.transaction_status != _IDLE
 
     def __del__(self) -> None:
-        # The unit of work ended without close(): its links still go back to the pools.
+        # The unit of work ended without close(): its links still go back to the pools,
+        # closed if they were left in a transaction or carry session state.
         for lease in (self.reader, self.writer):
             if lease is not None:
                 with contextlib.suppress(Exception):
-                    self.release(lease, True)
+                    busy = lease.conn.pgconn.transaction_status != _IDLE
+                    self.release(lease, busy or (lease is self.writer and self.dirty))
 
 
 class _ScopedState:
