@@ -16,7 +16,10 @@ On a LocalCluster (primary + 1 replica), in the same run, interleaved rounds (A 
 * ``Model.create in db.atomic()``: the same INSERT in a transaction, where the
   position comes back in the COMMIT's own round trip (``commit_and_capture``).
 
-Ratios are of the medians of the per-round means (wall clock).
+Ratios are of the medians of the per-round means (wall clock). Last, per section,
+the client's own work with the server taken out: the held connection is replaced by
+a stub that answers at once, on both sides, and the difference is what the router
+adds per call whatever the machine's load (best of 9).
 
     .venv/bin/python benchmarks/peewee_overhead.py [--rounds 100] [--ops 50]
 """
@@ -27,6 +30,7 @@ import argparse
 import contextvars
 import statistics
 import time
+import timeit
 from collections.abc import Callable
 from typing import Any
 
@@ -84,9 +88,74 @@ class _Borrowed(peewee.PostgresqlDatabase):
         pass
 
 
+class _StubCursor:
+    """Answers like a one-row result without a server."""
+
+    description = (("id",), ("name",))
+    rowcount = 1
+    row: tuple[Any, ...] = (1, "x")
+
+    def execute(self, query: Any, params: Any = None) -> _StubCursor:
+        if "wal_insert_lsn" in query:
+            self.row = ("0/3000000",)
+        return self
+
+    def fetchone(self) -> tuple[Any, ...]:
+        return self.row
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return [self.fetchone()]
+
+    def close(self) -> None:
+        pass
+
+
+class _StubConnection:
+    """Stands in for a node connection: what is left is the client's own work."""
+
+    broken = closed = False
+    autocommit = True
+
+    def __init__(self, real: psycopg.Connection[Any]) -> None:
+        self.pgconn = real.pgconn  # transaction status, socket: the idle real connection's
+
+    def cursor(self) -> _StubCursor:
+        return _StubCursor()
+
+    def execute(self, query: Any, params: Any = None) -> _StubCursor:
+        return _StubCursor().execute(query, params)
+
+
+def own_work(
+    lease: Any, routed: Any, borrowed: Any, call: Callable[[Any], object]
+) -> tuple[float, float]:
+    """Best-of-9 client seconds per call with the server taken out: (plain, routed)."""
+    real, stub = lease.conn, _StubConnection(lease.conn)
+    borrowed._meta.database._borrowed = stub
+    borrowed._meta.database.close()
+    lease.conn = stub
+    try:
+        plain, mine = float("inf"), float("inf")
+        for _ in range(9):  # interleaved, so a busy moment hits both sides
+            plain = min(plain, timeit.timeit(lambda: call(borrowed), number=1000) / 1000)
+            mine = min(mine, timeit.timeit(lambda: call(routed), number=1000) / 1000)
+    finally:
+        lease.conn = real
+        borrowed._meta.database.close()
+        borrowed._meta.database._borrowed = real
+    return plain, mine
+
+
 def in_atomic(db: peewee.Database, user: Any) -> object:
     with db.atomic():
         return user.create(name="a")
+
+
+def stub_line(base: float, mine: float) -> str:
+    return (
+        f"  client work, server stubbed out (best of 9): plain {base * 1e6:.1f} us, "
+        f"routed {mine * 1e6:.1f} us, router +{(mine - base) * 1e6:.1f} us per call"
+    )
 
 
 def table(title: str, results: dict[str, float], base: str) -> list[str]:
@@ -137,12 +206,13 @@ def main() -> None:
                         args.rounds,
                         args.ops,
                     )
+                    base, mine = own_work(reader, routed, borrowed, lambda m: m.get_by_id(1))
                     same.close()
                     own.close()
                     served = {s.name: s.reads for s in cluster.status()}
                     assert served["primary"] == 0, served  # every routed read on the replica
                 title = f"Model.get_by_id (replica), {args.rounds} rounds x {args.ops}"
-                return table(title, results, "plain, same conn")
+                return [*table(title, results, "plain, same conn"), stub_line(base, mine)]
 
             def writes() -> list[str]:
                 with routed_db.connection_context(), off_db.connection_context():
@@ -171,6 +241,7 @@ def main() -> None:
                         max(args.rounds // 2, 4),
                         args.ops,
                     )
+                    base, mine = own_work(writer, routed, borrowed, lambda m: m.create(name="x"))
                     same.close()
                     own.close()
                     assert routed_db.token is not None  # the writes advanced the token
@@ -178,6 +249,7 @@ def main() -> None:
                 return [
                     *table(f"Model.create (primary, autocommit), {rounds} rounds", results,
                            "plain, same conn"),
+                    stub_line(base, mine),
                     *table(f"Model.create in db.atomic() (primary), {rounds} rounds", atomic,
                            "plain, same conn"),
                 ]  # fmt: skip

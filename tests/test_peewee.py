@@ -31,9 +31,11 @@ from replica_router.integrations.peewee import (
     RoutedPostgresqlDatabase,
     check_connections,
     query_route,
+    still_primary,
     use_primary,
 )
 from replica_router.sandbox import LocalCluster
+from replica_router.topology import NodeState, Role, Topology
 
 
 class _Base(peewee.Model):
@@ -101,6 +103,19 @@ def test_query_types_decide_the_route_without_a_server() -> None:
     cte = model.insert(name="c").returning(model.id).cte("made")
     assert query_route(cte.select_from(cte.c.id)) == CLASSIFY  # a data-modifying CTE may hide
     assert query_route(peewee.SQL("SELECT 1")) == CLASSIFY
+
+
+def test_a_transaction_goes_on_while_its_node_is_the_unfenced_primary() -> None:
+    up = NodeState("primary", Role.PRIMARY, healthy=True)
+    assert still_primary(Topology((up,), "primary"), "primary")
+    suspect = NodeState("primary", Role.PRIMARY, healthy=False)  # a failed probe or two
+    assert still_primary(Topology((suspect,), "primary"), "primary")  # its server answers
+    fenced = NodeState("primary", Role.PRIMARY, healthy=True, fenced=True)
+    new = NodeState("replica1", Role.PRIMARY, healthy=True)
+    assert not still_primary(Topology((fenced, new), "replica1"), "primary")
+    demoted = NodeState("primary", Role.REPLICA, healthy=True)
+    assert not still_primary(Topology((demoted,), None), "primary")
+    assert not still_primary(Topology((new,), "replica1"), "primary")  # removed
 
 
 # -- routing ---------------------------------------------------------------------------------

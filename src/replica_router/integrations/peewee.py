@@ -67,11 +67,12 @@ from ..consistency import POSITION_SQL, commit_and_capture
 from ..errors import NodeUnavailable, NoReplicaAvailable, PrimaryUnavailable
 from ..lsn import parse_lsn
 from ..routing import route_write
+from ..topology import Role
 
 if TYPE_CHECKING:
     from ..cluster import Cluster, Lease
     from ..consistency import Scope, Token
-    from ..topology import NodeStatus
+    from ..topology import NodeStatus, Topology
 
 __all__ = ["RoutedPostgresqlDatabase", "check_connections", "use_primary"]
 
@@ -275,6 +276,31 @@ class _NodeLimits:
             self._cond.notify()
 
 
+def still_primary(topology: Topology, node: str) -> bool:
+    """May a transaction open on ``node`` go on? Yes while it is the elected primary and
+    not fenced, even if a probe just failed (then its own server answers); no once it
+    was demoted, fenced, replaced or removed: a commit there would be lost."""
+    if route_write(topology) == node:
+        return True
+    state = topology.by_name.get(node)
+    return (
+        topology.primary == node
+        and state is not None
+        and state.role is Role.PRIMARY
+        and not state.fenced
+    )
+
+
+@contextlib.contextmanager
+def _peewee_errors() -> Iterator[None]:
+    """Driver errors as Peewee's, and the router's own as ``peewee.OperationalError``."""
+    try:
+        with _translated:
+            yield
+    except _ROUTER_ERRORS as exc:  # existing `except peewee.OperationalError` handlers
+        raise peewee.OperationalError(exc, *exc.args) from exc
+
+
 def _lsn(cursor: psycopg.Cursor[Any]) -> int | None:
     row = cursor.fetchone()
     return None if row is None or row[0] is None else parse_lsn(str(row[0]))
@@ -406,8 +432,8 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
 
     def connection(self) -> psycopg.Connection[Any]:
         """The primary link's psycopg connection (raw use may write)."""
-        links = self._open_links()
-        return self._writer(links).conn
+        with _peewee_errors():
+            return self._writer(self._open_links()).conn
 
     def cursor(self, named_cursor: Any = None) -> psycopg.Cursor[Any]:
         """A cursor on the primary link: SQL run on it directly is not routed."""
@@ -554,8 +580,10 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         lease = links.writer
         if lease is not None:
             busy = links.in_transaction()
-            node = route_write(cluster.topology)
-            if node == lease.node and (busy or not _server_hung_up(lease.conn)):
+            if busy:
+                if still_primary(cluster.topology, lease.node):
+                    return lease
+            elif route_write(cluster.topology) == lease.node and not _server_hung_up(lease.conn):
                 return lease
             links.writer = None
             self._give_back(lease, broken=True)
@@ -584,7 +612,7 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         if isolation_level:
             level = self._adapter.isolation_level_str(isolation_level)
             stmt = f"BEGIN TRANSACTION ISOLATION LEVEL {level}"
-        with _translated:
+        with _peewee_errors():
             self._writer(links).conn.execute(stmt)
 
     def commit(self) -> None:
@@ -595,14 +623,14 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         lease = links.writer
         if lease is None or lease.conn.pgconn.transaction_status == _IDLE:
             return
-        if route_write(self.cluster.topology) != lease.node:
+        if not still_primary(self.cluster.topology, lease.node):
             links.writer = None
             self._give_back(lease, broken=True)  # rolled back: a fenced node must not commit
             raise peewee.OperationalError(
                 f"{lease.node} is no longer the primary (fenced, demoted or removed): "
                 "the transaction was rolled back, not committed"
             )
-        with _translated:
+        with _peewee_errors():
             try:
                 position = commit_and_capture(lease.conn)
             except psycopg.Error:
@@ -620,7 +648,7 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         lease = links.writer
         if lease is None:
             return
-        with _translated:
+        with _peewee_errors():
             try:
                 lease.conn.rollback()
             except psycopg.Error:
@@ -635,12 +663,13 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         """A checked connection to ``node`` from the cluster's pool, within the limits."""
         self._limits.take(node)
         try:
+            lease = self.cluster.checkout(node, purpose)
             for _ in range(_STALE_TRIES):
-                lease = self.cluster.checkout(node, purpose)
                 if not self._is_stale(lease.conn):
                     break
                 lease.conn.close()  # the pool replaces a closed connection
                 self.cluster.checkin(lease)
+                lease = self.cluster.checkout(node, purpose)
         except BaseException:
             self._limits.give(node)
             raise
