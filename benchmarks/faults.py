@@ -35,6 +35,7 @@ import multiprocessing as mp
 import os
 import queue
 import random
+import re
 import signal
 import threading
 import time
@@ -607,7 +608,6 @@ class EpisodeSpec:
     dsns: dict[str, str]  # node name -> DSN
     seed: int
     exhaust: tuple[tuple[int, float, float], ...] = ()  # (client, from, to) offsets in seconds
-    reopen_at: float | None = None  # offset at which every client does close() + open()
     settings: tuple[dict[str, Any], ...] = ()  # per client
 
 
@@ -615,9 +615,15 @@ class Workload:
     """One client's operations until the episode ends."""
 
     def __init__(
-        self, client: int, cluster: Cluster, spec: EpisodeSpec, handoffs: Sequence[Any]
+        self,
+        client: int,
+        cluster: Cluster,
+        spec: EpisodeSpec,
+        handoffs: Sequence[Any],
+        reopen: Any,
     ) -> None:
         self.client, self.cluster, self.spec = client, cluster, spec
+        self.reopen = reopen  # an Event: when set, close() and open() the Cluster once
         self.rng = random.Random(spec.seed * 1000 + client)
         self.rec = Recorder(client)
         self.sql = Statements(spec.table)
@@ -635,13 +641,17 @@ class Workload:
         ]
         for t in threads:
             t.start()
-        reopen = None if self.spec.reopen_at is None else start + self.spec.reopen_at
+        reopened = False
         while time.time() < end:
-            if reopen is not None and time.time() >= reopen:
-                reopen = None
+            if not reopened and self.reopen.is_set():
+                reopened = True
+                began = time.time()
                 self._unpin()
                 self.cluster.close()
                 self.cluster.open()
+                self.rec.faults.append(
+                    FaultEvent("reopen", "all", "all", began, time.time(), self.client)
+                )
             self._read_handoff()
             roll = self.rng.random()
             if roll < 0.55:
@@ -763,7 +773,9 @@ def quiet() -> None:
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
 
-def client_main(client: int, inbox: Any, results: Any, handoffs: Sequence[Any]) -> None:
+def client_main(
+    client: int, inbox: Any, results: Any, handoffs: Sequence[Any], reopen: Any
+) -> None:
     """A client process: one episode after another until told to stop (``None``).
 
     It answers ``("ready", client, None)`` once its Cluster is open, then
@@ -788,7 +800,7 @@ def client_main(client: int, inbox: Any, results: Any, handoffs: Sequence[Any]) 
             continue
         results.put(("ready", client, None))
         start, end = inbox.get()
-        workload = Workload(client, cluster, spec, handoffs)
+        workload = Workload(client, cluster, spec, handoffs, reopen)
         crash = None
         try:
             workload.run(start, end)
@@ -814,26 +826,28 @@ class ClientPool:
     """The client processes, kept across episodes (starting Python costs seconds)."""
 
     def __init__(self, clients: int) -> None:
-        ctx = mp.get_context("spawn")
+        self._ctx = ctx = mp.get_context("spawn")
         self.results: Any = ctx.Queue()
         self.handoffs = [ctx.Queue() for _ in range(clients)]
+        self.reopen: Any = ctx.Event()  # set by the scheduler: every client reopens once
         self.inboxes = [ctx.Queue() for _ in range(clients)]
-        self.processes = [
-            ctx.Process(
-                target=client_main,
-                args=(i, self.inboxes[i], self.results, self.handoffs),
-                name=f"faults-client{i}",
-                daemon=True,
-            )
-            for i in range(clients)
-        ]
-        for p in self.processes:
-            p.start()
+        self.processes = [self._start(i) for i in range(clients)]
+
+    def _start(self, client: int) -> Any:
+        process = self._ctx.Process(
+            target=client_main,
+            args=(client, self.inboxes[client], self.results, self.handoffs, self.reopen),
+            name=f"faults-client{client}",
+            daemon=True,
+        )
+        process.start()
+        return process
 
     def __len__(self) -> int:
         return len(self.processes)
 
     def prepare(self, spec: EpisodeSpec, timeout: float = 60.0) -> None:
+        self.reopen.clear()
         for inbox in self.inboxes:
             inbox.put(spec)
         ready = 0
@@ -871,15 +885,8 @@ class ClientPool:
         old = self.processes[client]
         old.kill()
         old.join(5)
-        ctx = mp.get_context("spawn")
-        self.inboxes[client] = ctx.Queue()
-        self.processes[client] = ctx.Process(
-            target=client_main,
-            args=(client, self.inboxes[client], self.results, self.handoffs),
-            name=f"faults-client{client}",
-            daemon=True,
-        )
-        self.processes[client].start()
+        self.inboxes[client] = self._ctx.Queue()
+        self.processes[client] = self._start(client)
 
     def close(self) -> None:
         for inbox in self.inboxes:
@@ -903,8 +910,9 @@ class ClientPool:
 class Faults:
     """Operates the sandbox and records each step, and who is the primary when."""
 
-    def __init__(self, lc: LocalCluster, rng: random.Random) -> None:
+    def __init__(self, lc: LocalCluster, rng: random.Random, reopen: Callable[[], None]) -> None:
         self.lc, self.rng = lc, rng
+        self.reopen = reopen  # every client closes and opens its Cluster once, soon
         self.events: list[FaultEvent] = []
         self.epochs: list[Epoch] = [Epoch(lc.primary_name, 0.0)]
         self.frozen: set[str] = set()
@@ -1071,21 +1079,21 @@ class Faults:
         return best
 
     def await_router_promotion(self, timeout: float = 15.0) -> str:
-        """Wait for the router (``failover="promote"``) to promote a replica."""
+        """Wait for the router (``failover="promote"``) to promote a replica; the sandbox
+        sees it (it asks the servers) and re-points the others as it would after its own."""
+        old = self.epochs[-1].node
         deadline = time.time() + timeout
         while time.time() < deadline:
-            for name in self.lc.replica_names:
-                if not self.lc.is_running(name):
-                    continue
-                with contextlib.suppress(psycopg.Error):
-                    if not self.lc.execute(name, "SELECT pg_is_in_recovery()")[0][0]:
-                        with self._step("promote", name, "by the router"):
-                            self.lc.promote(name)  # the sandbox takes it as it is
-                        return name
-            time.sleep(0.02)
-        with self._step("promote", self.lc.replica_names[0], "the router never promoted"):
-            self.lc.promote(self.lc.replica_names[0])
-        return self.lc.primary_name
+            new = self.lc.primary_name
+            if new != old:
+                with self._step("promote", new, "by the router"):
+                    self.lc.promote(new)
+                return new
+            time.sleep(0.05)
+        name = self.lc.replica_names[0]
+        with self._step("promote-by-hand", name, "the router never promoted"):
+            self.lc.promote(name)
+        return name
 
     def heal(self) -> None:
         """Leave the sandbox as the episode found it, but for a change of primary:
@@ -1158,9 +1166,6 @@ def _external_promote(f: Faults, d: float) -> None:
     f.fail_primary(f.promote_external, "promoted externally: ")
 
 
-REOPEN_AT = 2.4  # seconds into old-primary-restarted: every client does close() + open()
-
-
 def _old_primary_back(f: Faults, d: float) -> None:
     """The old primary comes back on its old timeline (standing alone, so a write sent
     there commits at once). Then every node of the new timeline stops, the clients
@@ -1168,17 +1173,16 @@ def _old_primary_back(f: Faults, d: float) -> None:
     reopened clusters can see says the old primary is outdated, yet it stays fenced.
     The nodes stay down longer than a write may wait for a primary, so every client
     reaches its reopen while they are down."""
-    write_timeout = float(CLIENT_SETTINGS["write_timeout"])
     f.at(0.4)
     f.fail_primary(f.promote_external, "promoted externally: ")
     f.start("primary")
     f.lc.execute("primary", "ALTER SYSTEM SET synchronous_standby_names = ''")
     f.lc.execute("primary", "SELECT pg_reload_conf()")
-    f.at(REOPEN_AT - 0.4)
     with contextlib.ExitStack() as stack:
         for node in [f.lc.primary_name, *f.lc.replica_names]:
             stack.enter_context(f.down(node))
-        f.at(REOPEN_AT + write_timeout + 1.0)
+        f.reopen()
+        time.sleep(float(CLIENT_SETTINGS["write_timeout"]) + 1.5)  # every client reopens
 
 
 def _split_brain(f: Faults, d: float) -> None:
@@ -1214,7 +1218,6 @@ class Kind:
     changes_primary: bool = False  # needs a sandbox of its own
     router_promotes: bool = False  # client 0 runs failover="promote"
     exhaust: tuple[float, float] | None = None  # share of the episode client 0 holds its pool
-    reopen: float | None = None  # seconds into the episode at which clients close() + open()
 
 
 KINDS: dict[str, Kind] = {
@@ -1235,10 +1238,9 @@ KINDS: dict[str, Kind] = {
     ),
     "old-primary-restarted": Kind(
         _old_primary_back,
-        ("kill9", "promote", "start", "restart"),
-        REOPEN_AT + float(CLIENT_SETTINGS["write_timeout"]) + 2.5,
+        ("kill9", "promote", "start", "restart", "reopen"),
+        7.0,
         changes_primary=True,
-        reopen=REOPEN_AT,
     ),
     "split-brain-promote": Kind(
         _split_brain, ("alone", "freeze", "promote", "thaw"), 4.0, changes_primary=True
@@ -1312,10 +1314,9 @@ def _episode(name: str, lc: LocalCluster, pool: ClientPool, duration: float, see
         exhaust=()
         if kind.exhaust is None
         else ((0, kind.exhaust[0] * duration, kind.exhaust[1] * duration),),
-        reopen_at=kind.reopen,
     )
     pool.prepare(spec)
-    faults = Faults(lc, random.Random(seed))
+    faults = Faults(lc, random.Random(seed), pool.reopen.set)
     faults.origin = start = time.time() + 0.2
     end = start + duration
     pool.go(start, end)
@@ -1405,6 +1406,14 @@ HEADERS = [
 ]
 
 
+def samples(messages: Sequence[str], limit: int = 5) -> list[tuple[str, int]]:
+    """One message of each shape (numbers aside), with how many others share it."""
+    shapes: dict[str, list[str]] = {}
+    for message in messages:
+        shapes.setdefault(re.sub(r"[0-9a-z]*[0-9][0-9a-z.]*", "#", message), []).append(message)
+    return [(alike[0], len(alike) - 1) for alike in list(shapes.values())[:limit]]
+
+
 def print_table(summaries: Sequence[Summary], markdown: bool) -> None:
     rows = [s.cells() for s in summaries]
     if markdown:
@@ -1452,10 +1461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 flush=True,
             )
             for invariant, found in summary.violations.items():
-                for message in found[:5]:
-                    print(f"#   {invariant}: {message}")
-                if len(found) > 5:
-                    print(f"#   {invariant}: ... {len(found) - 5} more")
+                for message, alike in samples(found):
+                    print(
+                        f"#   {invariant}: {message}" + (f" (and {alike} alike)" if alike else "")
+                    )
     print()
     print(
         f"schedule {args.schedule}: {seconds:g} s per kind, {args.clients} client processes, "

@@ -272,6 +272,15 @@ def test_attempt_records_the_error_and_swallows_it() -> None:
     assert b.ok and recorder.ops[1].token == "0/1" and recorder.ops[1].value == 1
 
 
+def test_the_report_shows_one_message_of_each_shape() -> None:
+    messages = [
+        "client 0: write 1 (write()+commit()) was acknowledged but left no token",
+        "client 2: write 2000000007 (write()+commit()) was acknowledged but left no token",
+        "client 1: write 5 (write()+transaction()) was acknowledged but left no token",
+    ]
+    assert faults.samples(messages) == [(messages[0], 1), (messages[2], 0)]
+
+
 def test_a_kind_whose_faults_never_happened_is_reported() -> None:
     h = history(kind="replica-kill-9", faults=[FaultEvent("kill9", "replica1", "replica", 1, 2)])
     assert faults.missing_faults(h) == ["start"]
