@@ -433,6 +433,7 @@ def _connect(
         autocommit=True,
         connect_timeout=max(2, math.ceil(monitor.connect_timeout)),
         application_name=APPLICATION_NAME,
+        prepare_threshold=None,  # never server-side: a pooler may switch server connections
     )
     try:
         millis = 0 if statement_timeout is None else max(1, round(statement_timeout * 1000))

@@ -523,6 +523,7 @@ class Monitor:
             autocommit=True,
             connect_timeout=max(1, math.ceil(self.connect_timeout)),
             application_name=APPLICATION_NAME,
+            prepare_threshold=None,  # never server-side: a pooler may switch server connections
         )
         try:
             conn.execute(

@@ -81,6 +81,12 @@ def register(subparsers: Any) -> None:
         metavar="B",
         help="PostgreSQL server programs to run (default: $PG_BINDIR, the system's, the wheel's)",
     )
+    up.add_argument(
+        "--pgbouncer",
+        default=None,
+        choices=("transaction", "session"),
+        help="a PgBouncer in front of every node, in this pool mode",
+    )
     up.set_defaults(func=_up)
 
     status = actions.add_parser("status", parents=[common], help="show the nodes and their lag")
@@ -138,6 +144,7 @@ def _up(args: argparse.Namespace) -> int:
             synchronous_commit=args.synchronous_commit,
             base_dir=_directory(args),
             bindir=args.bindir,
+            pgbouncer=args.pgbouncer,
         ).open()
         try:
             seconds = time.monotonic() - started

@@ -26,7 +26,7 @@ import psycopg
 from psycopg import conninfo
 
 from ..errors import ConfigurationError, SandboxError
-from . import _template
+from . import _pgbouncer, _template
 from ._binaries import Binaries, find_binaries, runnable_by
 from ._processes import (
     STOP_SIGNALS,
@@ -43,12 +43,14 @@ from ._processes import (
     terminate_postmaster,
 )
 from ._state import (
+    BOUNCER_PID_SUFFIX,
     STATE_FILE,
     NodeRecord,
     SandboxState,
     reap_directory,
     reap_orphans,
     remove_sandbox,
+    stop_bouncers,
     temp_root,
 )
 
@@ -169,6 +171,7 @@ class LocalCluster:
         password: str | None = None,
         startup_timeout: float = 30.0,
         bindir: str | os.PathLike[str] | None = None,
+        pgbouncer: str | None = None,
     ) -> None:
         if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
             raise ConfigurationError(f"replicas: expected a whole number >= 0, got {replicas!r}")
@@ -181,6 +184,7 @@ class LocalCluster:
             )
         if password is not None and (not isinstance(password, str) or not password):
             raise ConfigurationError("password: expected a non-empty string or None")
+        _pgbouncer.check_pool_mode(pgbouncer)
         if startup_timeout <= 0:
             raise ConfigurationError(f"startup_timeout: expected > 0, got {startup_timeout!r}")
         self._replica_count = replicas
@@ -191,6 +195,8 @@ class LocalCluster:
         self._password = password
         self._startup_timeout = startup_timeout
         self._bindir = bindir
+        self._pool_mode = pgbouncer
+        self._bouncer: _pgbouncer.PgBouncer | None = None
         self._lock = threading.RLock()
         self._directory: Path | None = None
         self._created_dir = False
@@ -198,6 +204,7 @@ class LocalCluster:
         self._binaries: Binaries | None = None
         self._run_as: RunAs | None = None
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._bouncers: dict[str, subprocess.Popen[bytes]] = {}
         self._log_offsets: dict[str, int] = {}  # where the current run's log lines begin
 
     # -- lifecycle ---------------------------------------------------------------
@@ -211,6 +218,8 @@ class LocalCluster:
             try:
                 run_as = resolve_run_as(self._os_user)
                 binaries = runnable_by(find_binaries(self._bindir), run_as, temp_root())
+                if self._pool_mode is not None:
+                    self._bouncer = _pgbouncer.find_pgbouncer()
                 self._create(binaries, run_as)
             except BaseException:
                 self.close()
@@ -278,6 +287,7 @@ class LocalCluster:
             base_dir=path,
             os_user=state.os_user,
             password=state.password,
+            pgbouncer=state.pgbouncer,
         )
         binaries = Binaries(
             bindir=Path(state.bindir), major=state.major, version=state.version, origin=state.origin
@@ -354,11 +364,42 @@ class LocalCluster:
         return self._node(name).port
 
     def dsn(self, name: str) -> str:
-        """A libpq URL for one node: user ``postgres``, database ``postgres``."""
+        """A libpq URL for one node: user ``postgres``, database ``postgres``; with
+        ``pgbouncer=``, the node's PgBouncer (:meth:`server_dsn` is the server's own)."""
+        node = self._node(name)
+        return self._url(node.bouncer_port if node.bouncer_port is not None else node.port)
+
+    def server_dsn(self, name: str) -> str:
+        """The node's server itself, never through PgBouncer."""
+        return self._url(self._node(name).port)
+
+    def _url(self, port: int) -> str:
         auth = (
             "postgres" if self._password is None else f"postgres:{quote(self._password, safe='')}"
         )
-        return f"postgresql://{auth}@127.0.0.1:{self._node(name).port}/postgres"
+        return f"postgresql://{auth}@127.0.0.1:{port}/postgres"
+
+    @property
+    def pgbouncer(self) -> str | None:
+        """The pool mode of the PgBouncer in front of every node, or None."""
+        return self._require_open()[0].pgbouncer
+
+    @property
+    def pgbouncer_version(self) -> str:
+        """``"1.18.0"``, or ``""`` without PgBouncer."""
+        return self._require_open()[0].pgbouncer_version
+
+    @property
+    def connect_kwargs(self) -> dict[str, Any]:
+        """psycopg ``connect()`` arguments the DSNs need: ``prepare_threshold=None``
+        behind a PgBouncer older than 1.21 in transaction mode (psycopg prepares a
+        statement server-side after 5 executions; the next transaction may get a
+        server connection without it). Pass as ``Cluster(connect_kwargs=...)``."""
+        state = self._require_open()[0]
+        if state.pgbouncer != "transaction":
+            return {}
+        version = tuple(int(p) for p in state.pgbouncer_version.split(".") if p.isdigit())
+        return {} if version >= (1, 21) else {"prepare_threshold": None}
 
     def log_path(self, name: str) -> Path:
         self._node(name)
@@ -379,8 +420,9 @@ class LocalCluster:
     def execute(
         self, name: str, sql: str, params: Sequence[Any] | None = None
     ) -> list[tuple[Any, ...]]:
-        """Run one statement on a node (autocommit); rows if it returns any."""
-        with psycopg.connect(self.dsn(name), autocommit=True, connect_timeout=10) as conn:
+        """Run one statement on a node's server (autocommit; never through PgBouncer);
+        rows if it returns any."""
+        with psycopg.connect(self.server_dsn(name), autocommit=True, connect_timeout=10) as conn:
             cur = conn.execute(sql, params)
             return cur.fetchall() if cur.description else []
 
@@ -641,15 +683,17 @@ class LocalCluster:
             nodes=nodes,
             version=binaries.version,
             origin=binaries.origin,
+            pgbouncer=self._pool_mode,
+            pgbouncer_version=self._bouncer.version_text if self._bouncer else "",
         )
         state.save(directory)  # from here on a crash is reaped by the next sandbox
         self._state = state
         if self._password is not None:
             escaped = self._password.replace("\\", "\\\\").replace(":", "\\:")
             self._write(directory / _PASSFILE, f"127.0.0.1:*:*:postgres:{escaped}\n")
-        deadline = time.monotonic() + self._startup_timeout
-        self._make_primary_data(directory / PRIMARY)
+        self._make_primary_data(directory / PRIMARY)  # initdb has its own time limit
         self._clone_cold(directory / PRIMARY, [directory / n.name for n in nodes[1:]])
+        deadline = time.monotonic() + self._startup_timeout
         for node in nodes:
             self._apply_settings(node, reload=False)
             if node.standby:
@@ -668,6 +712,8 @@ class LocalCluster:
             self.execute(PRIMARY, "SELECT system_identifier FROM pg_control_system()")[0][0]
         )
         state.save(directory)
+        if self._bouncer is not None:
+            self._start_bouncers(self._bouncer, deadline)
 
     def _make_directory(self, run_as: RunAs | None) -> Path:
         if self._base_dir is None:
@@ -842,7 +888,7 @@ class LocalCluster:
             return None
         try:
             with psycopg.connect(
-                self.dsn(node.name), autocommit=True, connect_timeout=_OBSERVE_TIMEOUT
+                self.server_dsn(node.name), autocommit=True, connect_timeout=_OBSERVE_TIMEOUT
             ) as conn:
                 row = conn.execute(_OBSERVE_SQL).fetchone()
         except psycopg.Error:
@@ -1009,10 +1055,78 @@ class LocalCluster:
                 )
             time.sleep(_POLL)
 
+    def _start_bouncers(self, bouncer: _pgbouncer.PgBouncer, deadline: float) -> None:
+        """A PgBouncer per node, each on a free port; returns once all listen."""
+        state, directory = self._require_open()
+        mode = state.pgbouncer or "transaction"
+        auth_file = directory / "pgbouncer.users"
+        self._write(auth_file, _pgbouncer.auth_file_text(self._password))
+        for node in state.nodes:
+            for _ in range(_PORT_ATTEMPTS):
+                node.bouncer_port = _pick_port(
+                    exclude=[n.port for n in state.nodes]
+                    + [n.bouncer_port for n in state.nodes if n.bouncer_port and n is not node]
+                )
+                ini = directory / f"{node.name}.pgbouncer.ini"
+                self._write(
+                    ini,
+                    _pgbouncer.config_text(
+                        bouncer,
+                        pool_mode=mode,
+                        listen_port=node.bouncer_port,
+                        server_port=node.port,
+                        auth_file=auth_file,
+                        password=self._password,
+                    ),
+                )
+                if self._spawn_bouncer(bouncer, node, ini, deadline):
+                    break
+            else:
+                raise SandboxError(f"could not find a free port for {node.name}'s PgBouncer")
+        state.save(directory)
+        logger.info("PgBouncer %s (%s pooling) in front of every node", bouncer.version_text, mode)
+
+    def _spawn_bouncer(
+        self, bouncer: _pgbouncer.PgBouncer, node: NodeRecord, ini: Path, deadline: float
+    ) -> bool:
+        """Start one PgBouncer; False if its port was taken meanwhile."""
+        _, directory = self._require_open()
+        _, run_as = self._require_binaries()
+        log_path = directory / f"{node.name}.pgbouncer.log"
+        with log_path.open("ab") as log:
+            if run_as is not None:
+                os.chown(log_path, run_as.uid, run_as.gid)
+            offset = log.tell()
+            process = spawn([bouncer.path, str(ini)], run_as, cwd=directory, log=log)
+        self._bouncers[node.name] = process
+        (directory / f"{node.name}{BOUNCER_PID_SUFFIX}").write_text(
+            f"{process.pid} {process_start_marker(process.pid)}\n"
+        )
+        listening = f"listening on 127.0.0.1:{node.bouncer_port}"
+        while True:
+            tail = _tail(log_path, offset)
+            code = process.poll()
+            if code is not None:
+                self._bouncers.pop(node.name, None)
+                if "Address already in use" in tail:
+                    return False
+                raise SandboxError(
+                    f"PgBouncer for {node.name} failed to start (exit code {code}):\n{tail}"
+                )
+            if listening in tail:
+                return True
+            if time.monotonic() > deadline:
+                raise SandboxError(f"PgBouncer for {node.name} did not listen in time:\n{tail}")
+            time.sleep(_POLL)
+
     def _stop_all(
         self, directory: Path, state: SandboxState, processes: dict[str, subprocess.Popen[bytes]]
     ) -> None:
         """Immediate shutdown of every node at once: the data is about to be deleted."""
+        stop_bouncers(directory)
+        for bouncer in self._bouncers.values():
+            bouncer.poll()  # reap it
+        self._bouncers.clear()
         pids: dict[str, int] = {}
         for node in state.nodes:
             pid = postmaster_pid(directory / node.name)

@@ -23,6 +23,7 @@ from ..errors import SandboxError
 from ._processes import pid_alive, postmaster_pid, terminate_postmaster
 
 __all__ = [
+    "BOUNCER_PID_SUFFIX",
     "ROOT_ENV",
     "STATE_FILE",
     "NodeRecord",
@@ -30,12 +31,14 @@ __all__ = [
     "reap_directory",
     "reap_orphans",
     "remove_sandbox",
+    "stop_bouncers",
     "temp_root",
 ]
 
 logger = logging.getLogger("replica_router.sandbox")
 
 STATE_FILE = "sandbox.json"
+BOUNCER_PID_SUFFIX = ".pgbouncer.pid"  # "<pid> <start marker>" of a node's PgBouncer
 _FORMAT = 1
 
 
@@ -46,6 +49,7 @@ class NodeRecord:
     standby: bool
     upstream: str | None = None
     settings: dict[str, str] = field(default_factory=dict)
+    bouncer_port: int | None = None  # PgBouncer in front of it, when the sandbox has one
 
 
 @dataclass(slots=True)
@@ -65,6 +69,8 @@ class SandboxState:
     nodes: list[NodeRecord]
     version: str = ""  # of the server binaries, "18.6"
     origin: str = ""  # how they were found
+    pgbouncer: str | None = None  # pool mode of the PgBouncer per node, or None
+    pgbouncer_version: str = ""
 
     def save(self, directory: Path) -> None:
         data = asdict(self)
@@ -141,7 +147,21 @@ def reap_directory(directory: Path) -> bool:
     return True
 
 
+def stop_bouncers(directory: Path) -> None:
+    """Stop every PgBouncer of the sandbox in ``directory`` (recorded in pid files)."""
+    for pidfile in directory.glob(f"*{BOUNCER_PID_SUFFIX}"):
+        try:
+            pid_text, _, marker = pidfile.read_text().strip().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue
+        if pid_alive(pid, marker):
+            terminate_postmaster(pid, "smart", timeout=10.0)  # SIGTERM: PgBouncer exits at once
+        pidfile.unlink(missing_ok=True)
+
+
 def remove_sandbox(directory: Path, state: SandboxState) -> None:
+    stop_bouncers(directory)
     for node in state.nodes:
         pid = postmaster_pid(directory / node.name)
         if pid is not None:
