@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import importlib.util
+import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from replica_router import Cluster
@@ -90,6 +93,19 @@ def replay_paused(lc: LocalCluster) -> Iterator[None]:
     finally:
         for name in lc.replica_names:
             lc.resume_replay(name)
+
+
+def example_module(package: str) -> Any:
+    """``examples/<package>/app.py`` imported (the examples are run from the repository
+    root, not installed); registered in ``sys.modules`` so pydantic resolves the models'
+    annotations through it."""
+    path = Path(__file__).resolve().parent.parent / "examples" / package / "app.py"
+    spec = importlib.util.spec_from_file_location(f"{package}_example_app", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def set_cookie_value(set_cookie_headers: Iterable[str], name: str) -> str | None:

@@ -9,13 +9,10 @@ got the write (which proves each test can fail).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
-from helpers import cluster_for, replay_paused, set_cookie_value
+from helpers import cluster_for, example_module, replay_paused, set_cookie_value
 from replica_router import AsyncCluster, Cluster, Token
 from replica_router.asgi import ConsistencyMiddleware
 from replica_router.consistency import Scope, current_scope
@@ -376,19 +373,9 @@ def test_cookie_parsing_survives_other_broken_cookies(
         assert read.json()["name"] == "Frances"
 
 
-def _example_app_module() -> Any:
-    path = Path(__file__).resolve().parent.parent / "examples" / "fastapi_app" / "app.py"
-    spec = importlib.util.spec_from_file_location("fastapi_example_app", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # pydantic resolves the models' annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_example_app_reads_the_users_own_update(lc: LocalCluster) -> None:
     """examples/fastapi_app through TestClient: seed 004's endpoint, with the cookie."""
-    example = _example_app_module()
+    example = example_module("fastapi_app")
     user = uuid.uuid4().int % 2**40
     app = example.create_app(cluster_for(lc, AsyncCluster))
     with TestClient(app, base_url="https://testserver") as client:  # Secure cookies need https
