@@ -1,0 +1,124 @@
+"""What the Django router and middleware add to a view that reads ten rows.
+
+The example app (examples/django_app), its ``index`` view (the ten latest posts
+through the ORM) requested through ``django.test.Client``, on a LocalCluster
+(primary + 2 replicas), persistent connections, in the same run and interleaved
+rounds (A B C C B A) so that drift on a busy machine hits every side:
+
+* ``plain``: no ``DATABASE_ROUTERS``, no ``ConsistencyMiddleware``: every query on
+  ``default``, the one alias in use (Django as it is without us).
+* ``routed``: ``ReplicaRouter`` + ``ConsistencyMiddleware``: the read goes to a
+  replica the cluster picks (lag bound, token; kept for the request).
+* ``static``: a one-line router sending reads to ``replica1`` (seed 004's, minus the
+  random choice), no middleware: the same kind of server as ``routed`` reads from,
+  so this ratio is the router's own work, not the difference between two servers.
+
+Ratios are of the medians of the per-round means: wall time, and this thread's
+CPU time (``thread_time``: the client's own work, which the machine's load moves
+less than the wall clock).
+
+    .venv/bin/python benchmarks/django_overhead.py [--rounds 30] [--ops 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "django_app"))
+
+from replica_router.sandbox import LocalCluster
+
+OURS = "replica_router.integrations.django.ConsistencyMiddleware"
+
+
+class StaticRouter:
+    """Seed 004's router without the random choice: reads on one replica."""
+
+    def db_for_read(self, model: Any, **hints: Any) -> str:
+        return "replica1"
+
+    def db_for_write(self, model: Any, **hints: Any) -> str:
+        return "default"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--ops", type=int, default=100)
+    args = parser.parse_args()
+
+    with LocalCluster(replicas=2) as lc:
+        os.environ["DATABASE_URL"] = lc.primary_dsn
+        os.environ["DATABASE_REPLICA_URLS"] = ",".join(lc.replica_dsns)
+        os.environ["DJANGO_SETTINGS_MODULE"] = "settings"
+        import django
+        from django.conf import settings
+        from django.core.management import call_command
+        from django.db import connections
+        from django.test import Client, override_settings
+
+        from replica_router.integrations.django import get_cluster
+
+        django.setup()
+        call_command("migrate", verbosity=0)
+        from blog.models import Post
+
+        Post.objects.bulk_create(Post(title=f"post {i}") for i in range(20))
+        lc.wait_replicated()
+        cluster = get_cluster()
+        while cluster.route_read() == "default":  # the monitor sees the replicas caught up
+            time.sleep(0.05)
+
+        plain_middleware = [m for m in settings.MIDDLEWARE if m != OURS]
+        sides: dict[str, dict[str, Any]] = {
+            "plain": {"DATABASE_ROUTERS": [], "MIDDLEWARE": plain_middleware},
+            "routed": {},
+            "static": {"DATABASE_ROUTERS": [f"{__name__}.StaticRouter"],
+                       "MIDDLEWARE": plain_middleware},
+        }  # fmt: skip
+        clients = {}
+        for name, overrides in sides.items():
+            with override_settings(**overrides):
+                clients[name] = Client()
+                for _ in range(50):  # warm: connections, caches, the middleware chain
+                    assert clients[name].get("/").status_code == 200
+
+        def run(name: str) -> tuple[float, float]:
+            client = clients[name]
+            with override_settings(**sides[name]):
+                wall, cpu = time.perf_counter(), time.thread_time()
+                for _ in range(args.ops):
+                    client.get("/")
+                return ((time.perf_counter() - wall) / args.ops,
+                        (time.thread_time() - cpu) / args.ops)  # fmt: skip
+
+        order = ["plain", "routed", "static"]
+        walls: dict[str, list[float]] = {name: [] for name in order}
+        cpus: dict[str, list[float]] = {name: [] for name in order}
+        for i in range(args.rounds):
+            for name in order if i % 2 == 0 else reversed(order):
+                wall, cpu = run(name)
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+        connections.close_all()
+        cluster.close()
+
+    print(f"Django view reading 10 rows via the ORM, {args.rounds} rounds x {args.ops} requests")
+    print(f"{'side':<8} {'wall/request':>13} {'vs plain':>9} {'vs static':>10}"
+          f" {'client CPU':>11} {'vs plain':>9}")  # fmt: skip
+    wall = {name: statistics.median(values) for name, values in walls.items()}
+    cpu = {name: statistics.median(values) for name, values in cpus.items()}
+    for name in order:
+        print(f"{name:<8} {wall[name] * 1e6:>10.1f} us {wall[name] / wall['plain']:>8.3f}x "
+              f"{wall[name] / wall['static']:>9.3f}x {cpu[name] * 1e6:>8.1f} us "
+              f"{cpu[name] / cpu['plain']:>8.3f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
