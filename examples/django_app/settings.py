@@ -30,9 +30,7 @@ def database(url: str, *, replica: bool = False) -> dict[str, Any]:
 
 _replicas = [u.strip() for u in os.environ.get("DATABASE_REPLICA_URLS", "").split(",") if u.strip()]
 DATABASES = {"default": database(os.environ["DATABASE_URL"])}
-DATABASES.update(
-    {f"replica{i}": database(url, replica=True) for i, url in enumerate(_replicas, 1)}
-)
+DATABASES.update({f"replica{i}": database(url, replica=True) for i, url in enumerate(_replicas, 1)})
 
 DATABASE_ROUTERS = ["replica_router.integrations.django.ReplicaRouter"]
 REPLICA_ROUTER = {

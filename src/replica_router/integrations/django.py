@@ -60,7 +60,7 @@ from .. import Cluster, Intent
 from .. import classify as default_classify
 from .._web import Incoming, TokenTransport, enter_scope
 from ..consistency import POSITION_SQL, Scope, Token, current_scope
-from ..errors import ConfigurationError, Error, TokenError
+from ..errors import ConfigurationError, Error, PrimaryUnavailable, TokenError
 from ..lsn import parse_lsn
 from ..sources import ConnectionSource, Purpose, SourceFactory, pool_sources
 from ..topology import NodeSpec, Role
@@ -620,11 +620,17 @@ class ReplicaRouter:
             return primary
         if request is not None:
             request.replica = target
-        _install(connections[target])
         return target
 
     def db_for_write(self, model: Any, **hints: Any) -> str | None:
-        return _state().primary()
+        process = _state()
+        primary = process.cluster.topology.primary
+        if primary is not None:
+            return primary
+        try:  # none measured now: wait up to OPTIONS["write_timeout"] for one
+            return process.cluster.route_write()
+        except PrimaryUnavailable:
+            return process.config.primary  # Django's own connection error tells the rest
 
     def allow_relation(self, obj1: Any, obj2: Any, **hints: Any) -> bool | None:
         aliases = _settings().aliases

@@ -1,3 +1,5 @@
+# Django's own migration layout (class attributes are how migrations are declared).
+# ruff: noqa: RUF012
 from __future__ import annotations
 
 from django.db import migrations, models
@@ -5,7 +7,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     initial = True
-    dependencies: list[tuple[str, str]] = []
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
