@@ -312,3 +312,16 @@ def test_the_cluster_uses_the_aliases_as_node_names(django_env: LocalCluster) ->
         **{f"replica{i + 1}": django_env.port(n) for i, n in enumerate(django_env.replica_names)},
     }
     assert ReplicaRouter().db_for_write(None) == "default"
+
+
+def test_only_what_the_classifier_proves_a_read_counts_as_one() -> None:
+    from psycopg import sql
+
+    from replica_router import classify
+    from replica_router.integrations.django import _writes
+
+    assert not _writes(classify, "SELECT 1")
+    assert _writes(classify, "SELECT 1 FOR UPDATE")
+    assert _writes(classify, "UPDATE t SET a = 1 RETURNING id")
+    assert _writes(classify, sql.SQL("SELECT 1"))  # not looked into: the primary
+    assert _writes(classify, b"SELECT 1")

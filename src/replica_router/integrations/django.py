@@ -41,7 +41,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
@@ -56,7 +56,7 @@ from django.db.backends.signals import connection_created
 from django.db.transaction import TransactionManagementError
 from django.http import HttpRequest, HttpResponseBase
 
-from .. import Cluster, Intent
+from .. import Cluster, Intent, consistency
 from .. import classify as default_classify
 from .._web import Incoming, TokenTransport, enter_scope
 from ..consistency import POSITION_SQL, Scope, Token, current_scope
@@ -461,6 +461,12 @@ def _signer() -> signing.Signer:
     return signing.get_cookie_signer(salt=_SIGNING_SALT)
 
 
+def _writes(classify: Callable[[str], Intent], sql: Any) -> bool:
+    """Whether a statement may write: unless the classifier proves it a read
+    (``psycopg.sql`` objects and bytes are not looked into)."""
+    return not isinstance(sql, str) or classify(sql) is Intent.WRITE
+
+
 def _refused_as_write(exc: BaseException) -> bool:
     cause = exc.__cause__
     code = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
@@ -495,7 +501,7 @@ class _Guard:
         else:
             primary, classify = _settings().primary, default_classify
         if self.alias != primary:
-            if classify(sql) is Intent.WRITE:
+            if _writes(classify, sql):
                 return self._on_primary(primary, sql, params, many, context)
             try:
                 return execute(sql, params, many, context)
@@ -504,7 +510,7 @@ class _Guard:
                     raise
                 return self._on_primary(primary, sql, params, many, context, refused=exc)
         result = execute(sql, params, many, context)
-        if classify(sql) is Intent.WRITE:
+        if _writes(classify, sql):
             self.wrote(context["connection"])
         return result
 
@@ -651,6 +657,15 @@ class ReplicaRouter:
 # -- the middleware ---------------------------------------------------------------------
 
 
+def _enter(stack: ExitStack, cluster: Cluster, incoming: Incoming) -> tuple[Scope, Incoming]:
+    """The request's own root scope. Without a token (most requests) it is the plain
+    independent scope ``enter_scope`` would open through ``cluster.session``,
+    without that layer's work (no token to check, no user to look up)."""
+    if incoming.token is None:
+        return stack.enter_context(consistency.session(inherit=False)), incoming
+    return enter_scope(stack, cluster, incoming)
+
+
 class ConsistencyMiddleware:
     """Read-your-writes across requests: the token travels in a cookie and/or a
     header (``MIDDLEWARE`` entry; sync and async).
@@ -689,9 +704,9 @@ class ConsistencyMiddleware:
         reset = _REQUEST.set(_Request())
         try:
             with ExitStack() as stack:
-                scope, incoming = enter_scope(stack, cluster, incoming)
+                scope, incoming = _enter(stack, cluster, incoming)
                 response = self.get_response(request)
-                self._finish(response, incoming, scope)
+                self._finish(request, response, incoming, scope)
                 return response
         finally:
             _REQUEST.reset(reset)
@@ -706,9 +721,13 @@ class ConsistencyMiddleware:
         reset = _REQUEST.set(_Request())
         try:
             with ExitStack() as stack:
-                scope, incoming = enter_scope(stack, cluster, incoming)
+                scope, incoming = _enter(stack, cluster, incoming)
                 response = await self.get_response(request)
-                await sync_to_async(self._finish)(response, incoming, scope)
+                state = _REQUEST.get()
+                if state is not None and state.wrote_on is not None:  # a query: in a thread
+                    await sync_to_async(_capture)(state.wrote_on)
+                    state.wrote_on = None
+                self._finish(request, response, incoming, scope)
                 return response
         finally:
             _REQUEST.reset(reset)
@@ -716,23 +735,26 @@ class ConsistencyMiddleware:
     def _incoming(self, request: HttpRequest) -> Incoming:
         transport = self.transport
         header = request.META.get(self._meta_key)
-        https = request.is_secure()  # Django's SECURE_PROXY_SSL_HEADER says whom to trust
         if not self.signed:
-            return transport.incoming(header, request.META.get("HTTP_COOKIE"), https=https)
-        incoming = transport.incoming(header, None, https=https)
+            return transport.incoming(header, request.META.get("HTTP_COOKIE"))
+        incoming = transport.incoming(header, None)
         value = request.COOKIES.get(transport.cookie_name) if transport.use_cookie else None
         if incoming.token is not None or value is None:
             return incoming
         try:
-            return Incoming(Token.parse(_signer().unsign(value)), from_cookie=True, https=https)
+            return Incoming(Token.parse(_signer().unsign(value)), from_cookie=True)
         except (signing.BadSignature, TokenError) as exc:
             log.warning("ignoring a consistency token cookie that fails its check: %s", exc)
-            return Incoming(None, clear_cookie=True, https=https)
+            return Incoming(None, clear_cookie=True)
 
-    def _finish(self, response: HttpResponseBase, incoming: Incoming, scope: Scope) -> None:
-        request = _REQUEST.get()
-        if request is not None and request.wrote_on is not None:
-            _capture(request.wrote_on)
+    def _finish(
+        self, request: HttpRequest, response: HttpResponseBase, incoming: Incoming, scope: Scope
+    ) -> None:
+        """Learn the position of the request's writes, and hand the token on."""
+        state = _REQUEST.get()
+        if state is not None and state.wrote_on is not None:
+            _capture(state.wrote_on)
+            state.wrote_on = None
         transport = self.transport
         token = scope.token_for(get_cluster().system_identifier)
         if token is None or token == incoming.token:
@@ -741,6 +763,9 @@ class ConsistencyMiddleware:
             return
         text = str(token)
         if transport.use_cookie:
+            # Secure when the request came over https, as Django's SECURE_PROXY_SSL_HEADER
+            # says (asked only when a cookie goes out: most responses carry none).
+            incoming = replace(incoming, https=request.is_secure())
             value = _signer().sign(text) if self.signed else text
             response.set_cookie(
                 transport.cookie_name,
