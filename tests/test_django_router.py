@@ -6,6 +6,8 @@ paused wherever a stale read would show.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from django_support import aliases_for, recording
@@ -325,3 +327,58 @@ def test_only_what_the_classifier_proves_a_read_counts_as_one() -> None:
     assert _writes(classify, "UPDATE t SET a = 1 RETURNING id")
     assert _writes(classify, sql.SQL("SELECT 1"))  # not looked into: the primary
     assert _writes(classify, b"SELECT 1")
+
+
+def test_the_monitor_connects_with_each_aliases_settings_and_libpq_options(
+    django_env: LocalCluster,
+) -> None:
+    from django.db import connections
+    from psycopg.conninfo import conninfo_to_dict
+
+    from replica_router.integrations.django import _dsn
+
+    options = connections.settings["replica2"]["OPTIONS"]
+    connections.settings["replica2"]["OPTIONS"] = {
+        "pool": True,  # Django's, not libpq's
+        "isolation_level": 1,
+        "application_name": "rr-django-test",
+        "sslmode": "disable",
+    }
+    try:
+        params = conninfo_to_dict(_dsn("replica2"))
+    finally:
+        connections.settings["replica2"]["OPTIONS"] = options
+    db = connections.settings["replica2"]
+    assert params == {
+        "dbname": db["NAME"],
+        "user": db["USER"],
+        **({"password": db["PASSWORD"]} if db["PASSWORD"] else {}),
+        "host": db["HOST"],
+        "port": db["PORT"],
+        "application_name": "rr-django-test",
+        "sslmode": "disable",
+    }
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_worker_opens_its_own_cluster_and_leaves_the_parents_alone(
+    models, django_env: LocalCluster
+) -> None:
+    """gunicorn/uwsgi with a preloaded app: the parent had a cluster when it forked."""
+    from replica_router.integrations.django import get_cluster
+
+    parent = get_cluster()
+    pid = os.fork()
+    if pid == 0:  # the worker: a cluster of its own, that routes
+        code = 1
+        try:
+            mine = get_cluster()
+            code = 0 if mine is not parent and mine.route_read() in REPLICAS else 3
+            mine.close()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert get_cluster() is parent
+    assert parent.check_connections() == dict.fromkeys(("default", "replica1", "replica2"), True)
+    assert models.Post.objects.count() >= 0  # the parent's Django connections still work
