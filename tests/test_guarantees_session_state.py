@@ -14,9 +14,10 @@ import psycopg
 import psycopg2
 import psycopg2.errors
 import pytest
+from psycopg.rows import dict_row
 
-from helpers import FAST, port_of, wait_until
-from replica_router import Cluster
+from helpers import FAST, port_of, run, wait_until
+from replica_router import AsyncCluster, Cluster
 from replica_router.integrations import psycopg2 as routed
 from replica_router.sandbox import LocalCluster
 
@@ -69,11 +70,6 @@ def session_facts(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
     return tuple(row)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 18: a pooled read connection keeps the last user's session state",
-)
 def test_a_read_connection_carries_no_session_state_to_the_next_user(
     lc: LocalCluster, tenant: str
 ) -> None:
@@ -92,11 +88,6 @@ def test_a_read_connection_carries_no_session_state_to_the_next_user(
             assert session_facts(conn) == clean
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 18: SET ROLE in one cluster.write() leaks to the next user",
-)
 def test_a_write_connection_carries_no_session_state_to_the_next_user(
     lc: LocalCluster, tenant: str
 ) -> None:
@@ -117,11 +108,6 @@ def test_a_write_connection_carries_no_session_state_to_the_next_user(
             assert session_facts(conn) == clean
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="defect 18: a read block's read-only off lets the next read write",
-)
 def test_a_write_inside_cluster_read_never_succeeds_after_another_user_lifted_read_only(
     lc: LocalCluster, table: str
 ) -> None:
@@ -248,3 +234,76 @@ def test_a_plain_set_works_after_the_held_replica_died(fresh_replica_cluster: Lo
         row = conn.execute("SELECT current_setting('application_name')").fetchone()
         assert row == ("after-the-crash",)
         assert conn.nodes["read"] != held
+
+
+def test_the_reset_keeps_what_the_connection_was_opened_with(lc: LocalCluster) -> None:
+    """Defect 18 (the other side): the reset goes back to the connect-time session
+    (``connect_kwargs`` options, the read pool's read-only default), and puts back
+    psycopg's client-side settings a user changed."""
+    with Cluster(
+        lc.primary_dsn,
+        [lc.dsn("replica1")],
+        pool_kwargs={"primary": ONE, "replica": ONE},
+        connect_kwargs={"options": "-c work_mem=7MB"},
+        **FAST,  # type: ignore[arg-type]
+    ) as cluster:
+        for _ in range(2):
+            with cluster.read() as conn:
+                row = conn.execute(
+                    "SELECT current_setting('work_mem'),"
+                    " current_setting('default_transaction_read_only')"
+                ).fetchone()
+                assert row == ("7MB", "on")
+                conn.execute("SET work_mem = '9MB'")
+                conn.row_factory = dict_row
+        for _ in range(2):
+            with cluster.write() as conn:
+                assert conn.execute("SELECT current_setting('work_mem')").fetchone() == ("7MB",)
+                conn.execute("SET work_mem = '9MB'")
+                conn.commit()
+                conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+                conn.read_only = True
+
+
+def test_an_async_connection_carries_no_session_state_to_the_next_user(
+    lc: LocalCluster, tenant: str
+) -> None:
+    """Defect 18, ``AsyncCluster``: the same reset on the async pools."""
+
+    async def main() -> tuple[Any, Any]:
+        async with AsyncCluster(
+            lc.primary_dsn,
+            [lc.dsn("replica1")],
+            max_lag=None,
+            pool_kwargs={"primary": ONE, "replica": ONE},
+            **FAST,  # type: ignore[arg-type]
+        ) as cluster:
+            async with cluster.read() as conn:
+                await conn.execute(f"SET SESSION AUTHORIZATION {tenant}")
+                await conn.execute("SET search_path = pg_catalog")
+            async with cluster.read() as conn:
+                cur = await conn.execute(
+                    "SELECT session_user::text, current_setting('search_path')"
+                )
+                read = await cur.fetchone()
+            async with cluster.write() as conn:
+                await conn.execute(f"SET ROLE {tenant}")
+            async with cluster.write() as conn:
+                cur = await conn.execute("SELECT current_user::text")
+                write = await cur.fetchone()
+            return read, write
+
+    read, write = run(main())
+    [(me,)] = lc.execute("primary", "SELECT current_user::text")
+    assert read == (me, '"$user", public')
+    assert write == (me,)
+
+
+def test_psycopg_prepared_statements_survive_the_reset(lc: LocalCluster) -> None:
+    """Defect 18 (the other side): psycopg prepares a query run often; after the reset
+    deallocated it, psycopg prepares it again instead of failing on a missing one."""
+    with one_connection_cluster(lc, [lc.dsn("replica1")]) as cluster:
+        for _ in range(4):
+            with cluster.read() as conn:
+                for _ in range(7):  # past psycopg's prepare_threshold (5)
+                    assert conn.execute("SELECT 42").fetchone() == (42,)

@@ -17,6 +17,19 @@ read went to a replica or fell back to the primary, instead of succeeding only
 when the replicas happen to lag. It is set at connect time through libpq
 ``options``, so it costs no round trip per checkout.
 
+A connection handed back carries nothing to its next user: when a pooled
+connection is checked out *again*, its check is ``DISCARD ALL`` instead of the
+empty query (role, session authorization, ``search_path`` and every other GUC,
+prepared statements, temp tables, LISTEN, advisory locks; psycopg's own
+prepared-statement cache is cleared with it), and its client-side settings
+(``autocommit``, ``read_only``, ``isolation_level``, ``deferrable``,
+``row_factory``) are put back. It is the same single round trip the check costs
+anyway, made when the connection is handed out rather than in a pool worker when it
+comes back, so a checkout costs what it did. Values given at connect time survive
+it (``RESET ALL`` goes back to them): the read pools' ``default_transaction_read_only``
+stays on, ``connect_kwargs={"options": ...}`` stays, and a pool's ``configure``
+callback is run again after it.
+
 The check on checkout is done here, not by psycopg_pool: after a failed check
 psycopg_pool backs off about a second before it tries again, but a failed check
 means the node is likely gone, and the cluster wants to try *another* node at
@@ -25,13 +38,16 @@ once (and mark this one suspect).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
 import psycopg
 from psycopg import conninfo
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from .errors import ConfigurationError
@@ -80,6 +96,9 @@ _INSTEAD = {
     "timeout": " (use Cluster(checkout_timeout=...))",
 }
 _READ_ONLY_OPTION = "-c default_transaction_read_only=on"
+# Everything a session can carry, back to what the connection started with (see the
+# module docstring). Never prepared: it deallocates the statement it would run as.
+_RESET_SQL = "DISCARD ALL"
 
 
 class ConnectionSource(Protocol):
@@ -192,10 +211,77 @@ def _split(settings: Mapping[str, Any], default_check: Any) -> tuple[dict[str, A
     return pool_settings, check
 
 
+class _Reset:
+    """Which of a pool's connections have been handed out, and how to make one as
+    new again: the server side with ``DISCARD ALL``, the client side from the
+    connect arguments (one object per pool; the decision, not the I/O)."""
+
+    __slots__ = ("autocommit", "configure", "handed_out", "row_factory")
+
+    def __init__(self, connect_kwargs: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
+        self.autocommit = bool(connect_kwargs.get("autocommit", False))
+        self.row_factory = connect_kwargs.get("row_factory", tuple_row)
+        self.configure = settings.get("configure")
+        self.handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def needed(self, conn: Any) -> bool:
+        """True when ``conn`` served someone before (then it must be reset); marks it."""
+        if conn in self.handed_out:
+            return True
+        self.handed_out.add(conn)
+        return False
+
+    def client_side(self, conn: Any) -> None:
+        """Put back what psycopg keeps on the connection object (no round trip)."""
+        conn.autocommit = True  # DISCARD ALL runs outside a transaction block
+        conn.read_only = conn.isolation_level = conn.deferrable = None
+        conn.row_factory = self.row_factory
+
+
+def _forget_prepared(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+    """DISCARD ALL deallocated psycopg's automatically prepared statements too. psycopg
+    clears its cache when it sees a DISCARD ALL, but only the first time that text runs
+    on the connection, so its cache is told here (it then sends one DEALLOCATE ALL with
+    the next query, only if it had prepared anything)."""
+    prepared = getattr(conn, "_prepared", None)
+    if prepared is not None:
+        prepared.clear()
+
+
+def reset_session(conn: psycopg.Connection[Any], reset: _Reset) -> None:
+    """Make ``conn`` as new for its next user (one round trip; raises if it is dead)."""
+    reset.client_side(conn)
+    try:
+        conn.execute(_RESET_SQL, prepare=False)
+        _forget_prepared(conn)
+    finally:
+        with contextlib.suppress(Exception):
+            conn.autocommit = reset.autocommit
+    if reset.configure is not None:
+        reset.configure(conn)
+
+
+async def areset_session(conn: psycopg.AsyncConnection[Any], reset: _Reset) -> None:
+    """:func:`reset_session` for an async connection."""
+    await conn.set_autocommit(True)
+    await conn.set_read_only(None)
+    await conn.set_isolation_level(None)
+    await conn.set_deferrable(None)
+    conn.row_factory = reset.row_factory
+    try:
+        await conn.execute(_RESET_SQL, prepare=False)
+        _forget_prepared(conn)
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.set_autocommit(reset.autocommit)
+    if reset.configure is not None:
+        await reset.configure(conn)
+
+
 class PoolSource:
     """A ``psycopg_pool.ConnectionPool`` for one node and purpose."""
 
-    __slots__ = ("_check", "pool")
+    __slots__ = ("_check", "_reset", "pool")
 
     def __init__(
         self,
@@ -205,6 +291,7 @@ class PoolSource:
         connect_kwargs: Mapping[str, Any],
     ) -> None:
         pool_settings, self._check = _split(settings, ConnectionPool.check_connection)
+        self._reset = _Reset(connect_kwargs, pool_settings)
         self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             spec.dsn,
             kwargs=dict(connect_kwargs),
@@ -226,8 +313,14 @@ class PoolSource:
         self.pool.putconn(conn)
 
     def check(self, conn: psycopg.Connection[Any]) -> None:
-        if self._check is not None:
-            self._check(conn)
+        """The checkout check; a connection handed out before is reset by it."""
+        check = self._check
+        if self._reset.needed(conn):
+            reset_session(conn, self._reset)  # also proves the connection works
+            if check is ConnectionPool.check_connection:
+                return
+        if check is not None:
+            check(conn)
 
     def __repr__(self) -> str:
         return f"<PoolSource {self.pool.name}>"
@@ -236,7 +329,7 @@ class PoolSource:
 class AsyncPoolSource:
     """A ``psycopg_pool.AsyncConnectionPool`` for one node and purpose."""
 
-    __slots__ = ("_check", "pool")
+    __slots__ = ("_check", "_reset", "pool")
 
     def __init__(
         self,
@@ -246,6 +339,7 @@ class AsyncPoolSource:
         connect_kwargs: Mapping[str, Any],
     ) -> None:
         pool_settings, self._check = _split(settings, AsyncConnectionPool.check_connection)
+        self._reset = _Reset(connect_kwargs, pool_settings)
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             spec.dsn,
             kwargs=dict(connect_kwargs),
@@ -267,8 +361,14 @@ class AsyncPoolSource:
         await self.pool.putconn(conn)
 
     async def check(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        if self._check is not None:
-            await self._check(conn)
+        """The checkout check; a connection handed out before is reset by it."""
+        check = self._check
+        if self._reset.needed(conn):
+            await areset_session(conn, self._reset)
+            if check is AsyncConnectionPool.check_connection:
+                return
+        if check is not None:
+            await check(conn)
 
     def __repr__(self) -> str:
         return f"<AsyncPoolSource {self.pool.name}>"
