@@ -93,7 +93,7 @@ from .errors import (
 from .events import ConsistencyFallback, EventBus, RouteDecision
 from .failover import Promoter
 from .lsn import format_lsn, parse_lsn
-from .monitor import Monitor
+from .monitor import Monitor, Timelines
 from .policy import Policy, make_policy
 from .routing import ReadDecision, ReadRequirements, route_read, route_write
 from .sources import (
@@ -435,6 +435,7 @@ class _ClusterCore:
         # counters stay monotonic across close()/open() (Prometheus needs that).
         self._past_failovers = 0
         self._past_fenced_events = 0
+        self._timelines = Timelines()  # outlives each open(): an old primary stays fenced
         self._system_id: int | None = None
         self._secrets = {s.name: p for s in self._specs if (p := password_of(s.dsn))}
         self._config_lock = threading.Lock()
@@ -925,6 +926,7 @@ class _ClusterCore:
             probe_timeout=self._probe_timeout,
             events=self.events,
             after_round=Promoter(**self._promoter_options) if promote else None,
+            timelines=self._timelines,
         )
 
     def _require_monitor(self) -> Monitor:

@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,7 +35,16 @@ from .errors import ConfigurationError
 from .events import Event, EventBus, FailoverDetected, NodeFenced, NodeStateChanged
 from .topology import NodeSpec, NodeState, Role, Topology
 
-__all__ = ["APPLICATION_NAME", "PROBE_SQL", "AfterRound", "Monitor", "ProbeStats", "elect_primary"]
+__all__ = [
+    "APPLICATION_NAME",
+    "PROBE_SQL",
+    "AfterRound",
+    "Monitor",
+    "ProbeStats",
+    "Timelines",
+    "elect_primary",
+    "on_history",
+]
 
 log = logging.getLogger("replica_router.monitor")
 
@@ -48,7 +57,10 @@ APPLICATION_NAME = "replica-router-monitor"
 # grows forever on an idle, fully caught-up replica); ``replay_age`` is kept for
 # the monitor, which also knows whether the primary has more than was received.
 # The primary's timeline comes from its current WAL file name, which changes at
-# promotion (the checkpoint's timeline only changes at the next checkpoint).
+# promotion (the checkpoint's timeline only changes at the next checkpoint). A
+# replica's is the timeline of the WAL its walreceiver last received (the last
+# column, NULL while no walreceiver runs; the checkpoint's timeline stands in for the
+# timeline column only). pg_stat_wal_receiver.received_tli exists in PostgreSQL 9.6-18.
 PROBE_SQL = """\
 SELECT s.r,
        CASE WHEN s.r THEN NULL ELSE (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint END,
@@ -60,14 +72,23 @@ SELECT s.r,
             ELSE extract(epoch FROM now() - s.replayed_at)::float8 END,
        extract(epoch FROM now() - s.replayed_at)::float8,
        CASE WHEN s.r
-            THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver),
-                          (pg_control_checkpoint()).timeline_id)
+            THEN coalesce(s.received_tli, (pg_control_checkpoint()).timeline_id)
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
-       END
+       END,
+       s.received_tli
 FROM (SELECT pg_is_in_recovery() AS r,
              pg_last_wal_receive_lsn() AS received,
              pg_last_wal_replay_lsn() AS replayed,
-             pg_last_xact_replay_timestamp() AS replayed_at) AS s"""
+             pg_last_xact_replay_timestamp() AS replayed_at,
+             (SELECT received_tli FROM pg_stat_wal_receiver) AS received_tli) AS s"""
+
+# A primary's timeline history (its ancestors and where it left each), read once per
+# new timeline. Needs superuser or pg_read_server_files; without it the history is
+# unknown and a replica on another timeline is taken as diverged (no reads).
+_HISTORY_SQL = (
+    "SELECT convert_from(pg_read_binary_file("
+    "'pg_wal/' || lpad(upper(to_hex(%s::int)), 8, '0') || '.history'), 'UTF8')"
+)
 
 _SYSTEM_ID_SQL = "SELECT system_identifier FROM pg_control_system()"
 
@@ -98,6 +119,7 @@ class _Sample:
     lag_seconds: float | None  # server side: 0 when everything received is replayed
     replay_age: float | None  # now() - pg_last_xact_replay_timestamp()
     timeline: int | None
+    received_timeline: int | None  # replica: its walreceiver's received_tli, if one runs
     system_identifier: int | None
     round_trip_ms: float
     started_at: float  # time.monotonic() when the query was sent
@@ -154,6 +176,71 @@ def _reverse_name(name: str) -> tuple[int, ...]:
     return tuple(-ord(c) for c in name)  # max() then prefers the first name in order
 
 
+History = Mapping[int, int]
+"""A timeline's ancestors: ancestor timeline -> the WAL position where it was left."""
+
+
+class Timelines:
+    """What a cluster has learned about its timelines: the newest one any elected
+    primary had, and that timeline's history (None: not readable).
+
+    It outlives a monitor: ``Cluster`` keeps one for its whole life and hands it to
+    each monitor it opens, so an old primary that comes back after ``close()`` /
+    ``open()`` is fenced again (issue 11, design rule 3). Changed only on the
+    monitor thread, under the monitor's lock.
+    """
+
+    __slots__ = ("history", "newest")
+
+    def __init__(self) -> None:
+        self.newest: int | None = None
+        self.history: History | None = None
+
+    def learn(self, timeline: int, history: History | None) -> None:
+        """An elected primary is on ``timeline`` (with ``history``, when known)."""
+        if self.newest is None or timeline > self.newest:
+            self.newest, self.history = timeline, history
+        elif timeline == self.newest and history is not None:
+            self.history = history
+
+    def __repr__(self) -> str:
+        return f"<Timelines newest={self.newest} history={dict(self.history or {})}>"
+
+
+def on_history(
+    timeline: int | None,
+    position: int | None,
+    current: int | None,
+    history: History | None,
+) -> bool:
+    """Whether a replica whose WAL is on ``timeline`` up to ``position`` holds a prefix
+    of the current primary's timeline ``current`` (pure; issue 11, design rule 4).
+
+    True on the same timeline, or on an ancestor the primary's history left at or
+    after ``position`` (the replica is behind, and can follow). False on any other
+    timeline: it has WAL the primary never had, so its positions mean nothing
+    against the primary's, however large. Unknown inputs count as on it, except an
+    older timeline without a readable history, which cannot be shown to be a prefix.
+    """
+    if timeline is None or current is None or timeline == current:
+        return True
+    if history is None or timeline not in history:
+        return False
+    return position is None or position <= history[timeline]
+
+
+def parse_history(text: str) -> dict[int, int]:
+    """A ``.history`` file (``parent-tli<TAB>switch-LSN<TAB>reason`` per line)."""
+    out: dict[int, int] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0].isdigit():
+            high, _, low = fields[1].partition("/")
+            with contextlib.suppress(ValueError):
+                out[int(fields[0])] = (int(high, 16) << 32) | int(low, 16)
+    return out
+
+
 class _Node:
     """Mutable per-node bookkeeping; owned by the monitor, changed under its lock
     (the connection only by the node's worker thread while ``in_flight``).
@@ -183,6 +270,8 @@ class _Node:
         self.connecting = False
         self.outcome: _Sample | _Failure | None = None  # finished, not yet applied
         self.last_sample: _Sample | None = None
+        self.received_timeline: int | None = None  # last seen; kept while no walreceiver runs
+        self.history: tuple[int, History | None] | None = None  # (its timeline, history)
         self.fresh_as_of: float | None = None  # had every primary WAL byte as of then
         self.removed = False
         self.stats = ProbeStats()
@@ -259,6 +348,7 @@ class Monitor:
         events: EventBus,
         name: str = "replica-router-monitor",
         after_round: AfterRound | None = None,
+        timelines: Timelines | None = None,
     ) -> None:
         _check_positive("monitor_interval", interval)
         _check_positive("connect_timeout", connect_timeout)
@@ -289,7 +379,7 @@ class Monitor:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._newest_timeline: int | None = None
+        self._timelines = timelines if timelines is not None else Timelines()
         self._last_primary: str | None = None  # last elected, survives "no primary"
         self._promoted_by_router: str | None = None
         self._topology = Topology(
@@ -322,7 +412,7 @@ class Monitor:
     @property
     def newest_timeline(self) -> int | None:
         """The newest timeline any elected primary has had (fencing's yardstick)."""
-        return self._newest_timeline
+        return self._timelines.newest
 
     def note_promoted(self, name: str) -> None:
         """The router itself promoted ``name``: the failover to it is reported with
@@ -549,7 +639,9 @@ class Monitor:
         round_trip_ms = (time.perf_counter() - clock) * 1000.0
         if row is None:
             raise RuntimeError("probe query returned no row")
-        (in_recovery, current, received, replayed, paused, lag, age, timeline) = row
+        (in_recovery, current, received, replayed, paused, lag, age, timeline, rtli) = row
+        if not in_recovery and timeline is not None:
+            self._learn_history(node, int(timeline))
         return _Sample(
             in_recovery=bool(in_recovery),
             current_lsn=_int_or_none(current),
@@ -559,10 +651,27 @@ class Monitor:
             lag_seconds=None if lag is None else max(0.0, float(lag)),
             replay_age=None if age is None else float(age),
             timeline=_int_or_none(timeline),
+            received_timeline=_int_or_none(rtli),
             system_identifier=node.system_identifier,
             round_trip_ms=round_trip_ms,
             started_at=started,
         )
+
+    @staticmethod
+    def _learn_history(node: _Node, timeline: int) -> None:
+        """Read a primary's timeline history once per timeline it is seen on."""
+        if node.history is not None and node.history[0] == timeline:
+            return
+        history: History | None = {}
+        if timeline > 1:
+            conn = node.conn
+            assert conn is not None
+            try:
+                row = conn.execute(_HISTORY_SQL, (timeline,)).fetchone()
+                history = parse_history(str(row[0])) if row and row[0] else None
+            except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFile):
+                history = None  # not readable here: replicas on other timelines get no reads
+        node.history = (timeline, history)
 
     def _close_node(self, node: _Node, deadline: float) -> None:
         node.retire()
@@ -605,18 +714,44 @@ class Monitor:
                 node.last_error = node.scrub(f"internal error: {exc}")
                 base = old or NodeState(name=node.spec.name)
                 states.append(replace(base, last_error=node.last_error))
-        # Lag needs to know which node is the primary, so it comes after the election.
+        # Lag needs to know which node is the primary, so it comes after the election;
+        # so does whether a replica is on the primary's timeline.
         primary, _ = elect_primary(
-            states, self._last_primary, newest_timeline=self._newest_timeline
+            states, self._last_primary, newest_timeline=self._timelines.newest
         )
-        reference = self._reference_position(primary, now)
+        states = [self._with_timeline(s, primary) for s in states]
+        reference = self._reference_position(primary, now, states)
         final = [self._with_lag(self._nodes[s.name], s, reference, now) for s in states]
         return self._publish(final, pending)
 
-    def _reference_position(self, primary: str | None, now: float) -> tuple[int, float] | None:
+    def _with_timeline(self, state: NodeState, primary: str | None) -> NodeState:
+        """Mark a replica ``diverged`` when its WAL is not a prefix of the current
+        primary's timeline (with no primary, of the newest timeline known)."""
+        node = self._nodes[state.name]
+        sample = node.last_sample
+        if state.role is not Role.REPLICA or sample is None or not sample.in_recovery:
+            return replace(state, diverged=False) if state.diverged else state
+        if sample.received_timeline is not None:
+            node.received_timeline = sample.received_timeline
+        timeline = node.received_timeline or sample.timeline
+        current, history = self._timelines.newest, self._timelines.history
+        if primary is not None:
+            primary_sample = self._nodes[primary].last_sample
+            known = self._nodes[primary].history
+            if primary_sample is not None and primary_sample.timeline is not None:
+                current = primary_sample.timeline
+                history = known[1] if known and known[0] == current else None
+        reached = max(sample.receive_lsn or 0, sample.replay_lsn or 0) or None
+        diverged = not on_history(timeline, reached, current, history)
+        return replace(state, diverged=diverged) if state.diverged != diverged else state
+
+    def _reference_position(
+        self, primary: str | None, now: float, states: Sequence[NodeState]
+    ) -> tuple[int, float] | None:
         """The newest WAL position that exists, and when it was measured: the
-        primary's; with no primary, the furthest any replica got (whatever the
-        dead primary wrote and nobody received is not there to be read)."""
+        primary's; with no primary, the furthest any replica on the newest timeline
+        got (whatever the dead primary wrote and nobody received is not there to be
+        read; a diverged replica's positions belong to another history)."""
         if primary is not None:
             sample = self._nodes[primary].last_sample
             if sample is not None and sample.current_lsn is not None:
@@ -625,8 +760,11 @@ class Monitor:
         furthest = max(
             (
                 max(n.last_sample.receive_lsn or 0, n.last_sample.replay_lsn or 0)
-                for n in self._nodes.values()
-                if n.last_sample is not None and n.failures == 0 and n.last_sample.in_recovery
+                for n, state in ((self._nodes[s.name], s) for s in states)
+                if n.last_sample is not None
+                and n.failures == 0
+                and n.last_sample.in_recovery
+                and not state.diverged
             ),
             default=None,
         )
@@ -715,6 +853,8 @@ class Monitor:
             return replace(state, lag_bytes=0, lag_seconds=0.0)
         if state.role is not Role.REPLICA or sample is None or not sample.in_recovery:
             return state
+        if state.diverged:  # its positions cannot be compared with the primary's
+            return replace(state, lag_bytes=None, lag_seconds=None)
         since_sample = max(0.0, now - sample.started_at)
         lag_bytes: int | None = None
         if reference is not None and sample.replay_lsn is not None:
@@ -740,7 +880,7 @@ class Monitor:
     def _publish(self, states: list[NodeState], pending: list[Event]) -> Topology:
         """Elect, fence, swap the snapshot in, wake waiters, queue events."""
         primary, fenced = elect_primary(
-            states, self._last_primary, newest_timeline=self._newest_timeline
+            states, self._last_primary, newest_timeline=self._timelines.newest
         )
         states = [
             replace(s, fenced=s.name in fenced) if s.fenced != (s.name in fenced) else s
@@ -761,7 +901,7 @@ class Monitor:
     def _report(self, previous: Topology, topology: Topology, pending: list[Event]) -> None:
         primary = topology.primary
         primary_state = topology.primary_state
-        primary_tl = primary_state.timeline if primary_state else self._newest_timeline
+        primary_tl = primary_state.timeline if primary_state else self._timelines.newest
         for state in topology.nodes:
             old = previous.by_name.get(state.name)
             if state.fenced and not (old is not None and old.fenced):
@@ -779,7 +919,9 @@ class Monitor:
             ):
                 pending.append(NodeStateChanged(state.name, old, state))
         if primary_state is not None and primary_state.timeline is not None:
-            self._newest_timeline = max(self._newest_timeline or 0, primary_state.timeline)
+            history = self._nodes[primary_state.name].history
+            known = history[1] if history and history[0] == primary_state.timeline else None
+            self._timelines.learn(primary_state.timeline, known)
         if primary is not None and primary != self._last_primary:
             if self._last_primary is not None:
                 self.failovers += 1

@@ -66,7 +66,7 @@ _FALLBACKS: dict[tuple[str | None, FallbackReason, bool], ReadDecision] = {}
 
 
 def _check(node: NodeState, req: ReadRequirements) -> int:
-    if not node.healthy or node.fenced or node.name in req.exclude:
+    if not node.healthy or node.fenced or node.diverged or node.name in req.exclude:
         return _DOWN
     max_seconds = req.max_lag_seconds
     if max_seconds is not None and (node.lag_seconds is None or node.lag_seconds > max_seconds):
@@ -105,7 +105,8 @@ def route_read(
 ) -> ReadDecision:
     """Choose a replica for a read, or say why none qualifies.
 
-    Eligible: role replica, healthy, not fenced, not excluded, lag within both
+    Eligible: role replica, healthy, not fenced, not diverged (off the primary's
+    timeline), not excluded, lag within both
     bounds (an unknown lag fails a set bound) and replay position at or past
     ``min_position``. With none eligible and ``fallback_to_primary``, the
     primary (healthy, not fenced, not excluded) serves it: its data is current,

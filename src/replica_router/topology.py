@@ -50,6 +50,7 @@ class NodeState:
     role: Role = Role.UNKNOWN
     healthy: bool = False
     fenced: bool = False  # claims primary on an older timeline: no reads, no writes
+    diverged: bool = False  # replica off the primary's timeline and its history: no reads
     timeline: int | None = None
     system_identifier: int | None = None
     current_lsn: int | None = None  # primary: pg_current_wal_lsn()
