@@ -184,11 +184,20 @@ def test_the_monitor_notices_a_hung_replica_and_its_return(
     bound with the default settings, and healthy again once it resumes."""
     lc = fresh_replica_cluster
     with Cluster(lc.primary_dsn, lc.replica_dsns) as cluster:
+        monitor = cluster.monitor
+        assert monitor is not None
         frozen("replica1")
         wait_until(
             lambda: not cluster.topology.by_name["replica1"].healthy,
             HUNG_BOUND,
             what="the monitor to see replica1 hung",
+        )
+        # The unanswered probe was abandoned, not waited for: the monitor keeps
+        # trying to reconnect while the node is hung.
+        connects = monitor.probe_stats()["replica1"].connect_attempts
+        wait_until(
+            lambda: monitor.probe_stats()["replica1"].connect_attempts > connects,
+            what="the monitor to try replica1 again",
         )
         lc.thaw("replica1")
         wait_until(
@@ -244,3 +253,18 @@ def test_a_read_in_flight_on_a_hung_replica_fails_within_the_bound(
         done, outcome = within(HUNG_BOUND + 1.0, lambda: conn.execute("SELECT 1").fetchone())
         assert done, "the query on the hung replica never returned"
         assert isinstance(outcome, psycopg.OperationalError), outcome
+
+
+def test_pooled_connections_drop_a_peer_that_stops_acknowledging(
+    replica_cluster: LocalCluster,
+) -> None:
+    """Design rule 10, connection level: without a TCP user timeout and keepalives, a
+    connection to a host that vanished (no FIN, no RST) waits for the kernel's
+    retransmissions, about 15 minutes. Settings given by the user win."""
+    lc = replica_cluster
+    with Cluster(lc.primary_dsn, lc.replica_dsns, connect_kwargs={"keepalives_idle": 60}) as c:
+        for block in (c.read, c.write):
+            with block() as conn:
+                params = conn.info.get_parameters()
+                assert params.get("tcp_user_timeout") == "3000", params
+                assert (params.get("keepalives"), params.get("keepalives_idle")) == ("1", "60")

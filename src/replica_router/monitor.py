@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -33,6 +35,7 @@ from psycopg.rows import TupleRow
 from .dsn import password_of, scrub
 from .errors import ConfigurationError
 from .events import Event, EventBus, FailoverDetected, NodeFenced, NodeStateChanged
+from .sources import hung_peer_kwargs
 from .topology import NodeSpec, NodeState, Role, Topology
 
 __all__ = [
@@ -268,6 +271,7 @@ class _Node:
         self._retired = False
         self.started_at = 0.0
         self.connecting = False
+        self.aborted = False  # the monitor closed this probe's socket: it never answered
         self.outcome: _Sample | _Failure | None = None  # finished, not yet applied
         self.last_sample: _Sample | None = None
         self.received_timeline: int | None = None  # last seen; kept while no walreceiver runs
@@ -565,16 +569,39 @@ class Monitor:
         for node in nodes:
             node.started_at = time.monotonic()
             node.connecting = node.conn is None or node.conn.closed
+            node.aborted = False
             node.submit(self._probe_node, f"{self.name}:{node.spec.name}", idle)
 
     def _wait(self, nodes: list[_Node], everyone: bool) -> None:
         """Wait for probes to finish, up to the probe timeout (or, when asked for
-        everyone, until a connection attempt could have timed out too)."""
+        everyone, until a connection attempt could have timed out too); a query
+        still unanswered then is abandoned (see :meth:`_abort`)."""
         for node in nodes:
             limit = self.probe_timeout
             if node.connecting and everyone:
                 limit += self.connect_timeout
-            node.wait_done(node.started_at + limit - time.monotonic())
+            if not node.wait_done(node.started_at + limit - time.monotonic()):
+                self._abort(node)
+
+    @staticmethod
+    def _abort(node: _Node) -> None:
+        """A query got no answer within the probe timeout: shut its socket down.
+
+        A hung server (SIGSTOP, a stalled host) sends no FIN or RST and its kernel may
+        still acknowledge what we send, so no TCP timeout fires and statement_timeout
+        cannot run: only the client gives up. Shutting the socket down (not closing
+        the descriptor the worker is blocked on) makes libpq's wait return an error,
+        so the worker is free and the next round reconnects, bounded by
+        connect_timeout. A connection attempt is left to libpq's connect_timeout.
+        """
+        conn = node.conn
+        if node.connecting or conn is None or not node.in_flight:
+            return
+        with contextlib.suppress(Exception):
+            fd = os.dup(conn.pgconn.socket)
+            with socket.socket(fileno=fd) as sock:
+                node.aborted = True
+                sock.shutdown(socket.SHUT_RDWR)
 
     # -- probing (runs in the node's worker thread; never under the monitor's lock) --
 
@@ -588,6 +615,8 @@ class Monitor:
             outcome = self._probe(node)
         except Exception as exc:
             outcome = _Failure(node.scrub(f"{type(exc).__name__}: {exc}".strip()))
+            if node.aborted:
+                outcome = _Failure(f"no answer within {self.probe_timeout:g} s (hung?)")
             if not isinstance(exc, psycopg.Error):
                 log.error(
                     "%s: unexpected error probing %s", self.name, node.spec.name, exc_info=True
@@ -611,9 +640,10 @@ class Monitor:
         conn = psycopg.connect(
             node.spec.dsn,
             autocommit=True,
-            connect_timeout=max(1, math.ceil(self.connect_timeout)),
+            connect_timeout=max(2, math.ceil(self.connect_timeout)),  # libpq's minimum is 2
             application_name=APPLICATION_NAME,
             prepare_threshold=None,  # never server-side: a pooler may switch server connections
+            **hung_peer_kwargs(self.probe_timeout),
         )
         try:
             conn.execute(

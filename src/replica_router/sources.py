@@ -64,6 +64,7 @@ __all__ = [
     "Purpose",
     "SourceFactory",
     "async_pool_sources",
+    "hung_peer_kwargs",
     "pool_sources",
     "validate_pool_kwargs",
 ]
@@ -188,14 +189,40 @@ def _check_sizes(role: str, settings: Mapping[str, Any]) -> None:
         )
 
 
+def hung_peer_kwargs(seconds: float) -> dict[str, Any]:
+    """libpq settings that drop a connection whose peer stopped answering at the TCP
+    level (a host gone or a partition: nothing acknowledged within ``seconds``; idle
+    connections probed by keepalives). They do not help against a stopped server
+    whose kernel still acknowledges: that takes a client-side deadline."""
+    whole = max(1, math.ceil(seconds))
+    return {
+        "tcp_user_timeout": whole * 1000,
+        "keepalives": 1,
+        "keepalives_idle": max(1, whole * 5),
+        "keepalives_interval": whole,
+        "keepalives_count": 3,
+    }
+
+
+# A pooled connection gives up on a peer that acknowledges nothing for this long.
+_HUNG_PEER_SECONDS = 3.0
+
+
 def connection_kwargs(
     spec: NodeSpec, purpose: Purpose, connect_kwargs: Mapping[str, Any], connect_timeout: float
 ) -> dict[str, Any]:
-    """psycopg ``connect()`` arguments for one node and purpose (see module doc)."""
+    """psycopg ``connect()`` arguments for one node and purpose (see module doc).
+
+    Settings the DSN or ``connect_kwargs`` give win; otherwise ``connect_timeout``,
+    and TCP settings that drop a connection to a vanished peer (:func:`hung_peer_kwargs`).
+    """
     params = conninfo.conninfo_to_dict(spec.dsn)
     kwargs = dict(connect_kwargs)
     if "connect_timeout" not in params and "connect_timeout" not in kwargs:
         kwargs["connect_timeout"] = max(2, math.ceil(connect_timeout))  # libpq's minimum is 2
+    for key, value in hung_peer_kwargs(max(_HUNG_PEER_SECONDS, connect_timeout)).items():
+        if key not in params and key not in kwargs:
+            kwargs[key] = value
     if purpose == "read":
         kwargs["autocommit"] = True
         options = str(kwargs.get("options") or params.get("options") or "").strip()
