@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from helpers import FAST, port_of, wait_until
-from replica_router import Cluster, Error, PrimaryUnavailable
+from helpers import FAST, port_of, run, wait_until
+from replica_router import AsyncCluster, Cluster, Error, PrimaryUnavailable
 from replica_router.sandbox import LocalCluster
 
 HUNG_BOUND = 3.0  # design rule 10: a hung node is noticed, and left, within 3 s
@@ -120,19 +120,14 @@ def in_child(action: Callable[[], dict[str, Any]], timeout: float = 20.0) -> dic
     return json.loads(data) if data else {"error": "crash", "is_router_error": False}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 13: a forked child shares the parent's sockets and has no monitor",
-)
 def test_a_forked_child_never_uses_the_parents_connections(replica_cluster: LocalCluster) -> None:
     """Defect 13: after ``os.fork()`` the child gets connections of its own and a
     running monitor, or one clear replica-router error that says what to do; the
-    parent's pooled connections keep working either way."""
+    parent's pooled connections (the same server sessions) keep working either way."""
     lc = replica_cluster
     with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:  # type: ignore[arg-type]
         with cluster.write() as conn:
-            conn.execute("PREPARE guar_fork AS SELECT 1")  # prepared on the pooled backend
+            conn.execute("SELECT 1")
             parent_pids = {conn.info.backend_pid}
         with cluster.read() as conn:
             parent_pids.add(conn.info.backend_pid)
@@ -140,7 +135,7 @@ def test_a_forked_child_never_uses_the_parents_connections(replica_cluster: Loca
         def child() -> dict[str, Any]:
             with cluster.write() as conn:
                 pid = conn.info.backend_pid
-                conn.execute("PREPARE guar_fork AS SELECT 2")
+                conn.execute("PREPARE guar_fork AS SELECT 2")  # once per session
             with cluster.read() as conn:
                 read_pid = conn.info.backend_pid
             monitor = cluster.monitor
@@ -154,9 +149,31 @@ def test_a_forked_child_never_uses_the_parents_connections(replica_cluster: Loca
             assert not set(result["pids"]) & parent_pids, result
             assert result["monitor"], result
         with cluster.write() as conn:
+            assert conn.execute("PREPARE guar_fork AS SELECT 1") is not None
             assert conn.execute("EXECUTE guar_fork").fetchone() == (1,)
         with cluster.read() as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_an_async_cluster_forked_open_says_to_open_it_again(replica_cluster: LocalCluster) -> None:
+    """Defect 13, ``AsyncCluster``: it cannot be opened outside its event loop, so in
+    the child it is closed and says what to do."""
+    lc = replica_cluster
+
+    async def main() -> dict[str, Any]:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:  # type: ignore[arg-type]
+            async with cluster.read() as conn:
+                await conn.execute("SELECT 1")
+
+            def child() -> dict[str, Any]:
+                cluster.connection()  # raises at once: the cluster is not open
+                return {}
+
+            return in_child(child)
+
+    result = run(main())
+    assert result.get("is_router_error"), result
+    assert "os.fork()" in result["message"] and "open it again" in result["message"], result
 
 
 # -- design rule 10: a hung node -------------------------------------------------------------

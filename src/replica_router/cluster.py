@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from . import consistency
+from . import _fork, consistency
 from .classify import Classifier
 from .consistency import (
     Mark,
@@ -431,6 +431,7 @@ class _ClusterCore:
         )
 
         self._monitor = None
+        self._forked = False  # forgotten in a forked child (see _fork)
         # Failovers and fencings seen by monitors of earlier open() periods, so the
         # counters stay monotonic across close()/open() (Prometheus needs that).
         self._past_failovers = 0
@@ -932,8 +933,23 @@ class _ClusterCore:
     def _require_monitor(self) -> Monitor:
         monitor = self._monitor
         if monitor is None:
-            raise Error(f"{type(self).__name__} is not open: call open() or use it in a with block")
+            forked = " (it was open before os.fork(): open it again in this process)"
+            raise Error(
+                f"{type(self).__name__} is not open: call open() or use it in a with block"
+                + (forked if self._forked else "")
+            )
         return monitor
+
+    def _forget_after_fork(self) -> None:
+        """In a child after ``os.fork()`` (see ``_fork``): drop the parent's monitor,
+        pools and locks without closing anything (that would end the parent's
+        sessions); the caller opens afresh."""
+        self._config_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._in_use = {}
+        self._monitor = None
+        self._sources: dict[tuple[str, Purpose], Any] = {}
+        self._forked = True
 
     def __repr__(self) -> str:
         state = "open" if self._monitor is not None else "closed"
@@ -988,6 +1004,7 @@ class Cluster(_ClusterCore):
             except BaseException:
                 self._shutdown(5.0)
                 raise
+            _fork.opened(self)
         return self
 
     def close(self, timeout: float = 5.0) -> None:
@@ -996,6 +1013,7 @@ class Cluster(_ClusterCore):
             self._shutdown(timeout)
 
     def _shutdown(self, timeout: float) -> None:
+        _fork.closed(self)
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             monitor.stop(timeout)
@@ -1006,6 +1024,10 @@ class Cluster(_ClusterCore):
                 source.close(timeout)
             except Exception:
                 log.exception("closing %r failed", source)
+
+    def _after_fork(self) -> None:
+        self._forget_after_fork()
+        self.open()
 
     def __enter__(self) -> Cluster:
         return self.open()
@@ -1554,9 +1576,11 @@ class AsyncCluster(_ClusterCore):
         except BaseException:
             await self.close()
             raise
+        _fork.opened(self)
         return self
 
     async def close(self, timeout: float = 5.0) -> None:
+        _fork.closed(self)
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             await asyncio.to_thread(monitor.stop, timeout)
@@ -1567,6 +1591,9 @@ class AsyncCluster(_ClusterCore):
                 await source.close(timeout)
             except Exception:
                 log.exception("closing %r failed", source)
+
+    def _after_fork(self) -> None:
+        self._forget_after_fork()  # opening needs its event loop: left to the caller
 
     async def __aenter__(self) -> AsyncCluster:
         return await self.open()
