@@ -261,8 +261,6 @@ def test_the_reset_keeps_what_the_connection_was_opened_with(lc: LocalCluster) -
                 assert conn.execute("SELECT current_setting('work_mem')").fetchone() == ("7MB",)
                 conn.execute("SET work_mem = '9MB'")
                 conn.commit()
-                conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
-                conn.read_only = True
 
 
 def test_an_async_connection_carries_no_session_state_to_the_next_user(

@@ -21,9 +21,10 @@ A connection handed back carries nothing to its next user: when a pooled
 connection is checked out *again*, its check is ``DISCARD ALL`` instead of the
 empty query (role, session authorization, ``search_path`` and every other GUC,
 prepared statements, temp tables, LISTEN, advisory locks; psycopg's own
-prepared-statement cache is cleared with it), and its client-side settings
-(``autocommit``, ``read_only``, ``isolation_level``, ``deferrable``,
-``row_factory``) are put back. It is the same single round trip the check costs
+prepared-statement cache is cleared with it), and its ``autocommit`` and
+``row_factory`` are put back. (``isolation_level``, ``read_only`` and ``deferrable``
+are left as they are: SQLAlchemy sets an engine's isolation level on a connection
+once, when it first sees it.) It is the same single round trip the check costs
 anyway, made when the connection is handed out rather than in a pool worker when it
 comes back, so a checkout costs what it did. Values given at connect time survive
 it (``RESET ALL`` goes back to them): the read pools' ``default_transaction_read_only``
@@ -261,7 +262,6 @@ class _Reset:
     def client_side(self, conn: Any) -> None:
         """Put back what psycopg keeps on the connection object (no round trip)."""
         conn.autocommit = True  # DISCARD ALL runs outside a transaction block
-        conn.read_only = conn.isolation_level = conn.deferrable = None
         conn.row_factory = self.row_factory
 
 
@@ -291,9 +291,6 @@ def reset_session(conn: psycopg.Connection[Any], reset: _Reset) -> None:
 async def areset_session(conn: psycopg.AsyncConnection[Any], reset: _Reset) -> None:
     """:func:`reset_session` for an async connection."""
     await conn.set_autocommit(True)
-    await conn.set_read_only(None)
-    await conn.set_isolation_level(None)
-    await conn.set_deferrable(None)
     conn.row_factory = reset.row_factory
     try:
         await conn.execute(_RESET_SQL, prepare=False)
