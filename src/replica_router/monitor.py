@@ -763,7 +763,9 @@ class Monitor:
             return replace(state, diverged=False) if state.diverged else state
         if sample.received_timeline is not None:
             node.received_timeline = sample.received_timeline
-        timeline = node.received_timeline or sample.timeline
+        # Only a measured received timeline counts: the checkpoint's lags for minutes
+        # after a failover, and received_tli is NULL without pg_read_all_stats.
+        timeline = node.received_timeline
         current, history = self._timelines.newest, self._timelines.history
         if primary is not None:
             primary_sample = self._nodes[primary].last_sample
