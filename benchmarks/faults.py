@@ -330,7 +330,7 @@ def excuses(faults: Iterable[FaultEvent], settings: Mapping[str, Any]) -> list[E
         ("promote", "replica"): (ALL_KINDS, detect),  # pinned sessions on the old primary fail
         ("freeze", "replica"): (READS, HUNG_NODE_BOUND + detect),
         ("freeze", "primary"): (ALL_KINDS, HUNG_NODE_BOUND + detect),
-        ("terminate", "all"): (ALL_KINDS, 0.0),
+        ("terminate", "all"): (ALL_KINDS, 0.1),  # the backends die a moment after the signal
         ("exhaust", "primary"): (ALL_KINDS, 0.2),
     }
     found = []
@@ -984,20 +984,28 @@ class Faults:
             self.lc.start(node)
 
     def terminate(self, share: float = 0.5) -> None:
-        """``pg_terminate_backend`` of a random share of the clients' backends, every node."""
-        with self._step("terminate", "all") as notes:
-            for node in self.lc.node_names:
-                if node in self.frozen or not self.lc.is_running(node):
-                    continue
-                rows = self.lc.execute(
-                    node,
+        """``pg_terminate_backend`` of a random share of the clients' backends, node by
+        node; each step spans the one statement that signals them, nothing more."""
+        for node in self.lc.node_names:
+            if node in self.frozen or not self.lc.is_running(node):
+                continue
+            with (
+                contextlib.suppress(psycopg.Error),
+                psycopg.connect(self.lc.dsn(node), autocommit=True, connect_timeout=5) as conn,
+            ):
+                rows = conn.execute(
                     "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s",
                     (APP_NAME + "%",),
-                )
+                ).fetchall()
                 pids = [r[0] for r in rows if self.rng.random() < share]
-                for pid in pids:
-                    self.lc.execute(node, "SELECT pg_terminate_backend(%s)", (pid,))
-                notes.append(f"{node}: {len(pids)} of {len(rows)}")
+                began = time.time()
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,)
+                )
+                detail = f"{len(pids)} of {len(rows)} backends"
+                self.events.append(
+                    FaultEvent("terminate", node, "all", began, time.time(), None, detail)
+                )
 
     def fail_primary(self, promote: Callable[[], str], detail: str) -> None:
         """Kill the primary; ``promote`` makes (or waits for) a new one. The outage lasts
