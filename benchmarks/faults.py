@@ -80,6 +80,7 @@ def settings_for(client: int) -> dict[str, Any]:
 HUNG_NODE_BOUND = 3.0  # issue 11, rule 10: an operation on a hung node fails or moves within this
 OVERTIME_SLACK = 1.0  # an operation may outlive its budget by this much
 PACE = 0.01  # pause between a client's operations (a benchmark's pace, not a sync)
+MAX_OPS = 50_000  # per client and episode: the run is bounded in count as well as in time
 APP_NAME = "rr-faults-client"
 PINNED = "pinned connection()"  # a RoutedConnection with a temp table, kept across writes
 
@@ -642,7 +643,7 @@ class Workload:
         for t in threads:
             t.start()
         reopened = False
-        while time.time() < end:
+        while time.time() < end and len(self.rec.ops) < MAX_OPS:
             if not reopened and self.reopen.is_set():
                 reopened = True
                 began = time.time()
