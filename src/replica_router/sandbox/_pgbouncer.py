@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigurationError, SandboxError
+from ._processes import version_output
 
 __all__ = ["POOL_MODES", "PgBouncer", "config_text", "find_pgbouncer"]
 
@@ -63,12 +63,7 @@ def find_pgbouncer() -> PgBouncer:
         path = shutil.which("pgbouncer", path=os.pathsep.join(_SEARCH))
     if path is None:
         raise SandboxError(f"PgBouncer not found: {INSTALL_HINT}")
-    try:
-        out = subprocess.run(
-            [path, "--version"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise SandboxError(f"cannot run {path} --version: {exc}") from None
+    out = version_output(path)
     match = re.search(r"PgBouncer\s+(\d+(?:\.\d+)*)", out)
     if match is None:
         raise SandboxError(f"cannot tell PgBouncer's version from {out.strip()!r}")

@@ -37,6 +37,7 @@ __all__ = [
     "signal_tree",
     "spawn",
     "terminate_postmaster",
+    "version_output",
     "wait_gone",
 ]
 
@@ -142,6 +143,16 @@ def run(
         output = (done.stderr or done.stdout).strip()
         raise SandboxError(f"{Path(args[0]).name} failed (exit {done.returncode}): {output}")
     return done
+
+
+def version_output(program: str) -> str:
+    """What ``program --version`` prints; a program that cannot run is a SandboxError."""
+    try:
+        return subprocess.run(
+            [program, "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SandboxError(f"cannot run {program} --version: {exc}") from None
 
 
 def spawn(
