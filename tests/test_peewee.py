@@ -582,3 +582,25 @@ def test_the_example_app_reads_its_own_writes_across_requests(
         assert renamed.get_json()["name"] == "Ada L."
     assert client.get("/health").get_json() == {"primary": True, "replica1": True, "replica2": True}
     assert sum(cluster.in_use(n) for n in lc.node_names) == 0  # every request closed its links
+
+
+def test_a_primary_link_the_server_hung_up_on_is_replaced_before_a_write(
+    replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any
+) -> None:
+    """A backend terminated (a restart, an idle timeout) while the link sat idle: the
+    next write goes out on a fresh connection instead of failing on the dead one."""
+    lc = replica_cluster
+    with db.connection_context():
+        user.create(name="first")
+        pid = db.connection().info.backend_pid
+        lc.execute("primary", "SELECT pg_terminate_backend(%s)", (pid,))
+        wait_until(
+            lambda: (
+                not lc.execute("primary", "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,))
+            ),
+            what="the backend gone",
+        )
+        user.create(name="second")  # no error reaches the caller
+        assert db.connection().info.backend_pid != pid
+        with db.atomic():  # the transaction runs on the new link too
+            assert user.select().count() == 2
