@@ -522,9 +522,8 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
             if held is None:
                 try:
                     held = links.reader = self._take(node, "read")
-                except NodeUnavailable as exc:
-                    self._suspect(node, str(exc))
-                    exclude = (*exclude, node)
+                except NodeUnavailable:
+                    exclude = (*exclude, node)  # down, or its pool exhausted: another node
                     continue
             cursor = held.conn.cursor()
             try:
