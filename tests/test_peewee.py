@@ -498,6 +498,7 @@ def test_add_and_remove_replicas_at_run_time(replica_cluster: LocalCluster) -> N
             assert port(db) == lc.port(first)
             assert db.add_replica(lc.dsn(second), name=second) == second
             assert check_connections(db) == {"primary": True, first: True, second: True}
+            assert check_connections(cluster) == check_connections(db)
 
             def reaches_second() -> bool:
                 with db.session(inherit=False):

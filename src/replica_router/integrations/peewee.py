@@ -137,8 +137,11 @@ def use_primary() -> Iterator[None]:
         _PRIMARY_ONLY.reset(token)
 
 
-def check_connections(database: RoutedPostgresqlDatabase | None = None) -> dict[str, bool]:
-    """Seed 003's ``check_connections()``: ``{node: healthy}``, one entry per node.
+def check_connections(
+    database: RoutedPostgresqlDatabase | Cluster | None = None,
+) -> dict[str, bool]:
+    """Seed 003's ``check_connections()``: ``{node: healthy}``, one entry per node
+    (of this routed database's cluster, or of the cluster given).
 
     Without an argument, for every routed database of this process whose cluster
     is open (their nodes merged; usually there is one cluster).
