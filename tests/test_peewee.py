@@ -23,7 +23,7 @@ from playhouse.pool import MaxConnectionsExceeded
 from playhouse.postgres_ext import BinaryJSONField
 
 from helpers import FAST, replay_paused, replica_ports, wait_until
-from replica_router import Cluster
+from replica_router import Cluster, PrimaryUnavailable
 from replica_router.integrations.peewee import (
     CLASSIFY,
     READ,
@@ -344,7 +344,7 @@ from gevent import monkey
 monkey.patch_all()
 import json, sys, uuid
 import gevent, peewee
-from replica_router import Cluster
+from replica_router import Cluster, PrimaryUnavailable
 from replica_router.integrations.peewee import RoutedPostgresqlDatabase
 
 primary, replicas, table = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
@@ -605,3 +605,22 @@ def test_a_primary_link_the_server_hung_up_on_is_replaced_before_a_write(
         assert db.connection().info.backend_pid != pid
         with db.atomic():  # the transaction runs on the new link too
             assert user.select().count() == 2
+
+
+def test_without_a_primary_reads_go_on_and_writes_fail_as_peewee_errors(
+    replica_cluster: LocalCluster,
+) -> None:
+    lc = replica_cluster
+    gone = "postgresql://postgres@127.0.0.1:1/postgres"  # nothing listens on port 1
+    with Cluster(gone, [lc.replica_dsns[0]], max_lag=None, connect_timeout=1, **FAST) as cluster:
+        db = RoutedPostgresqlDatabase(cluster)
+        try:
+            assert port(db) == lc.port(lc.replica_names[0])  # reads keep working
+            with pytest.raises(peewee.OperationalError) as caught:
+                db.execute_sql("CREATE TEMP TABLE nowhere (a int)")
+            assert isinstance(caught.value.__cause__, PrimaryUnavailable)
+            with pytest.raises(peewee.OperationalError), db.atomic():
+                pass  # BEGIN needs the primary too
+            assert db.check_connections() == {"primary": False, "replica1": True}
+        finally:
+            db.close()
