@@ -15,6 +15,11 @@ checkout, the routing decision and the return:
   checkout from the cluster's pool, and on commit the WAL position captured in the
   COMMIT's round trip (``COMMIT; SELECT pg_current_wal_insert_lsn()``).
 
+Last, the routing decision alone, no server: a new session's ``get_bind()`` for the
+lookup's statement (``cluster.route_read()``, the statement's verdict, the engine),
+against a plain Session's ``get_bind()``, best of 9 -- the figure that does not move
+with the machine's load.
+
 Both sides check each connection they take (``pool_pre_ping=True`` on the plain
 engine, the cluster's check on checkout), as seed 004's engines do; ``--no-ping``
 turns both off. Ratios are of the medians of the per-round means (wall).
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import timeit
 from typing import Any
 
 import psycopg
@@ -55,6 +61,22 @@ def plain_engine(dsn: str, ping: bool) -> sa.Engine:
     return sa.create_engine(
         "postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), pool_pre_ping=ping
     )
+
+
+def own_work(routed: Any, engine: sa.Engine) -> list[str]:
+    """Nanoseconds per session for the routing decision, the server taken out (best of 9)."""
+    names = {"routed": routed, "Session": Session, "engine": engine, "Item": Item}
+    setup = "q = sa.select(Item).where(Item.id == 1)"
+    names["sa"] = sa
+
+    def best(statement: str) -> float:
+        runs = timeit.repeat(statement, setup, globals=names, number=5_000, repeat=9)
+        return min(runs) / 5_000 * 1e9
+
+    plain = best("Session(engine).get_bind(clause=q)")
+    mine = best("routed().get_bind(clause=q)")
+    return [f"  routing decision: {mine - plain:.0f} ns per session transaction "
+            f"(a plain Session's get_bind: {plain:.0f} ns)"]  # fmt: skip
 
 
 def main() -> None:
@@ -131,6 +153,8 @@ def main() -> None:
                     max(args.rounds // 2, 4),
                     max(args.ops // 2, 10),
                 )
+
+            out += own_work(routed, replica_engine)
 
             # its own context: the inserts' token must not steer the lookups' scope
             out += table(
