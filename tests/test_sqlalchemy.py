@@ -402,3 +402,39 @@ def test_pool_settings_keep_create_engines_meaning() -> None:
     assert pool_settings()["check"] is None  # no pre-ping: no check per checkout
     with pytest.raises(ConfigurationError):
         pool_settings(pool_size=0)
+
+
+def test_a_failed_commit_is_sqlalchemys_error_and_advances_nothing(
+    cluster: Cluster, replica_cluster: LocalCluster
+) -> None:
+    """The COMMIT (with its position query) fails on a deferred constraint: SQLAlchemy
+    wraps it as for any commit, nothing is written, and the token stays put."""
+    lc = replica_cluster
+    table = "sa_deferred"
+    lc.execute("primary", f"DROP TABLE IF EXISTS {table}")
+    lc.execute(
+        "primary",
+        f"CREATE TABLE {table} (id int, CONSTRAINT one UNIQUE (id) DEFERRABLE INITIALLY DEFERRED)",
+    )
+    try:
+        with sessionmaker(cluster)() as session:
+            session.execute(text(f"INSERT INTO {table} VALUES (1), (1)"))  # checked at COMMIT
+            with pytest.raises(sa.exc.IntegrityError, match="one"):
+                session.commit()
+        assert cluster.token is None
+        assert lc.execute("primary", f"SELECT count(*) FROM {table}") == [(0,)]
+        assert sum(cluster.in_use(n) for n in cluster.node_names) == 0
+    finally:
+        lc.execute("primary", f"DROP TABLE IF EXISTS {table}")
+
+
+def test_streamed_results_work_on_a_replica(
+    cluster: Cluster, replica_cluster: LocalCluster, ports: Ports
+) -> None:
+    """Read connections are autocommit, where PostgreSQL refuses DECLARE CURSOR: a
+    replica buffers what ``stream_results`` / ``yield_per`` ask for instead of failing."""
+    options = {"stream_results": True, "yield_per": 2}
+    with sessionmaker(cluster)() as session:
+        rows = session.execute(text("SELECT generate_series(1, 5)"), execution_options=options)
+        assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
+    assert ports.ports() and ports.ports()[-1] != replica_cluster.port("primary")

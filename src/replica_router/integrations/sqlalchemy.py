@@ -515,6 +515,10 @@ class _Router:
                 logging_name=name,
             )
         engine.dialect.__dict__["replica_router_link"] = link
+        if purpose == "read":
+            # Read connections are autocommit, where DECLARE CURSOR is refused: results
+            # asked for with stream_results / yield_per are buffered instead.
+            engine.dialect.supports_server_side_cursors = False
         return engine
 
     async def _acheckout(self, link: _NodeLink) -> Lease[Any]:
@@ -529,7 +533,8 @@ class _Router:
             for key, engine in self._engines.items():
                 node, purpose = key
                 state = topology.by_name.get(node)
-                if state is None or state.fenced or (purpose == "write" and node != primary):
+                demoted = purpose == "write" and primary is not None and node != primary
+                if state is None or state.fenced or demoted:
                     gone.append(engine)
                 else:
                     keep[key] = engine
@@ -587,8 +592,10 @@ class RoutingSession(Session):
         self.cluster = cluster
         self._router = None if cluster is None else _router_for(cluster)
         self._explicit = explicit
-        self._read_node: str | None = None  # the node this transaction reads from
-        self._write_node: str | None = None  # set once it writes: everything runs there
+        # The engines of this transaction (kept, not looked up again: a transaction
+        # must never get a second connection to its node from a newer engine).
+        self._reader: Engine | None = None  # the node it reads from
+        self._writer: Engine | None = None  # set once it writes: everything runs there
 
     def get_bind(
         self,
@@ -601,17 +608,16 @@ class RoutingSession(Session):
         router = self._router
         if bind is not None or router is None or self._explicit or self.bind is not None:
             return super().get_bind(mapper, clause=clause, bind=bind, **kw)
-        if self._write_node is not None:
-            return router.engine(self._write_node, "write")
+        if self._writer is not None:
+            return self._writer
         if self._flushing or router.intents.of(clause) is Intent.WRITE:
-            self._write_node = node = router.route_write()
-            return router.engine(node, "write")
+            self._writer = router.engine(router.route_write(), "write")
+            return self._writer
         if _use_primary.get() or kw.get(USE_PRIMARY) or _asks_for_primary(clause):
             return router.engine(router.primary_for_reads(), "read")
-        read_node = self._read_node
-        if read_node is None:
-            self._read_node = read_node = router.route_read()
-        return router.engine(read_node, "read")
+        if self._reader is None:
+            self._reader = router.engine(router.route_read(), "read")
+        return self._reader
 
     def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
         _pass_use_primary(kw)
@@ -642,7 +648,7 @@ def _pass_use_primary(kw: dict[str, Any]) -> None:
 def _transaction_ended(session: Session, transaction: SessionTransaction) -> None:
     """A new session transaction routes afresh."""
     if transaction.parent is None and isinstance(session, RoutingSession):
-        session._read_node = session._write_node = None
+        session._reader = session._writer = None
 
 
 def sessionmaker(cluster: Cluster, **kwargs: Any) -> _sessionmaker[RoutingSession]:
