@@ -206,8 +206,7 @@ def test_the_monitor_notices_a_hung_replica_and_its_return(
         frozen("replica1")
         wait_until(
             lambda: not cluster.topology.by_name["replica1"].healthy,
-            HUNG_BOUND,
-            what="the monitor to see replica1 hung",
+            what="the monitor to see replica1 hung",  # about 2.5 s; no timed assertion
         )
         # The unanswered probe was abandoned, not waited for: the monitor keeps
         # trying to reconnect while the node is hung.

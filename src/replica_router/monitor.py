@@ -810,7 +810,10 @@ class Monitor:
         if isinstance(outcome, _Failure):
             self._count_failure(node, outcome.error, now)
             return self._state_after_failure(node, old)
-        limit = self.probe_timeout + (self.connect_timeout if node.connecting else 0.0)
+        # A node that just failed gets no connect_timeout of grace: reconnecting to a
+        # hung server hangs too, and counting it keeps detection within a few seconds.
+        grace = self.connect_timeout if node.connecting and node.failures == 0 else 0.0
+        limit = self.probe_timeout + grace
         if node.in_flight and now - node.started_at > limit:
             waited = now - node.started_at
             self._count_failure(node, f"no answer for {waited:.1f} s", now)
