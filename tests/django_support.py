@@ -161,9 +161,13 @@ def rr_django(replica_cluster: LocalCluster) -> Iterator[LocalCluster]:
 
 @pytest.fixture
 def django_env(rr_django: LocalCluster) -> Iterator[LocalCluster]:
-    """Per test: the integration's cluster for the current settings, connections
-    closed afterwards (a test's connection state does not reach the next)."""
+    """Per test: Django's connections and the integration's cluster are closed
+    afterwards (a test's state does not reach the next, and no monitor of ours is
+    left connected to the shared sandbox for the other tests to count)."""
     from django.db import connections
+
+    from replica_router.integrations import django as integration
 
     yield rr_django
     connections.close_all()
+    integration._close()

@@ -361,6 +361,7 @@ def test_the_monitor_connects_with_each_aliases_settings_and_libpq_options(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_worker_opens_its_own_cluster_and_leaves_the_parents_alone(
     models, django_env: LocalCluster
 ) -> None:
@@ -382,3 +383,31 @@ def test_a_forked_worker_opens_its_own_cluster_and_leaves_the_parents_alone(
     assert get_cluster() is parent
     assert parent.check_connections() == dict.fromkeys(("default", "replica1", "replica2"), True)
     assert models.Post.objects.count() >= 0  # the parent's Django connections still work
+
+
+def test_a_write_under_manual_transactions_counts_once_autocommit_is_back(
+    models, django_env: LocalCluster
+) -> None:
+    """``set_autocommit(False)`` ... ``commit()`` gives no ``on_commit`` hook: the write
+    is counted when the connection is seen back in autocommit."""
+    from django.db import transaction
+
+    from replica_router.integrations.django import get_cluster
+
+    cluster = get_cluster()
+    before = cluster.token
+    with replay_paused(django_env):
+        transaction.set_autocommit(False)
+        try:
+            post = models.Post.objects.create(title="manual")
+            with recording() as ran:
+                assert models.Post.objects.get(pk=post.pk).title == "manual"
+            transaction.commit()
+        finally:
+            transaction.set_autocommit(True)
+        with recording() as ran2:
+            assert models.Post.objects.get(pk=post.pk).title == "manual"
+    assert aliases_for(ran, "rr_django_app_post") == {"default"}
+    assert aliases_for(ran2, "rr_django_app_post") == {"default"}
+    after = cluster.token
+    assert after is not None and (before is None or after.lsn > before.lsn)

@@ -615,6 +615,8 @@ class ReplicaRouter:
         if guard is not None and guard.open_write is not None:
             if _transaction_of(conn) is guard.open_write:
                 return primary  # a test case's transaction: its writes are only there
+            if guard.open_write is _MANUAL:  # set_autocommit(False) ... commit(): no hook
+                _committed(primary)  # says whether it committed: count it as if
             guard.open_write = None
         request = _REQUEST.get()
         if request is not None and request.wrote_on is not None:
