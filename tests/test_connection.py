@@ -19,19 +19,19 @@ from psycopg.rows import dict_row
 
 from helpers import FAST, port_of, replica_ports, scratch_table, wait_until
 from replica_router import Cluster, Intent
+from replica_router._connection_base import query_text
 from replica_router.classify import Statement
-from replica_router.connection import (
+from replica_router.sandbox import LocalCluster
+from replica_router.session import (
     ROUTE_BEGIN_READ,
     ROUTE_BEGIN_WRITE,
     ROUTE_READ,
     ROUTE_SETTING,
     ROUTE_WRITE,
     begin_sql,
-    query_text,
     route,
     writes_data,
 )
-from replica_router.sandbox import LocalCluster
 
 # One connection per pool, so a test can see that what it left behind was cleaned.
 SINGLE = {"pool_kwargs": {"primary": {"max_size": 1}, "replica": {"max_size": 1}}}
@@ -117,7 +117,7 @@ def test_writes_data_and_begin_sql() -> None:
     assert not writes_data(st(Intent.WRITE, "SET LOCAL"))
     assert not writes_data(st(Intent.WRITE, "transaction control: COMMIT", "commit"))
     assert begin_sql(None, None, None) == "BEGIN"
-    assert begin_sql(psycopg.IsolationLevel.SERIALIZABLE, True, True) == (
+    assert begin_sql("SERIALIZABLE", True, True) == (
         "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE"
     )
     assert begin_sql(None, False, False) == "BEGIN READ WRITE NOT DEFERRABLE"

@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 from helpers import FAST, cluster_for, replay_paused, run, scratch_table
-from replica_router import AsyncCluster, Cluster, Error
+from replica_router import AsyncCluster, Cluster, Error, NodeUnavailable
 from replica_router.consistency import commit_and_capture
 from replica_router.lsn import format_lsn
 from replica_router.sandbox import LocalCluster
@@ -120,3 +120,39 @@ def test_route_read_skips_excluded_nodes(replica_cluster: LocalCluster) -> None:
         assert {cluster.route_read(exclude=[second]) for _ in range(6)} == {first}
         assert cluster.route_read(exclude=lc.replica_names) == "primary"  # the fallback
         assert cluster.route_read(prefer="primary") in lc.replica_names  # not a candidate
+
+
+def test_conninfo_and_note_in_use_serve_an_integrations_own_connections(
+    replica_cluster: LocalCluster,
+) -> None:
+    lc = replica_cluster
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:
+        own = psycopg.connect(cluster.conninfo("primary", "read"), autocommit=True)
+        with own, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            own.execute("CREATE TABLE rr_never (id int)")
+        with psycopg.connect(cluster.conninfo("primary", "write"), autocommit=True) as own:
+            assert own.execute("SHOW default_transaction_read_only").fetchone() == ("off",)
+        cluster.note_in_use("replica1", +1)
+        assert cluster.in_use("replica1") == 1
+        assert {s.name: s.in_use for s in cluster.status()}["replica1"] == 1
+        cluster.note_in_use("replica1", -1)
+        assert cluster.in_use("replica1") == 0
+        with pytest.raises(NodeUnavailable):
+            cluster.conninfo("nosuch")
+
+
+def test_record_read_raises_the_monotonic_floor(replica_cluster: LocalCluster) -> None:
+    lc = replica_cluster
+    with cluster_for(lc) as plain, plain.session():
+        plain.record_read(10**12)
+        assert not plain.monotonic_reads
+        assert plain.route_read() in lc.replica_names  # no floor without monotonic reads
+    with (
+        Cluster(
+            lc.primary_dsn, lc.replica_dsns, max_lag=None, monotonic_reads=True, **FAST
+        ) as cluster,
+        cluster.session(),
+    ):
+        assert cluster.monotonic_reads
+        cluster.record_read("FF/0")  # far ahead of every replica
+        assert cluster.route_read() == "primary"

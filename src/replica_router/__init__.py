@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from .classify import Intent, classify
-from .cluster import AsyncCluster, Cluster
-from .connection import AsyncRoutedConnection, RoutedConnection
+from .cluster import Cluster
+from .cluster_async import AsyncCluster
+from .connection import RoutedConnection
+from .connection_async import AsyncRoutedConnection
 from .consistency import Token
 from .errors import (
     ConfigurationError,

@@ -1,7 +1,8 @@
 """Balancing policies: which of several eligible replicas serves a read.
 
-A policy only *chooses*; routing has already filtered the candidates (healthy,
-within lag, past the token). ``choose`` runs on every read, so each policy is a
+Decides which candidate serves a read, and nothing else: routing has already
+filtered the candidates (healthy, within lag, past the token). Must not do I/O,
+read a clock or take a lock. ``choose`` runs on every read, so each policy is a
 few integer operations with no allocation. Counters are ``itertools.count``
 objects: ``next()`` on them is atomic under the GIL, so concurrent callers still
 spread evenly without a lock.

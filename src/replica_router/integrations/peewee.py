@@ -62,11 +62,11 @@ from psycopg.errors import ReadOnlySqlTransaction, SerializationFailure
 from psycopg.pq import TransactionStatus
 
 from ..classify import Intent
-from ..connection import PINNING_EFFECTS
 from ..consistency import POSITION_SQL, commit_and_capture
 from ..errors import NodeUnavailable, NoReplicaAvailable, PrimaryUnavailable
 from ..lsn import parse_lsn
 from ..routing import route_write
+from ..session import PINNING_EFFECTS
 from ..topology import Role
 
 if TYPE_CHECKING:

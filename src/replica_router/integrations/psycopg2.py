@@ -36,7 +36,6 @@ checked before reuse); :func:`close_pools` closes them after ``cluster.close()``
 
 from __future__ import annotations
 
-import math
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,27 +45,27 @@ from typing import TYPE_CHECKING, Any, Final
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
-from psycopg import conninfo
 
 from ..classify import Intent
-from ..cluster import Lease, NodeUnavailableError
-from ..connection import (
-    _BEGINS,
+from ..cluster import Lease
+from ..consistency import NODE_POSITION_SQL, POSITION_SQL
+from ..dsn import password_of, scrub
+from ..errors import Error, NodeUnavailable
+from ..lsn import parse_lsn
+from ..session import (
+    BEGINS,
     PINNING_EFFECTS,
     ROUTE_BEGIN_READ,
     ROUTE_BEGIN_WRITE,
     ROUTE_SETTING,
     SESSION_SETTINGS_SQL,
-    _Base,
-    _Link,
-    begin_sql,
+    Link,
+    RoutedSession,
     refuse_on_replica,
     refused_read,
     route,
     writes_data,
 )
-from ..consistency import NODE_POSITION_SQL, POSITION_SQL
-from ..lsn import parse_lsn
 from ..sources import Purpose
 
 if TYPE_CHECKING:
@@ -76,7 +75,6 @@ if TYPE_CHECKING:
 __all__ = ["RoutedConnection", "RoutedCursor", "close_pools", "connect"]
 
 _IDLE: Final = psycopg2.extensions.TRANSACTION_STATUS_IDLE
-_READ_ONLY_OPTION: Final = "-c default_transaction_read_only=on"
 _MAX_IDLE: Final = 8  # idle connections kept per node and purpose
 _COMMIT_AND_POSITION: Final = "COMMIT; " + POSITION_SQL
 # psycopg2's isolation level constants -> the SQL words (psycopg's numbering differs).
@@ -102,7 +100,8 @@ def connect(
     ``cursor_factory`` (e.g. ``psycopg2.extras.RealDictCursor``) is used for
     every cursor, as with ``psycopg2.connect(cursor_factory=...)``.
     """
-    cluster._require_monitor()
+    if cluster.monitor is None:
+        raise Error("Cluster is not open: call open() or use it in a with block")
     return RoutedConnection(
         cluster, _pools_for(cluster), autocommit=autocommit, readonly=readonly,
         cursor_factory=cursor_factory,
@@ -144,12 +143,12 @@ class _NodePools:
                 conn = None
         if conn is None:
             conn = self._connect(node, purpose)
-        self._cluster._count_out(node, None)
+        self._cluster.note_in_use(node, +1)
         return Lease(conn, node, purpose, self)
 
     def give_back(self, lease: Lease[Any], *, keep: bool) -> None:
         cluster = self._cluster
-        cluster._count_in(lease.node)
+        cluster.note_in_use(lease.node, -1)
         conn = lease.conn
         if keep and not conn.closed and cluster.monitor is not None:
             key = (lease.node, lease.purpose)
@@ -168,21 +167,14 @@ class _NodePools:
                 conn.close()
 
     def _connect(self, node: str, purpose: Purpose) -> Any:
-        cluster = self._cluster
-        try:
-            spec = cluster._spec(node)
-        except NodeUnavailableError as exc:
+        try:  # like the cluster's read pools: for "read", a write fails on every node
+            dsn = self._cluster.conninfo(node, purpose)
+        except NodeUnavailable as exc:
             raise psycopg2.OperationalError(str(exc)) from None
-        params = conninfo.conninfo_to_dict(spec.dsn)
-        kwargs: dict[str, Any] = {}
-        if "connect_timeout" not in params:
-            kwargs["connect_timeout"] = max(2, math.ceil(cluster._connect_timeout))
-        if purpose == "read":  # like the cluster's read pools: a write fails on every node
-            kwargs["options"] = f"{params.get('options') or ''} {_READ_ONLY_OPTION}".strip()
         try:
-            conn = psycopg2.connect(spec.dsn, **kwargs)
+            conn = psycopg2.connect(dsn)
         except psycopg2.OperationalError as exc:
-            message = cluster._scrub(node, str(exc).strip()) or "connection failed"
+            message = scrub(str(exc).strip(), password_of(dsn)) or "connection failed"
             raise psycopg2.OperationalError(f"{node}: {message}") from None
         conn.autocommit = True  # statements commit one by one; transactions say BEGIN
         return conn
@@ -204,7 +196,7 @@ def _broken(conn: Any) -> bool:
     return bool(conn.closed)
 
 
-class RoutedConnection(_Base):
+class RoutedConnection(RoutedSession):
     """psycopg2's ``connection``, routed (see the module doc). Made by :func:`connect`."""
 
     _cluster: Cluster
@@ -219,9 +211,8 @@ class RoutedConnection(_Base):
         readonly: bool | None,
         cursor_factory: Any,
     ) -> None:
-        super().__init__(cluster, autocommit=autocommit, read_only=readonly, row_factory=None)
+        super().__init__(cluster, autocommit=autocommit, read_only=readonly)
         self._pools = pools
-        self._level: int | None = None
         self._with_block = False
         self.cursor_factory = cursor_factory
 
@@ -244,9 +235,10 @@ class RoutedConnection(_Base):
     def readonly(self, value: bool | None) -> None:
         self.read_only = value
 
-    @property  # type: ignore[override]
+    @property
     def isolation_level(self) -> int | None:
-        return self._level
+        level: int | None = self._isolation_level
+        return level
 
     @isolation_level.setter
     def isolation_level(self, value: int | str | None) -> None:
@@ -262,7 +254,7 @@ class RoutedConnection(_Base):
         """psycopg2's ``set_session``; ``readonly=True`` lets transactions run on a replica."""
         self._check_no_transaction("set_session")
         if isolation_level is not None:
-            self._level = _level(isolation_level)
+            self._isolation_level = _level(isolation_level)
         if readonly is not None:
             self._read_only = None if readonly == "default" else bool(readonly)
         if deferrable is not None:
@@ -271,12 +263,9 @@ class RoutedConnection(_Base):
             self._autocommit = bool(autocommit)
         self._rebuild_begin()
 
-    def _rebuild_begin(self) -> None:
-        begin = begin_sql(None, self._read_only, self._deferrable)
-        level = getattr(self, "_level", None)
-        if level is not None:
-            begin = begin.replace("BEGIN", f"BEGIN ISOLATION LEVEL {_LEVELS[level]}", 1)
-        self._begin = begin
+    def _isolation_sql(self) -> str | None:
+        level = self._isolation_level
+        return None if level is None else _LEVELS[level]
 
     def get_transaction_status(self) -> int:
         """``psycopg2.extensions.TRANSACTION_STATUS_*`` of the open transaction (IDLE if none)."""
@@ -361,7 +350,7 @@ class RoutedConnection(_Base):
         if self._attention:
             self._check_open()
             self._attention = False
-            self._cluster._learn_functions()
+            self._cluster.learn_functions()
         st = self._analyze(query if type(query) is str else self._text(query))
         if self._tx is not None:
             self._in_transaction(rc, st, query, params, many)
@@ -378,7 +367,7 @@ class RoutedConnection(_Base):
                 link = self._read_link()
                 self._run(rc, link, query, params, many)
             except psycopg2.errors.ReadOnlySqlTransaction:
-                self._cluster._relearn_functions(link.node)
+                self._cluster.learn_functions(refused_on=link.node)
                 st = refused_read(st)  # routed below as the write it turned out to be
             if st.intent is Intent.READ:
                 self._count(link, st)
@@ -390,7 +379,7 @@ class RoutedConnection(_Base):
             link = self._read_link() if where == ROUTE_BEGIN_READ else self._write_link()
             if link.gen != self._settings_gen:
                 self._sync_settings(link)
-            if st.transaction not in _BEGINS:
+            if st.transaction not in BEGINS:
                 self._send(link, self._begin)
             self._begin_transaction_on(link)
             self._in_transaction(rc, st, query, params, many)
@@ -446,7 +435,7 @@ class RoutedConnection(_Base):
             f"a query is str, bytes or psycopg2.sql.Composable, not {type(query).__name__}"
         )
 
-    def _run(self, rc: RoutedCursor, link: _Link, query: Any, params: Any, many: bool) -> None:
+    def _run(self, rc: RoutedCursor, link: Link, query: Any, params: Any, many: bool) -> None:
         if link.gen != self._settings_gen:
             self._sync_settings(link)
         cursor = rc._cursor_on(link.conn)
@@ -455,7 +444,7 @@ class RoutedConnection(_Base):
         else:
             cursor.execute(query, params)
 
-    def _checked(self, link: _Link, rc: RoutedCursor, query: Any, params: Any, many: bool) -> None:
+    def _checked(self, link: Link, rc: RoutedCursor, query: Any, params: Any, many: bool) -> None:
         try:
             self._run(rc, link, query, params, many)
         except psycopg2.Error:
@@ -463,7 +452,7 @@ class RoutedConnection(_Base):
                 self._lost(link)
             raise
 
-    def _send(self, link: _Link, query: str, params: Any = None) -> Any:
+    def _send(self, link: Link, query: str, params: Any = None) -> Any:
         """Run one statement of ours on ``link``; returns the psycopg2 cursor."""
         try:
             cursor = link.conn.cursor()
@@ -476,46 +465,39 @@ class RoutedConnection(_Base):
 
     # -- node links -----------------------------------------------------------------------------
 
-    def _read_link(self) -> _Link:
+    def _read_link(self) -> Link:
         topology, mark = self._read_key()
         link = self._reader
         if link is not None:
-            if topology is self._read_topology and mark is self._read_mark:
-                return link
-            if self._still_readable(link, topology):
-                self._read_topology, self._read_mark = topology, mark
+            if self._keeps_reader(link, topology, mark):
                 return link
             self._release(link)
         cluster = self._cluster
         exclude: frozenset[str] = frozenset()
         while True:
-            node, _ = cluster._read_target(exclude)
+            node = cluster.route_read(exclude=exclude)
             try:
                 lease = self._pools.lease(node, "read")
             except psycopg2.OperationalError as exc:
                 self._suspect(node, str(exc))
                 exclude |= {node}  # another node, or NoReplicaAvailable once none is left
                 continue
-            link = self._reader = _Link(lease, "read")
-            self._read_topology, self._read_mark = topology, mark
-            return link
+            return self._hold(lease, "read", topology, mark)
 
-    def _write_link(self) -> _Link:
+    def _write_link(self) -> Link:
         link = self._writer
-        topology = self._cluster._require_monitor().topology
+        topology = self._cluster.topology
         if link is not None:
             if self._keeps_writer(link, topology):
                 return link
             self._release(link)
-        node = self._cluster._write_target()
+        node = self._cluster.route_write()
         try:
             lease = self._pools.lease(node, "write")
         except psycopg2.OperationalError as exc:
             self._suspect(node, str(exc))
             raise
-        link = self._writer = _Link(lease, "write")
-        self._write_topology = topology
-        return link
+        return self._hold(lease, "write", topology)
 
     def _suspect(self, node: str, message: str) -> None:
         monitor = self._cluster.monitor
@@ -528,7 +510,7 @@ class RoutedConnection(_Base):
         if reader is not None and reader is not self._tx:
             self._release(reader)
 
-    def _release(self, link: _Link) -> None:
+    def _release(self, link: Link) -> None:
         self._forget(link)
         conn = link.conn
         keep = not conn.closed
@@ -539,17 +521,16 @@ class RoutedConnection(_Base):
                         cursor.execute("ROLLBACK")
                     if link.dirty:
                         cursor.execute("DISCARD ALL")
-                    if link.role == "read" and self._cluster._monotonic:
+                    if link.role == "read" and self._cluster.monotonic_reads:
                         cursor.execute(NODE_POSITION_SQL)
                         row = cursor.fetchone()
-                        if row and row[0]:
-                            self._cluster._raise_floor(parse_lsn(row[0]))
+                        self._cluster.record_read(row[0] if row else None)
         except psycopg2.Error:
             keep = False
         finally:
             self._pools.give_back(link.lease, keep=keep)
 
-    def _lost(self, link: _Link) -> None:
+    def _lost(self, link: Link) -> None:
         self._note_lost(link)
         self._pools.give_back(link.lease, keep=False)
 
@@ -571,18 +552,18 @@ class RoutedConnection(_Base):
             if self._tx is link:
                 self._end_transaction(link)
 
-    def _commit_and_capture(self, link: _Link) -> None:
+    def _commit_and_capture(self, link: Link) -> None:
         """COMMIT and the position after it, one round trip (psycopg2 returns the last result)."""
         wanted = self._position_wanted()
         if not wanted:
             self._send(link, "COMMIT")
             if wanted is not None:
-                self._cluster._note_write(None)
+                self._cluster.record_write(None)
             return
         row = self._send(link, _COMMIT_AND_POSITION).fetchone()
-        self._cluster._note_write(parse_lsn(row[0]) if row and row[0] else None)
+        self._cluster.record_write(row[0] if row and row[0] else None)
 
-    def _end_transaction(self, link: _Link) -> None:
+    def _end_transaction(self, link: Link) -> None:
         self._tx = None
         self._tx_wrote = False
         if self._tx_settings:
@@ -590,7 +571,7 @@ class RoutedConnection(_Base):
             if not self._pinned and not _broken(link.conn):
                 self._capture_settings(link)
 
-    def _after_write(self, link: _Link) -> None:
+    def _after_write(self, link: Link) -> None:
         wanted = self._position_wanted()
         if wanted is None:
             return
@@ -598,12 +579,12 @@ class RoutedConnection(_Base):
         if wanted:
             row = self._send(link, POSITION_SQL).fetchone()
             position = parse_lsn(row[0]) if row and row[0] else None
-        self._cluster._note_write(position)
+        self._cluster.record_write(position)
 
-    def _capture_settings(self, link: _Link) -> None:
+    def _capture_settings(self, link: Link) -> None:
         self._replace_settings(link, self._send(link, SESSION_SETTINGS_SQL).fetchall())
 
-    def _sync_settings(self, link: _Link) -> None:
+    def _sync_settings(self, link: Link) -> None:
         reset, statements = self._replay_plan(link)
         if reset:
             self._send(link, "RESET ALL")
@@ -722,12 +703,7 @@ class RoutedCursor:
     def __enter__(self) -> RoutedCursor:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

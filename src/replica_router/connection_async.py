@@ -1,0 +1,669 @@
+"""The routed connection: a psycopg-like connection that sends each statement where it may run.
+
+``AsyncRoutedConnection`` (asyncio, from ``AsyncCluster.connection()``) is written in
+``connection_async.py``; ``RoutedConnection`` (threads, from ``Cluster.connection()``)
+in ``connection.py`` is generated from it by ``tools/async_to_sync.py``. Edit the
+async source and regenerate; CI fails when the twin is out of date.
+
+This is the I/O shell: the rules are :mod:`replica_router.session`'s (where a
+statement goes, pinning, settings replay, whether a held link may still be used,
+when a commit advances the token) and :mod:`replica_router.routing`'s (which
+node serves a read); it runs the statements, BEGIN/COMMIT and the settings
+replay those rules ask for, and nothing else. The rules, with their reasons,
+are in ``docs/routing-rules.md``; in short:
+
+* **autocommit** (the default here): each statement is classified (the
+  cluster's :class:`~replica_router.classify.Classifier`, cached by text) and
+  routed on its own. A read goes to the node the cluster's routing picks (lag
+  bounds, the scope's token, the policy); anything else to the primary, after
+  which the scope's token advances past the write.
+* **a transaction** (``transaction()``, a ``BEGIN`` statement, or any statement
+  with ``autocommit=False``) is pinned to one node for its whole life: the
+  primary, or a replica when declared read-only (``read_only = True``,
+  ``BEGIN READ ONLY``, or ``SET TRANSACTION READ ONLY`` as the first statement
+  with ``autocommit=False``). It is never split.
+* **session state**: plain ``SET``/``RESET`` are recorded and replayed on every
+  node connection the session uses; ``set_config(..., false)`` and session
+  ``SET`` inside a transaction are read back from ``pg_settings`` and replayed
+  the same way. Temp tables, ``LISTEN``, session advisory locks, ``PREPARE``,
+  cursors ``WITH HOLD``, ``DISCARD`` and ``LOAD`` pin the session to the
+  primary from then on (their state cannot be copied to another node).
+
+Node connections are leased from the cluster's pools when first needed and
+kept until ``close()``: one for reads (a replica, re-checked against the
+cluster's routing whenever the topology snapshot or the scope's consistency
+mark changes) and one on the primary. Keeping them is what makes a routed
+statement cost what a plain one does (``benchmarks/routed_connection.py``);
+``least_busy`` sees them as in use, which they are. On return, a connection
+that carried session state is cleaned with ``DISCARD ALL``.
+
+A routed connection is for one thread or task at a time, like a psycopg
+cursor: share the cluster, not the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import AsyncIterator, Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+
+import psycopg
+from psycopg.abc import Params, Query
+from psycopg.errors import ReadOnlySqlTransaction
+from psycopg.pq import TransactionStatus
+from psycopg.rows import RowFactory, tuple_row
+
+from ._connection_base import (
+    CursorBase,
+    Many,
+    PsycopgSession,
+    lsn_of,
+    query_text,
+    savepoint_sql,
+    swallows,
+)
+from .classify import Intent, Statement
+from .consistency import POSITION_SQL, peek_scope
+from .session import (
+    BEGINS,
+    PINNING_EFFECTS,
+    ROUTE_BEGIN_READ,
+    ROUTE_BEGIN_WRITE,
+    ROUTE_SETTING,
+    SESSION_SETTINGS_SQL,
+    Link,
+    refuse_on_replica,
+    refused_read,
+    route,
+    writes_data,
+)
+
+if TYPE_CHECKING:
+    from psycopg import IsolationLevel, Notify
+
+    from ._cluster_base import Lease
+    from .classify import Classifier
+    from .monitor import Monitor
+
+__all__ = ["AsyncRoutedConnection", "AsyncRoutedCursor", "AsyncRoutedTransaction"]
+
+log = logging.getLogger("replica_router.connection")
+
+_IDLE: Final = TransactionStatus.IDLE
+_READ: Final = Intent.READ
+
+
+class _Cluster(Protocol):
+    """What a routed connection asks of its cluster (``AsyncCluster`` is one)."""
+
+    classifier: Classifier
+    _monitor: Monitor | None
+
+    @property
+    def monitor(self) -> Monitor | None: ...
+    @property
+    def system_identifier(self) -> int | None: ...
+    def _require_monitor(self) -> Monitor: ...
+    def _count_route(self, intent: Any, node: str, reason: str = "") -> None: ...
+    def _note_write(self, position: int | str | None) -> None: ...
+    async def _acquire_read(self) -> Lease[psycopg.AsyncConnection[Any]]: ...
+    async def _release_read(self, lease: Lease[psycopg.AsyncConnection[Any]]) -> None: ...
+    async def _acquire_write(self) -> Lease[psycopg.AsyncConnection[Any]]: ...
+    async def _checkin(self, lease: Lease[psycopg.AsyncConnection[Any]]) -> None: ...
+    async def _capture_commit(self, conn: psycopg.AsyncConnection[Any]) -> int | None: ...
+    async def learn_functions(self, *, refused_on: str | None = None) -> None: ...
+
+
+class AsyncRoutedConnection(PsycopgSession):
+    """A psycopg-like connection whose statements are routed (see the module doc).
+
+    Made by ``cluster.connection()``; use it in an ``async with`` block: on exit an
+    open transaction is committed (rolled back on error) and the node
+    connections go back to the cluster's pools.
+    """
+
+    _cluster: _Cluster
+
+    def __init__(
+        self,
+        cluster: _Cluster,
+        *,
+        autocommit: bool = True,
+        read_only: bool | None = None,
+        row_factory: RowFactory[Any] | None = None,
+    ) -> None:
+        super().__init__(
+            cluster, autocommit=autocommit, read_only=read_only, row_factory=row_factory
+        )
+
+    async def set_autocommit(self, value: bool) -> None:
+        """psycopg's ``set_autocommit()`` (the ``autocommit`` attribute, as a call)."""
+        self.autocommit = value
+
+    async def set_read_only(self, value: bool | None) -> None:
+        self.read_only = value
+
+    async def set_isolation_level(self, value: IsolationLevel | None) -> None:
+        self.isolation_level = value
+
+    async def set_deferrable(self, value: bool | None) -> None:
+        self.deferrable = value
+
+    def cursor(
+        self,
+        name: str = "",
+        *,
+        binary: bool = False,
+        row_factory: RowFactory[Any] | None = None,
+    ) -> AsyncRoutedCursor:
+        """A cursor whose statements are routed like the connection's."""
+        self._check_open()
+        if name:
+            raise psycopg.NotSupportedError(
+                "server-side (named) cursors are not routed: use cluster.read() or "
+                "cluster.write() for a connection to one node"
+            )
+        return AsyncRoutedCursor(self, row_factory or self.row_factory, binary)
+
+    async def execute(
+        self,
+        query: Query,
+        params: Params | None = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool = False,
+    ) -> AsyncRoutedCursor:
+        """Run one statement where it may run; returns a cursor to fetch from."""
+        cursor = AsyncRoutedCursor(self, self.row_factory, binary)
+        link = self._reader
+        if (
+            link is not None
+            and not self._attention
+            and self._tx is None
+            and self._autocommit
+            and not self._pinned
+            and link.gen == self._settings_gen
+            and type(query) is str
+        ):
+            # The hot path, inlined: an autocommit read on the held read node while the
+            # topology snapshot and the scope's mark are the ones it was validated for.
+            st = self._analyze(query)
+            cluster = self._cluster
+            monitor = cluster._monitor
+            scope = peek_scope()
+            if (
+                st.intent is _READ
+                and not st.session
+                and monitor is not None
+                and monitor.topology is self._read_topology
+                and (None if scope is None else scope.mark(cluster.system_identifier))
+                is self._read_mark
+            ):
+                node_cursor = cursor._cur = link.conn.cursor(row_factory=self.row_factory,
+                                                             binary=binary)  # fmt: skip
+                try:
+                    await node_cursor.execute(query, params, prepare=prepare)
+                except psycopg.OperationalError:
+                    if not link.conn.broken:
+                        raise
+                    await self._lost(link)
+                    await self._execute(cursor, query, params, prepare)  # routed afresh, once
+                    return cursor
+                except ReadOnlySqlTransaction:
+                    await self._cluster.learn_functions(refused_on=link.node)
+                    await self._route(cursor, refused_read(st), query, params, prepare)
+                    return cursor
+                if link.fresh:
+                    link.fresh = False  # the lease was counted when it was routed
+                else:
+                    cluster._count_route("read", link.node)
+                return cursor
+        await self._execute(cursor, query, params, prepare)
+        return cursor
+
+    def transaction(
+        self, savepoint_name: str | None = None, force_rollback: bool = False
+    ) -> AsyncRoutedTransaction:
+        """A transaction block pinned to one node; nested blocks are savepoints."""
+        self._check_open()
+        return AsyncRoutedTransaction(self, savepoint_name, force_rollback)
+
+    async def commit(self) -> None:
+        """Commit the open transaction (capturing its position when it wrote)."""
+        self._before_commit()
+        await self._finish(commit=True)
+
+    async def rollback(self) -> None:
+        self._before_rollback()
+        await self._finish(commit=False)
+
+    async def close(self) -> None:
+        """Roll back an open transaction and give the node connections back."""
+        for link in self._closing_links():
+            await self._release(link)
+
+    def notifies(
+        self, *, timeout: float | None = None, stop_after: int | None = None
+    ) -> AsyncIterator[Notify]:
+        """Notifications received by the session (after ``LISTEN``, which pins it)."""
+        self._check_open()
+        if not self._pinned or self._writer is None:
+            raise psycopg.ProgrammingError("no LISTEN on this connection yet: nothing to wait for")
+        return self._writer.conn.notifies(timeout=timeout, stop_after=stop_after)  # type: ignore[no-any-return]
+
+    async def __aenter__(self) -> AsyncRoutedConnection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._closed:
+            return
+        try:
+            if exc_type is None and self._failed is None:
+                await self.commit()
+            elif self._tx is not None:
+                try:
+                    await self._finish(commit=False)
+                except Exception as error:
+                    log.warning("rollback on exit failed: %s", error)
+        finally:
+            await self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(
+                f"{self!r} was not closed: its node connections never went back to the "
+                "pools (close it, or use it as a context manager)",
+                ResourceWarning,
+                stacklevel=2,
+            )
+
+    async def _execute(
+        self,
+        rc: AsyncRoutedCursor,
+        query: Any,
+        params: Any,
+        how: bool | Many | None,
+    ) -> None:
+        if self._attention:
+            self._check_open()
+            self._attention = False
+            await self._cluster.learn_functions()  # once per cluster; then an attribute check
+        st = self._analyze(query if type(query) is str else query_text(query))
+        if self._tx is not None:
+            await self._in_transaction(rc, st, query, params, how)
+        elif self._autocommit and st.intent is _READ and not st.session and not self._pinned:
+            link = await self._read_link()  # the hot path: an autocommit read
+            try:
+                await self._run(rc, link, query, params, how)
+            except psycopg.OperationalError:
+                if not link.conn.broken:
+                    raise
+                await self._lost(link)  # a read changed nothing: run it once more elsewhere
+                link = await self._read_link()
+                await self._run(rc, link, query, params, how)
+            except ReadOnlySqlTransaction:
+                await self._cluster.learn_functions(refused_on=link.node)
+                await self._route(rc, refused_read(st), query, params, how)
+                return
+            self._count(link, st)
+        else:
+            await self._route(rc, st, query, params, how)
+
+    async def _route(
+        self,
+        rc: AsyncRoutedCursor,
+        st: Statement,
+        query: Any,
+        params: Any,
+        how: bool | Many | None,
+    ) -> None:
+        where = route(st, autocommit=self._autocommit, read_only=self._read_only,
+                      pinned=self._pinned)  # fmt: skip
+        if where in (ROUTE_BEGIN_READ, ROUTE_BEGIN_WRITE):
+            if where == ROUTE_BEGIN_READ:
+                refuse_on_replica(st, psycopg)
+            link = await (self._read_link() if where == ROUTE_BEGIN_READ else self._write_link())
+            if link.gen != self._settings_gen:
+                await self._sync_settings(link)  # before BEGIN: a rollback must not undo it
+            if st.transaction not in BEGINS:
+                await self._checked(link, link.conn.execute, self._begin)
+            self._begin_transaction_on(link)
+            await self._in_transaction(rc, st, query, params, how)
+            return
+        if where == ROUTE_SETTING:
+            link = self._reader or self._writer or await self._read_link()
+            await self._checked(link, self._run, rc, link, query, params, how)
+            if self._record_setting(link, query, params):
+                await self._capture_settings(link)
+            return
+        if st.session & PINNING_EFFECTS and not self._pinned:
+            await self._pin()
+        link = await self._write_link()
+        if st.session:
+            link.dirty = True  # it may leave state behind: cleaned before it goes back
+        await self._checked(link, self._run, rc, link, query, params, how)
+        self._count(link, st)
+        if link.conn.pgconn.transaction_status != _IDLE:  # e.g. "BEGIN; INSERT ..."
+            self._begin_transaction_on(link)
+            self._tx_wrote = writes_data(st)
+            return
+        if writes_data(st):
+            await self._after_write(link)
+        if "set" in st.session and not self._pinned:
+            await self._capture_settings(link)
+
+    async def _in_transaction(
+        self,
+        rc: AsyncRoutedCursor,
+        st: Statement,
+        query: Any,
+        params: Any,
+        how: bool | Many | None,
+    ) -> None:
+        link = cast(Link, self._tx)
+        self._note_statement(link, st)
+        if self._pinned and self._reader is not None and self._reader is not link:
+            await self._release(self._reader)
+        await self._checked(link, self._run, rc, link, query, params, how)
+        self._count(link, st)
+        if link.conn.pgconn.transaction_status == _IDLE:  # COMMIT, ROLLBACK, PREPARE TRANSACTION
+            if self._tx_wrote and st.transaction == "commit":
+                await self._after_write(link)
+            await self._end_transaction(link)
+        elif st.transaction == "commit_and_chain" and self._tx_wrote:
+            await self._after_write(link)
+            self._tx_wrote = False
+
+    async def _run(
+        self,
+        rc: AsyncRoutedCursor,
+        link: Link,
+        query: Any,
+        params: Any,
+        how: bool | Many | None,
+    ) -> None:
+        if link.gen != self._settings_gen:
+            await self._sync_settings(link)
+        cursor = rc._cur
+        if cursor is None or cursor.connection is not link.conn:
+            cursor = rc._attach(link.conn)
+        if isinstance(how, Many):
+            await cursor.executemany(query, params, returning=how.returning)
+        else:
+            await cursor.execute(query, params, prepare=how)
+
+    async def _checked(self, link: Link, call: Any, *args: Any) -> Any:
+        """``call(*args)``; if ``link``'s connection broke doing it, forget the link."""
+        try:
+            return await call(*args)
+        except psycopg.Error:
+            if link.conn.broken:
+                await self._lost(link)
+            raise
+
+    async def _read_link(self) -> Link:
+        """The node for reads: the one held while routing still allows it, else a new lease."""
+        topology, mark = self._read_key()
+        link = self._reader
+        if link is not None:
+            if self._keeps_reader(link, topology, mark):
+                return link
+            await self._release(link)
+        return self._hold(await self._cluster._acquire_read(), "read", topology, mark)
+
+    async def _write_link(self) -> Link:
+        """The primary (the pinned session's node, whatever the topology says since)."""
+        link = self._writer
+        topology = self._cluster._require_monitor().topology
+        if link is not None:
+            if self._keeps_writer(link, topology):
+                return link
+            await self._release(link)
+        lease = await self._cluster._acquire_write()
+        try:
+            await lease.conn.set_autocommit(True)  # statements commit one by one; BEGIN opens
+        except BaseException:
+            await self._cluster._checkin(lease)
+            raise
+        return self._hold(lease, "write", topology)
+
+    async def _pin(self) -> None:
+        self._pinned = True
+        reader = self._reader
+        if reader is not None and reader is not self._tx:
+            await self._release(reader)
+
+    async def _release(self, link: Link) -> None:
+        """Give ``link`` back to its pool, clean: no transaction, no session state."""
+        self._forget(link)
+        conn = link.conn
+        try:
+            if not conn.closed and not conn.broken:
+                if conn.pgconn.transaction_status != _IDLE:
+                    await conn.rollback()
+                if link.dirty:
+                    await conn.execute("DISCARD ALL")
+                if link.role == "write":
+                    await conn.set_autocommit(False)
+        except psycopg.Error as exc:
+            log.warning("closing a connection to %s that could not be cleaned: %s", link.node, exc)
+            await conn.close()
+        finally:
+            if link.role == "read":
+                await self._cluster._release_read(link.lease)
+            else:
+                await self._cluster._checkin(link.lease)
+
+    async def _lost(self, link: Link) -> None:
+        self._note_lost(link)
+        await self._cluster._checkin(link.lease)  # the pool discards a broken connection
+
+    async def _open_transaction(self) -> Link:
+        """BEGIN on the node the connection's declarations call for (``transaction()``)."""
+        declared = self._read_only is True and not self._pinned
+        link = await (self._read_link() if declared else self._write_link())
+        if link.gen != self._settings_gen:
+            await self._sync_settings(link)
+        await self._checked(link, link.conn.execute, self._begin)
+        self._begin_transaction_on(link)
+        return link
+
+    async def _finish(self, *, commit: bool) -> None:
+        link = self._tx
+        if link is None:
+            return
+        conn = link.conn
+        try:
+            if commit and self._tx_wrote:
+                await self._checked(link, self._cluster._capture_commit, conn)
+            elif commit:
+                await self._checked(link, conn.commit)
+            else:
+                await self._checked(link, conn.rollback)
+        finally:
+            if self._tx is link:
+                await self._end_transaction(link)
+
+    async def _end_transaction(self, link: Link) -> None:
+        self._tx = None
+        self._tx_wrote = False
+        if self._tx_settings:
+            self._tx_settings = False
+            if not self._pinned and not link.conn.broken:
+                await self._capture_settings(link)
+
+    async def _after_write(self, link: Link) -> None:
+        """A write committed on ``link`` (the primary): advance the scope past it."""
+        wanted = self._position_wanted()
+        if wanted is None:
+            return
+        position = None
+        if wanted:
+            cursor = link.conn.cursor(row_factory=tuple_row)
+            await self._checked(link, cursor.execute, POSITION_SQL)
+            position = lsn_of(cursor)
+        self._cluster._note_write(position)
+
+    async def _capture_settings(self, link: Link) -> None:
+        cursor = link.conn.cursor(row_factory=tuple_row)
+        await self._checked(link, cursor.execute, SESSION_SETTINGS_SQL)
+        self._replace_settings(link, await cursor.fetchall())
+
+    async def _sync_settings(self, link: Link) -> None:
+        reset, statements = self._replay_plan(link)
+        conn = link.conn
+        if reset:
+            await self._checked(link, conn.execute, "RESET ALL")
+        for query, params in statements:
+            await self._checked(link, conn.execute, query, params)
+        self._replayed(link)
+
+
+class AsyncRoutedTransaction:
+    """``with conn.transaction():`` — psycopg's ``Transaction`` semantics on a routed connection.
+
+    The outermost block opens a transaction on one node (BEGIN) and commits it
+    on exit (capturing its position when it wrote) or rolls it back on an
+    exception; nested blocks are savepoints. ``raise psycopg.Rollback`` (or
+    ``Rollback(tx)``) leaves the block, or the block ``tx``, rolled back,
+    without an error.
+    """
+
+    __slots__ = ("_conn", "_force_rollback", "_outer", "_savepoint", "savepoint_name")
+
+    def __init__(
+        self, conn: AsyncRoutedConnection, savepoint_name: str | None, force_rollback: bool
+    ) -> None:
+        self._conn = conn
+        self.savepoint_name = savepoint_name
+        self._force_rollback = force_rollback
+        self._outer = False
+        self._savepoint: str | None = None
+
+    @property
+    def connection(self) -> AsyncRoutedConnection:
+        return self._conn
+
+    async def __aenter__(self) -> AsyncRoutedTransaction:
+        conn = self._conn
+        conn._check_open()
+        if conn._tx is None:
+            self._outer = True
+            link = await conn._open_transaction()
+            self._savepoint = self.savepoint_name
+        else:
+            link = conn._tx
+            self._savepoint = self.savepoint_name or f"_rr_{conn._blocks + 1}"
+        if self._savepoint is not None:
+            savepoint = savepoint_sql("SAVEPOINT", self._savepoint)
+            await conn._checked(link, link.conn.execute, savepoint)
+        conn._blocks += 1
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        conn = self._conn
+        conn._blocks -= 1
+        swallow = swallows(exc, self)
+        link = conn._tx
+        if link is None:  # lost, or ended by a COMMIT/ROLLBACK statement in the block
+            if self._outer:
+                conn._tx_lost = None
+            return swallow
+        failed = exc_type is not None or self._force_rollback
+        try:
+            if self._outer:
+                await conn._finish(commit=not failed)
+            elif self._savepoint is not None:
+                if failed:
+                    undo = savepoint_sql("ROLLBACK TO SAVEPOINT", self._savepoint)
+                    await conn._checked(link, link.conn.execute, undo)
+                release = savepoint_sql("RELEASE SAVEPOINT", self._savepoint)
+                await conn._checked(link, link.conn.execute, release)
+        except Exception as error:
+            if exc_type is None:
+                raise
+            log.warning("error ignored ending %r after %r: %s", self, exc, error)
+        return swallow
+
+    def __repr__(self) -> str:
+        return f"<AsyncRoutedTransaction {'outer' if self._outer else self._savepoint}>"
+
+
+class AsyncRoutedCursor(CursorBase[AsyncRoutedConnection, psycopg.AsyncCursor[Any]]):
+    """A cursor of a routed connection: each ``execute`` is routed on its own.
+
+    Results come from the node the statement ran on and stay readable after
+    the next statement went elsewhere (psycopg's results are client-side).
+    """
+
+    __slots__ = ()
+
+    def _attach(self, conn: psycopg.AsyncConnection[Any]) -> psycopg.AsyncCursor[Any]:
+        # The previous node cursor holds only a client-side result: dropping it frees it.
+        self._cur = cursor = conn.cursor(row_factory=self._row_factory, binary=self._binary)
+        return cursor
+
+    async def execute(
+        self,
+        query: Query,
+        params: Params | None = None,
+        *,
+        prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> AsyncRoutedCursor:
+        self._check_open()
+        if binary is not None and binary != self._binary:
+            self._binary = binary
+            self._cur = None
+        await self._conn._execute(self, query, params, prepare)
+        return self
+
+    async def executemany(
+        self, query: Query, params_seq: Iterable[Params], *, returning: bool = False
+    ) -> None:
+        self._check_open()
+        await self._conn._execute(self, query, params_seq, Many(returning))
+
+    async def fetchone(self) -> Any:
+        cursor = self._cur
+        if cursor is None or self._closed:
+            cursor = self._result()  # raises
+        return await cursor.fetchone()
+
+    async def fetchmany(self, size: int = 0) -> list[Any]:
+        return await self._result().fetchmany(size or self.arraysize)
+
+    async def fetchall(self) -> list[Any]:
+        cursor = self._cur
+        if cursor is None or self._closed:
+            cursor = self._result()  # raises
+        return await cursor.fetchall()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._result().__aiter__()
+
+    async def scroll(self, value: int, mode: str = "relative") -> None:
+        await self._result().scroll(value, mode)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._cur is not None:
+            await self._cur.close()
+
+    async def __aenter__(self) -> AsyncRoutedCursor:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,476 @@
+"""A routed session's rules: which node each statement goes to, and what it leaves behind.
+
+Decides, for the routed connections of every driver (psycopg sync and asyncio,
+psycopg2): where a statement outside a transaction goes (:func:`route`); which
+statements open a transaction and on which node; when the session pins to the
+primary (state that lives in one backend: temp tables, ``LISTEN``, advisory
+locks, ``PREPARE``...); which settings are replayed on a node connection taken
+later (:meth:`RoutedSession._replay_plan`); whether a held link may still be
+used (:meth:`RoutedSession._keeps_writer`, :meth:`RoutedSession._still_readable`);
+and when a commit must advance the token (:func:`writes_data`).
+
+Must not: talk to a server, import a driver, or wait. The driver shells keep the
+node connections and run what these rules ask for; :class:`RoutedSession` is the
+state they share (held links, the open transaction, the settings to replay),
+changed only by its bookkeeping methods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from .classify import Intent, SessionEffect, Statement
+from .routing import route_write
+
+if TYPE_CHECKING:
+    from .topology import Topology
+
+__all__ = [
+    "BEGINS",
+    "MAX_RECORDED_SETTINGS",
+    "PINNING_EFFECTS",
+    "REPLAY_SETTINGS_SQL",
+    "ROUTE_BEGIN_READ",
+    "ROUTE_BEGIN_WRITE",
+    "ROUTE_READ",
+    "ROUTE_SETTING",
+    "ROUTE_WRITE",
+    "SESSION_SETTINGS_SQL",
+    "Link",
+    "RoutedSession",
+    "begin_sql",
+    "is_plain_setting",
+    "refuse_on_replica",
+    "refused_read",
+    "route",
+    "writes_data",
+]
+
+_READ: Final = Intent.READ
+
+
+def refused_read(st: Statement) -> Statement:
+    """A statement judged a read that a read-only node refused: it writes after all.
+
+    The classifier misses writes it cannot see (a function re-declared VOLATILE after
+    we learned it, a view calling one): the node refused before changing anything,
+    so running it on the primary instead is safe.
+    """
+    return dataclasses.replace(st, intent=Intent.WRITE, reason="refused by a read-only node")
+
+
+BEGINS: Final = frozenset({"begin", "begin_read_only"})
+# Session state that lives in one backend and cannot be copied to another one.
+PINNING_EFFECTS: Final[frozenset[SessionEffect]] = frozenset(
+    {"temp_table", "listen", "advisory_lock", "prepare", "discard", "cursor", "load"}
+)
+# Statements the classifier calls writes that change no data (no token needed).
+_SETTING_REASONS: Final = frozenset({"SET", "RESET", "SET LOCAL", "SET TRANSACTION"})
+_PLAIN_SETTING_REASONS: Final = frozenset({"SET", "RESET"})
+_SET_ONLY: Final = frozenset({"set"})
+MAX_RECORDED_SETTINGS: Final = 32  # then compact them into one read-back from pg_settings
+
+# Session-level settings of this backend, as set_config() can replay them; role is
+# not in pg_settings (GUC_NO_SHOW_ALL), so it is asked for by name.
+SESSION_SETTINGS_SQL: Final = (
+    "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'"
+    " UNION ALL SELECT 'role', pg_catalog.current_setting('role')"
+)
+REPLAY_SETTINGS_SQL: Final = (
+    "SELECT pg_catalog.set_config(s.name, s.setting, false)"
+    " FROM unnest(%s::text[], %s::text[]) AS s(name, setting)"
+)
+
+# What to do with a statement that is not inside a transaction (see route()).
+ROUTE_READ: Final = 0  # autocommit read: the read node
+ROUTE_WRITE: Final = 1  # autocommit: the primary (also every statement of a pinned session)
+ROUTE_SETTING: Final = 2  # plain SET/RESET: any held node, recorded for replay
+ROUTE_BEGIN_READ: Final = 3  # opens a transaction on the read node (declared read-only)
+ROUTE_BEGIN_WRITE: Final = 4  # opens a transaction on the primary
+
+
+def route(st: Statement, *, autocommit: bool, read_only: bool | None, pinned: bool) -> int:
+    """Where a statement goes when no transaction is open (a pure decision)."""
+    control = st.transaction
+    if not autocommit or control in BEGINS:
+        declared = (
+            read_only is True
+            or control == "begin_read_only"
+            or (control == "set_read_only" and not autocommit)
+        )
+        return ROUTE_BEGIN_READ if declared and not pinned else ROUTE_BEGIN_WRITE
+    if pinned:
+        return ROUTE_WRITE
+    session = st.session
+    if session:
+        return ROUTE_SETTING if session == _SET_ONLY and is_plain_setting(st) else ROUTE_WRITE
+    return ROUTE_READ if st.intent is _READ else ROUTE_WRITE
+
+
+def refuse_on_replica(st: Statement, errors: Any) -> None:
+    """A read-only transaction runs on a replica: session state taken there would be lost.
+
+    ``errors`` is the driver's module (its ``NotSupportedError`` is raised)."""
+    if st.session & PINNING_EFFECTS:
+        raise errors.NotSupportedError(
+            f"{st.reason}: a read-only transaction runs on a replica, where this session "
+            "state would be lost; run it outside the read-only transaction"
+        )
+
+
+def is_plain_setting(st: Statement) -> bool:
+    """One ``SET``/``RESET`` statement: its text can be replayed on another node as is."""
+    return st.statements == 1 and st.reason in _PLAIN_SETTING_REASONS
+
+
+def writes_data(st: Statement) -> bool:
+    """True when committing the statement may change data (the token must advance)."""
+    if st.intent is _READ or st.reason in _SETTING_REASONS:
+        return False
+    return st.transaction is None or st.transaction == "commit_prepared"
+
+
+def begin_sql(isolation_level: str | None, read_only: bool | None, deferrable: bool | None) -> str:
+    """``BEGIN`` with the connection's transaction characteristics (``isolation_level``
+    in SQL words, e.g. ``"REPEATABLE READ"``)."""
+    parts = ["BEGIN"]
+    if isolation_level is not None:
+        parts.append("ISOLATION LEVEL " + isolation_level)
+    if read_only is not None:
+        parts.append("READ ONLY" if read_only else "READ WRITE")
+    if deferrable is not None:
+        parts.append("DEFERRABLE" if deferrable else "NOT DEFERRABLE")
+    return " ".join(parts)
+
+
+class Leased(Protocol):
+    """A node connection checked out for a session (the cluster's ``Lease`` is one)."""
+
+    conn: Any
+    node: str
+
+
+class Link:
+    """A node connection a routed connection holds, and how far its session is replayed."""
+
+    __slots__ = ("applied", "conn", "dirty", "fresh", "gen", "lease", "node", "role", "version")
+
+    def __init__(self, lease: Leased, role: str) -> None:
+        self.lease: Any = lease
+        self.conn: Any = lease.conn
+        self.node = lease.node
+        self.role = role  # "read" (a read-pool connection) or "write" (the primary's write pool)
+        self.fresh = True  # the cluster counted the route that leased it
+        self.dirty = False  # carries session state: DISCARD ALL before it goes back
+        self.version = 0  # settings list version replayed here
+        self.applied = 0  # entries of that version replayed here
+        self.gen = 0  # the connection's settings generation this link matches
+
+    def __repr__(self) -> str:
+        return f"<link {self.role} {self.node}>"
+
+
+class RoutedSession:
+    """State and bookkeeping shared by the routed connections (psycopg sync and
+    async, and psycopg2's in :mod:`replica_router.integrations.psycopg2`); no I/O.
+
+    The cluster is used only for its snapshot, scope and counters.
+    """
+
+    _cluster: Any
+    _errors: Any  # the driver module whose exception classes users catch
+
+    def __init__(
+        self,
+        cluster: Any,
+        *,
+        autocommit: bool,
+        read_only: bool | None,
+    ) -> None:
+        self._cluster = cluster
+        self._analyze = cluster.classifier.analyze
+        self._autocommit = bool(autocommit)
+        self._read_only = read_only
+        self._isolation_level: Any = None  # the driver's value; see _isolation_sql()
+        self._deferrable: bool | None = None
+        self._begin = begin_sql(None, read_only, None)
+        self._closed = False
+        # Look before the next statement: closed, a lost link, function volatility to learn.
+        self._attention = True
+        self._reader: Link | None = None
+        self._writer: Link | None = None
+        self._read_topology: Topology | None = None
+        self._read_mark: object = None  # the scope's mark it was validated for
+        self._write_topology: Topology | None = None
+        self._tx: Link | None = None  # the node the open transaction runs on
+        self._tx_wrote = False
+        self._tx_settings = False  # a session SET ran inside it: read settings back at its end
+        self._tx_lost: str | None = None  # its node connection broke: fail until rollback
+        self._blocks = 0  # transaction() blocks entered
+        self._pinned = False
+        self._failed: str | None = None  # a pinned session's connection broke
+        self._settings: list[tuple[Any, Any]] = []
+        self._settings_version = 0
+        self._settings_gen = 0
+
+    # -- the DB-API connection attributes the drivers share -----------------------------
+
+    @property
+    def cluster(self) -> Any:
+        return self._cluster
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def pinned(self) -> bool:
+        """True once session state bound this connection to the primary (see module doc)."""
+        return self._pinned
+
+    @property
+    def autocommit(self) -> bool:
+        return self._autocommit
+
+    @autocommit.setter
+    def autocommit(self, value: bool) -> None:
+        self._check_no_transaction("autocommit")
+        self._autocommit = bool(value)
+
+    @property
+    def read_only(self) -> bool | None:
+        """``True``: transactions are declared read-only and may run on a replica."""
+        return self._read_only
+
+    @read_only.setter
+    def read_only(self, value: bool | None) -> None:
+        self._check_no_transaction("read_only")
+        self._read_only = None if value is None else bool(value)
+        self._rebuild_begin()
+
+    @property
+    def deferrable(self) -> bool | None:
+        return self._deferrable
+
+    @deferrable.setter
+    def deferrable(self, value: bool | None) -> None:
+        self._check_no_transaction("deferrable")
+        self._deferrable = None if value is None else bool(value)
+        self._rebuild_begin()
+
+    @property
+    def nodes(self) -> dict[str, str]:
+        """The nodes held right now: ``{"read": name, "write": name, "transaction": name}``."""
+        held = {"read": self._reader, "write": self._writer, "transaction": self._tx}
+        return {role: link.node for role, link in held.items() if link is not None}
+
+    def _isolation_sql(self) -> str | None:
+        """The isolation level in SQL words (the driver's numbering differs)."""
+        return None
+
+    def _rebuild_begin(self) -> None:
+        self._begin = begin_sql(self._isolation_sql(), self._read_only, self._deferrable)
+
+    def _check_no_transaction(self, attribute: str) -> None:
+        self._check_open()
+        if self._tx is not None or self._tx_lost is not None:
+            raise self._errors.ProgrammingError(
+                f"can't change {attribute!r} now: connection in transaction status INTRANS"
+            )
+
+    def _closed_error(self) -> Exception:
+        error: Exception = self._errors.InterfaceError("the connection is closed")
+        return error
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._closed_error()
+        if self._failed is not None:
+            raise self._errors.OperationalError(self._failed)
+        if self._tx_lost is not None:
+            raise self._errors.OperationalError(self._tx_lost)
+
+    def _check_commit(self, verb: str) -> None:
+        if self._closed:
+            raise self._closed_error()
+        if self._blocks:
+            raise self._errors.ProgrammingError(
+                f"Explicit {verb}() forbidden within a Transaction context. "
+                f"(Transaction will be automatically committed on successful exit from context.)"
+            )
+
+    def _keeps_writer(self, link: Link, topology: Topology) -> bool:
+        """Whether the held write ``link`` still goes where writes go (pinned sessions stay)."""
+        if self._pinned or topology is self._write_topology:
+            return True
+        if route_write(topology) == link.node:
+            self._write_topology = topology
+            return True
+        return False
+
+    def _before_commit(self) -> None:
+        """Raise unless ``commit()`` may run now: a transaction whose node was lost cannot."""
+        self._check_commit("commit")
+        if self._tx_lost is not None:
+            raise self._errors.OperationalError(self._tx_lost)
+
+    def _before_rollback(self) -> None:
+        """Raise unless ``rollback()`` may run now; it ends a lost transaction too."""
+        self._check_commit("rollback")
+        self._tx_lost = None
+
+    def _closing_links(self) -> list[Link]:
+        """Mark the connection closed; the links ``close()`` must release (none twice)."""
+        if self._closed:
+            return []
+        self._closed = self._attention = True
+        return self._links()
+
+    # -- bookkeeping (no I/O) -------------------------------------------------------------
+
+    def _begin_transaction_on(self, link: Link) -> None:
+        self._tx = link
+        self._tx_wrote = False
+        self._tx_settings = False
+
+    def _note_statement(self, link: Link, st: Statement) -> None:
+        """Before a statement runs inside the transaction on ``link``."""
+        session = st.session
+        if session:
+            if session & PINNING_EFFECTS:
+                if link.role == "read":
+                    refuse_on_replica(st, self._errors)
+                self._pinned = True
+                link.dirty = True
+            if "set" in session and not self._pinned:
+                self._tx_settings = True
+                link.dirty = True
+        if link.role == "write" and not self._tx_wrote and writes_data(st):
+            self._tx_wrote = True  # a transaction on a replica writes nothing (the server refuses)
+
+    def _record_setting(self, link: Link, query: Any, params: Any) -> bool:
+        """A plain SET/RESET ran on ``link``; True when the list should be compacted."""
+        self._settings.append((query, params))
+        self._settings_gen += 1
+        link.applied = len(self._settings)
+        link.gen = self._settings_gen
+        link.dirty = True
+        return len(self._settings) > MAX_RECORDED_SETTINGS
+
+    def _replace_settings(self, link: Link, rows: Iterable[Sequence[Any]]) -> None:
+        """The session's settings, read back from ``link``, become what is replayed."""
+        names, values = [], []
+        for name, value in rows:
+            names.append(name)
+            values.append(value)
+        self._settings = [(REPLAY_SETTINGS_SQL, (names, values))]
+        self._settings_version += 1
+        self._settings_gen += 1
+        link.version = self._settings_version
+        link.applied = 1
+        link.gen = self._settings_gen
+        link.dirty = True
+
+    def _replay_plan(self, link: Link) -> tuple[bool, list[tuple[Any, Any]]]:
+        """What ``link`` must run to match the session: (RESET ALL first?, statements)."""
+        if link.version == self._settings_version:
+            return False, self._settings[link.applied :]
+        return link.dirty, list(self._settings)
+
+    def _replayed(self, link: Link) -> None:
+        link.version = self._settings_version
+        link.applied = len(self._settings)
+        link.gen = self._settings_gen
+        if self._settings:
+            link.dirty = True
+
+    def _forget(self, link: Link) -> None:
+        if link is self._reader:
+            self._reader = None
+        if link is self._writer:
+            self._writer = None
+        if link is self._tx:
+            self._tx = None
+
+    def _links(self) -> list[Link]:
+        links: list[Link] = []
+        for link in (self._tx, self._reader, self._writer):
+            if link is not None and link not in links:
+                links.append(link)
+        return links
+
+    def _note_lost(self, link: Link) -> None:
+        """``link``'s connection broke: forget it and say what the session lost."""
+        node = link.node
+        self._attention = True
+        if link is self._tx:
+            self._tx_lost = (
+                f"the transaction was lost: the connection to {node} broke; "
+                "roll back to go on (the server rolled the transaction back)"
+            )
+        if self._pinned and link.role == "write":
+            self._failed = (
+                f"the connection to {node}, which held this session's state (temp tables, "
+                "LISTEN, locks, prepared statements), was lost"
+            )
+        self._forget(link)
+        monitor = self._cluster.monitor
+        if monitor is not None:
+            monitor.mark_suspect(node, "a routed connection's link broke")
+
+    def _count(self, link: Link, st: Statement) -> None:
+        if link.fresh:
+            link.fresh = False  # the lease was counted when it was routed
+            return
+        self._cluster._count_route("read" if st.intent is _READ else "write", link.node)
+
+    def _read_key(self) -> tuple[Topology, object]:
+        """The snapshot and the scope's mark now: while both are the ones the held read
+        link was validated for, it needs no new decision."""
+        key: tuple[Topology, object] = self._cluster._read_key()
+        return key
+
+    def _keeps_reader(self, link: Link, topology: Topology, mark: object) -> bool:
+        """Whether the held read ``link`` may serve a read now: nothing changed since it
+        was validated (the hot path: two identity checks), or routing still picks it."""
+        if topology is self._read_topology and mark is self._read_mark:
+            return True
+        if self._still_readable(link, topology):
+            self._read_topology, self._read_mark = topology, mark
+            return True
+        return False
+
+    def _hold(self, lease: Leased, role: str, topology: Topology, mark: object = None) -> Link:
+        """``lease`` becomes the session's read or write link, valid for ``topology``."""
+        link = Link(lease, role)
+        if role == "read":
+            self._reader = link
+            self._read_topology, self._read_mark = topology, mark
+        else:
+            self._writer = link
+            self._write_topology = topology
+        return link
+
+    def _still_readable(self, link: Link, topology: Topology) -> bool:
+        """Does the routing still allow reading on ``link``'s node? (counts a fallback)"""
+        cluster = self._cluster
+        decision = cluster._rules.decide(topology, cluster._plan_read(topology), prefer=link.node)
+        if decision.target != link.node:
+            return False
+        if decision.fallback is not None:
+            cluster._count_fallback(decision.fallback, link.node)
+        return True
+
+    def _position_wanted(self) -> bool | None:
+        """None: read-your-writes is off; False: a write is noted without a position."""
+        ryw = self._cluster._ryw
+        return None if ryw is None else ryw == "lsn"
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        mode = "autocommit" if self._autocommit else "transactional"
+        held = " ".join(f"{k}={v}" for k, v in self.nodes.items())
+        pinned = " pinned" if self._pinned else ""
+        return f"<{type(self).__name__} {state} {mode}{pinned}{' ' + held if held else ''}>"

@@ -1,0 +1,148 @@
+"""A routed session's bookkeeping (``session.RoutedSession``): pure, no server.
+
+Every driver shell (psycopg sync and asyncio, psycopg2) keeps its state here, so
+these rules hold for all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pytest
+
+from replica_router.classify import Classifier
+from replica_router.session import (
+    MAX_RECORDED_SETTINGS,
+    REPLAY_SETTINGS_SQL,
+    Link,
+    RoutedSession,
+)
+from replica_router.topology import NodeState, Role, Topology
+
+
+@dataclass
+class _Lease:
+    node: str
+    conn: Any = None
+
+
+@dataclass
+class _Monitor:
+    suspects: list[str] = field(default_factory=list)
+
+    def mark_suspect(self, node: str, message: str) -> None:
+        self.suspects.append(node)
+
+
+class _Cluster:
+    """Just what the bookkeeping touches: the classifier and the monitor."""
+
+    def __init__(self) -> None:
+        self.classifier = Classifier()
+        self.monitor = _Monitor()
+
+
+class Session(RoutedSession):
+    _errors = psycopg
+
+
+def session() -> Session:
+    return Session(_Cluster(), autocommit=True, read_only=None)
+
+
+def topology(primary: str) -> Topology:
+    nodes = tuple(
+        NodeState(name=n, role=Role.PRIMARY if n == primary else Role.REPLICA, healthy=True)
+        for n in ("a", "b")
+    )
+    return Topology(nodes=nodes, primary=primary)
+
+
+def test_settings_are_replayed_from_where_a_link_stopped() -> None:
+    s = session()
+    reader, writer = Link(_Lease("r1"), "read"), Link(_Lease("primary"), "write")
+    s._record_setting(reader, "SET a = 1", None)
+    s._record_setting(reader, "SET b = 2", None)
+    assert s._replay_plan(reader) == (False, [])  # it ran them itself
+    assert s._replay_plan(writer) == (False, [("SET a = 1", None), ("SET b = 2", None)])
+    s._replayed(writer)
+    s._record_setting(reader, "SET c = 3", None)
+    assert s._replay_plan(writer) == (False, [("SET c = 3", None)])
+
+
+def test_read_back_settings_replace_the_list_and_links_reset_first() -> None:
+    s = session()
+    old, fresh = Link(_Lease("r1"), "read"), Link(_Lease("r2"), "read")
+    s._record_setting(old, "SET a = 1", None)
+    s._replayed(fresh)
+    writer = Link(_Lease("primary"), "write")
+    s._replace_settings(writer, [("search_path", "app"), ("role", "none")])
+    reset, statements = s._replay_plan(fresh)
+    assert reset  # it carries settings of the old list: RESET ALL, then the new list
+    assert statements == [(REPLAY_SETTINGS_SQL, (["search_path", "role"], ["app", "none"]))]
+    assert s._replay_plan(Link(_Lease("r3"), "read"))[0] is False  # a clean link needs no reset
+
+
+def test_the_settings_list_asks_to_be_compacted_when_it_grows() -> None:
+    s = session()
+    link = Link(_Lease("r1"), "read")
+    compact = [
+        s._record_setting(link, f"SET a = {i}", None) for i in range(MAX_RECORDED_SETTINGS + 1)
+    ]
+    assert compact[-1] and not any(compact[:-1])
+
+
+def test_session_state_in_a_transaction_pins_and_a_write_marks_it() -> None:
+    s = session()
+    analyze = s._cluster.classifier.analyze
+    writer = Link(_Lease("primary"), "write")
+    s._begin_transaction_on(writer)
+    s._note_statement(writer, analyze("SELECT 1"))
+    assert not s._tx_wrote and not s.pinned
+    s._note_statement(writer, analyze("CREATE TEMP TABLE t (id int)"))
+    assert s.pinned and writer.dirty
+    s._note_statement(writer, analyze("INSERT INTO t VALUES (1)"))
+    assert s._tx_wrote
+
+
+def test_session_state_in_a_read_only_transaction_on_a_replica_is_refused() -> None:
+    s = session()
+    reader = Link(_Lease("r1"), "read")
+    s._begin_transaction_on(reader)
+    with pytest.raises(psycopg.NotSupportedError, match="replica"):
+        s._note_statement(reader, s._cluster.classifier.analyze("LISTEN jobs"))
+    assert not s.pinned
+
+
+def test_a_write_link_is_kept_while_its_node_takes_writes() -> None:
+    s = session()
+    link = Link(_Lease("a"), "write")
+    assert s._keeps_writer(link, topology("a"))
+    assert not s._keeps_writer(link, topology("b"))
+
+
+def test_a_lost_link_says_what_the_session_lost_and_suspects_the_node() -> None:
+    s = session()
+    writer = Link(_Lease("primary"), "write")
+    s._writer = writer
+    s._begin_transaction_on(writer)
+    s._pinned = True
+    s._note_lost(writer)
+    assert s._tx is None and s._writer is None
+    with pytest.raises(psycopg.OperationalError, match="held this session's state"):
+        s._check_open()
+    assert s._cluster.monitor.suspects == ["primary"]
+    assert "transaction was lost" in (s._tx_lost or "")
+
+
+def test_closing_releases_each_link_once() -> None:
+    s = session()
+    link = Link(_Lease("primary"), "write")
+    s._writer = s._tx = link
+    s._reader = Link(_Lease("r1"), "read")
+    assert [x.node for x in s._closing_links()] == ["primary", "r1"]
+    assert s._closing_links() == []
+    with pytest.raises(psycopg.InterfaceError):
+        s._check_open()
