@@ -312,7 +312,8 @@ def excuses(faults: Iterable[FaultEvent], settings: Mapping[str, Any]) -> list[E
 
     A killed, restarted or terminated server fails what was in flight on it
     (a new operation gets another node or a fresh connection), and a restarted
-    one what came before the monitor probed it again; a primary outage
+    one what came before the monitor probed it again (its backoff grows with the
+    time the node was down: ``recovery_time``); a primary outage
     fails writes, and reads that need the primary, until the monitor has seen
     the new primary, and a session pinned to the old primary fails (it cannot
     move); a hung replica may hold a read for the hung-node bound
@@ -338,8 +339,22 @@ def excuses(faults: Iterable[FaultEvent], settings: Mapping[str, Any]) -> list[E
     for f in faults:
         rule = rules.get((f.action, f.role))
         if rule is not None:
-            found.append(Excuse(f.start, f.end + rule[1], rule[0], f.client))
+            after = rule[1]
+            if f.action == "restart":  # a node down for long is probed again only later
+                after = max(after, recovery_time(settings, f.end - f.start))
+            found.append(Excuse(f.start, f.end + after, rule[0], f.client))
     return found
+
+
+MONITOR_MAX_BACKOFF = 4.0  # the monitor retries a node that keeps failing at most this far apart
+
+
+def recovery_time(settings: Mapping[str, Any], down: float) -> float:
+    """How long after a node is back the monitor may take to probe it again: its retry
+    interval doubles per failed probe beyond ``failure_threshold``, up to 4 s."""
+    interval = float(settings["monitor_interval"])
+    beyond = max(0, int(down / interval) - int(settings["failure_threshold"]))
+    return min(MONITOR_MAX_BACKOFF, interval * 2.0 ** min(beyond, 16)) + interval
 
 
 def doomed(h: History, write: Op) -> bool:
