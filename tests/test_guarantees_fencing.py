@@ -57,11 +57,6 @@ def fenced_after_promotion(cluster: Cluster) -> bool:
 
 
 @pytest.mark.destructive
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="defect 1: a pinned RoutedConnection writes to the fenced old primary",
-)
 def test_a_pinned_routed_connection_never_writes_to_a_fenced_primary(
     lc: LocalCluster, cluster: Cluster
 ) -> None:
@@ -82,11 +77,6 @@ def test_a_pinned_routed_connection_never_writes_to_a_fenced_primary(
 
 
 @pytest.mark.destructive
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="defect 1: the psycopg2 adapter writes to the fenced old primary",
-)
 def test_a_pinned_psycopg2_connection_never_writes_to_a_fenced_primary(
     lc: LocalCluster, cluster: Cluster
 ) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .classify import Intent, SessionEffect, Statement
+from .errors import PrimaryUnavailable
 from .routing import route_write
 
 if TYPE_CHECKING:
@@ -302,13 +303,30 @@ class RoutedSession:
             )
 
     def _keeps_writer(self, link: Link, topology: Topology) -> bool:
-        """Whether the held write ``link`` still goes where writes go (pinned sessions stay)."""
-        if self._pinned or topology is self._write_topology:
+        """Whether the held write ``link`` still goes where writes go.
+
+        Checked at every use of the link, not only when it was taken: a node that was
+        fenced, replaced by a promotion or removed never runs another statement of
+        ours. A pinned session cannot move (its state lives in that backend), so it
+        fails with a clear error instead; a primary that is merely unhealthy keeps
+        its pinned session (the next statement will tell).
+        """
+        if topology is self._write_topology:
             return True
         if route_write(topology) == link.node:
             self._write_topology = topology
             return True
-        return False
+        if not self._pinned:
+            return False
+        state = topology.by_name.get(link.node)
+        if state is not None and not state.fenced and topology.primary in (None, link.node):
+            return True
+        self._failed = (
+            f"{link.node}, which holds this session's state (temp tables, LISTEN, locks, "
+            "prepared statements), no longer takes writes (fenced, failed over or removed); "
+            "the session cannot move: open a new connection"
+        )
+        raise PrimaryUnavailable(self._failed)
 
     def _before_commit(self) -> None:
         """Raise unless ``commit()`` may run now: a transaction whose node was lost cannot."""
