@@ -295,9 +295,6 @@ XFAIL: dict[str, str] = dict.fromkeys(faults.KINDS, D3)
 XFAIL["replay-paused"] = XFAIL["apply-delay"] = (
     f"{D3}; defect 9: a read() after a held connection()'s read goes back in time"
 )
-XFAIL["split-brain-promote"] = (
-    f"{D3}; defect 1: a pinned connection() keeps writing to the fenced old primary"
-)
 XFAIL["pg-terminate-backend"] = (
     f"{D3}; defect 12: a pooled connection whose backend was terminated fails the next "
     "read or write instead of being replaced by a fresh one (rule 9)"
