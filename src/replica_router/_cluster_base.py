@@ -603,6 +603,8 @@ class ClusterBase:
             scope = peek_scope()
             if scope is not None:
                 mark = scope.mark(self.system_identifier)
+        if mark is None and max_lag is None and max_lag_bytes is None and max_staleness is None:
+            return self._rules.plan(None, 0.0)  # the shared default: nothing to compute
         now = time.monotonic()
         return self._rules.plan(
             mark,

@@ -390,7 +390,23 @@ class Cluster(ClusterBase):
         max_lag_bytes: int | None = None,
         max_staleness: float | None = None,
     ) -> Lease[psycopg.Connection[Any]]:
-        monitor, topology, attempt = self._read_attempt(max_lag, max_lag_bytes, max_staleness)
+        monitor = self._monitor or self._require_monitor()
+        topology = monitor.topology
+        plan = self._plan_read(topology, max_lag, max_lag_bytes, max_staleness)
+        first = self._rules.decide(topology, plan)
+        if first.fallback is None and first.target is not None:
+            # The common case takes one decision: a replica within bounds (what the
+            # first step would say; the steps are for fallbacks, waits and retries).
+            try:
+                lease = self._checkout(first.target, "read", routes=self._reads)
+            except NodeUnavailableError as exc:
+                attempt = ReadAttempt(self._rules, plan)
+                topology = self._node_failed(attempt, exc)
+            else:
+                self._served(first.target, None)
+                return lease
+        else:
+            attempt = ReadAttempt(self._rules, plan)
         while True:
             step = attempt.step(topology, time.monotonic())
             node = step.node
