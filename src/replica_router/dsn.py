@@ -7,6 +7,7 @@ errors name the field (``replicas[1]``) and show the redacted form.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -14,7 +15,15 @@ from psycopg import conninfo
 
 from .errors import ConfigurationError
 
-__all__ = ["DsnInfo", "parse_dsn", "password_of", "redact", "scrub", "split_hosts"]
+__all__ = [
+    "DsnInfo",
+    "check_distinct",
+    "parse_dsn",
+    "password_of",
+    "redact",
+    "scrub",
+    "split_hosts",
+]
 
 # Passwords in the shapes people write DSNs in, valid or not (an unparsable DSN is the
 # one whose error message we must still show): a URL of any scheme anywhere in the text
@@ -90,6 +99,12 @@ class DsnInfo:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def target(self) -> str:
+        """``host:port/dbname`` as written: two DSNs with the same target are one node
+        (``localhost`` and ``127.0.0.1`` are not compared by what they resolve to)."""
+        return f"{self.address}/{self.dbname}"
+
 
 def parse_dsn(dsn: object, *, field: str) -> DsnInfo:
     """Validate one single-host DSN; a ``ConfigurationError`` names ``field``."""
@@ -116,6 +131,23 @@ def parse_dsn(dsn: object, *, field: str) -> DsnInfo:
         raise ConfigurationError(f"{field}: port {raw_port!r} in {redact(dsn)!r} is not 1-65535")
     user = str(params.get("user") or "")
     return DsnInfo(host=host, port=port, dbname=str(params.get("dbname") or user), user=user)
+
+
+def check_distinct(dsns: Sequence[tuple[str, str, DsnInfo]]) -> None:
+    """Reject two ``(field, dsn, info)`` entries that name one node.
+
+    The same server listed twice (or the primary listed as a replica) would be
+    monitored as two nodes that both claim its role: at run time that reads like a
+    split brain, so it is a ``ConfigurationError`` naming both fields.
+    """
+    seen: dict[str, str] = {}
+    for field, dsn, info in dsns:
+        first = seen.setdefault(info.target, field)
+        if first != field:
+            raise ConfigurationError(
+                f"{field} duplicates {first}: both connect to {info.target} "
+                f"({redact(dsn)!r}); list each server once"
+            )
 
 
 def split_hosts(url: str, *, field: str = "url") -> list[str]:
