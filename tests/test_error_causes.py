@@ -65,9 +65,9 @@ def test_a_write_and_a_read_name_a_wrong_password(locked: LocalCluster) -> None:
 
 
 def test_a_write_names_an_unresolvable_host() -> None:
-    with unresolvable() as cluster:  # type: ignore[attr-defined]
-        with pytest.raises(PrimaryUnavailable) as raised, cluster.write():
-            pass
+    cluster = unresolvable()
+    with cluster, pytest.raises(PrimaryUnavailable) as raised, cluster.write():  # type: ignore[attr-defined]
+        pass
     text = str(raised.value)
     assert "nosuchhost.invalid" in text and "nosuchreplica.invalid" in text
     assert "failed to resolve host" in text  # psycopg resolves names itself

@@ -39,7 +39,7 @@ from psycopg.conninfo import make_conninfo
 from . import consistency
 from .classify import Classifier
 from .consistency import Mark, Scope, Token, current_scope, peek_scope
-from .dsn import parse_dsn, password_of, scrub, split_hosts
+from .dsn import check_distinct, parse_dsn, password_of, scrub, split_hosts
 from .errors import (
     ConfigurationError,
     Error,
@@ -142,6 +142,10 @@ def _check_name(field: str, name: object) -> str:
     return name
 
 
+def _has_primary(topology: Topology) -> bool:
+    return route_write(topology) is not None
+
+
 def _build_specs(
     primary: str | None,
     replicas: Sequence[str] | Mapping[str, str],
@@ -149,6 +153,7 @@ def _build_specs(
     primary_name: str,
 ) -> list[NodeSpec]:
     specs: list[NodeSpec] = []
+    fields: list[str] = []  # where each spec was given, for errors
     if nodes is not None:
         if primary is not None or replicas:
             raise ConfigurationError("nodes: give either nodes= or primary=/replicas=, not both")
@@ -157,6 +162,7 @@ def _build_specs(
         for name, dsn in nodes.items():
             field = f"nodes[{name!r}]"
             specs.append(NodeSpec(_check_name(field, name), dsn, parse_dsn(dsn, field=field)))
+            fields.append(field)
     else:
         if primary is None:
             raise ConfigurationError(
@@ -164,6 +170,7 @@ def _build_specs(
             )
         name = _check_name("primary_name", primary_name)
         specs.append(NodeSpec(name, primary, parse_dsn(primary, field="primary"), Role.PRIMARY))
+        fields.append("primary")
         if isinstance(replicas, str):
             raise ConfigurationError("replicas: expected a list of DSNs, got one string")
         if isinstance(replicas, Mapping):
@@ -173,11 +180,13 @@ def _build_specs(
             named = [(f"replicas[{i}]", f"replica{i + 1}", d) for i, d in enumerate(replicas)]
         for field, name, dsn in named:
             specs.append(NodeSpec(name, dsn, parse_dsn(dsn, field=field), Role.REPLICA))
+            fields.append(field)
     seen: set[str] = set()
     for spec in specs:
         if spec.name in seen:
             raise ConfigurationError(f"node name {spec.name!r} is used twice")
         seen.add(spec.name)
+    check_distinct([(field, s.dsn, s.info) for field, s in zip(fields, specs, strict=True)])
     return specs
 
 
@@ -656,27 +665,41 @@ class ClusterBase:
             self._route_event("read", node, reason or "replica")
 
     def _read_error(self, step: ReadStep) -> NoReplicaAvailable:
-        """A read's last step failed: count the fallback that could not be served."""
+        """A read's last step failed: count the fallback that could not be served; with
+        no healthy replica, the error says why each node is not."""
         self._count_fallback(step.reason or "none_healthy", None)
-        return cast(NoReplicaAvailable, step.error)
+        error = cast(NoReplicaAvailable, step.error)
+        causes = self._causes(self.topology) if step.reason in (None, "none_healthy") else ""
+        return type(error)(f"{error}{causes}") if causes else error
 
     def _no_primary(self, topology: Topology, error: Exception | None) -> PrimaryUnavailable:
-        state = topology.primary_state
-        if error is not None:
-            detail = str(error)
-        elif state is not None and state.fenced:
-            detail = f"{state.name} is fenced"
-        elif state is not None:
-            detail = f"{state.name} is unhealthy ({self._scrub(state.name, state.last_error)})"
-        else:
-            claimants = [n.name for n in topology.nodes if n.role is Role.PRIMARY]
-            detail = (
-                "no node reports itself primary"
-                if not claimants
-                else f"{', '.join(claimants)} claim primary but none is usable"
-            )
+        detail = str(error) if error is not None else self._why_no_primary(topology)
         waited = f" within write_timeout={self._write_timeout:g} s" if self._write_timeout else ""
         return PrimaryUnavailable(f"no primary can take writes{waited}: {detail}")
+
+    def _not_ready(self, topology: Topology, timeout: float) -> PrimaryUnavailable:
+        """``open(wait=True)`` saw no primary measured within ``timeout`` seconds."""
+        return PrimaryUnavailable(
+            f"open(wait=True): no primary measured within {timeout:g} s: "
+            + self._why_no_primary(topology)
+        )
+
+    def _why_no_primary(self, topology: Topology) -> str:
+        state = topology.primary_state
+        if state is not None and state.fenced:
+            return f"{state.name} is fenced"
+        if state is not None:
+            return f"{state.name} is unhealthy ({self._scrub(state.name, state.last_error)})"
+        claimants = [n.name for n in topology.nodes if n.role is Role.PRIMARY]
+        if claimants:
+            return f"{', '.join(claimants)} claim primary but none is usable"
+        return "no node reports itself primary" + self._causes(topology)
+
+    def _causes(self, topology: Topology) -> str:
+        """Each node's last error, redacted: the exception says why, not only ``status()``."""
+        causes = [f"{n.name}: {self._scrub(n.name, n.last_error)}"
+                  for n in topology.nodes if n.last_error]  # fmt: skip
+        return f"; last errors: {'; '.join(causes)}" if causes else ""
 
     # -- counting --------------------------------------------------------------------------
 
@@ -724,6 +747,8 @@ class ClusterBase:
         if name in taken:
             raise ConfigurationError(f"name: a node named {name!r} already exists")
         spec = NodeSpec(name, dsn, parse_dsn(dsn, field=f"add_replica({name!r})"), Role.REPLICA)
+        check_distinct([*((repr(s.name), s.dsn, s.info) for s in self._specs),
+                        (f"add_replica({name!r})", dsn, spec.info)])  # fmt: skip
         secret = password_of(dsn)
         if secret:
             self._secrets[name] = secret

@@ -54,6 +54,7 @@ from ._cluster_base import (
     Counters,
     Lease,
     NodeUnavailableError,
+    _has_primary,
     node_status,
     position_of,
 )
@@ -61,7 +62,15 @@ from .cluster_async import AsyncCluster as AsyncCluster  # noqa: PLC0414
 from .connection import RoutedConnection
 from .consistency import commit_and_capture
 from .errors import Error, NodeUnavailable
-from .routing import CATCH_UP, USE, WAIT, ReadAttempt, new_primary_after, route_write
+from .routing import (
+    CATCH_UP,
+    USE,
+    WAIT,
+    ReadAttempt,
+    check_seconds,
+    new_primary_after,
+    route_write,
+)
 from .sources import (
     ConnectionSource,
     PoolTimeout,
@@ -95,8 +104,18 @@ class Cluster(ClusterBase):
     _factory: SourceFactory
     _lock_type = threading.Lock
 
-    def open(self) -> Cluster:
-        """Start the monitor (first probe round included) and the pools; idempotent."""
+    def open(self, wait: bool = False, timeout: float = 30.0) -> Cluster:
+        """Start the monitor (first probe round included) and the pools; idempotent.
+
+        ``wait=True`` (psycopg_pool's convention) returns only once the cluster is
+        ready, which is when a primary is measured (it answered the probe and reports
+        itself primary, unfenced): waiting for any node would call a cluster that cannot
+        write ready, waiting for every node would let one dead replica block the start.
+        If none is within ``timeout`` seconds, ``open()`` closes what it started and
+        raises ``PrimaryUnavailable`` naming each node's last error, redacted. Without
+        ``wait``, it starts even when nodes are down.
+        """
+        deadline = time.monotonic() + check_seconds("timeout", timeout)
         with self._config_lock:
             if self._monitor is not None:
                 return self
@@ -109,6 +128,11 @@ class Cluster(ClusterBase):
             monitor.start()
             self._monitor = monitor
             try:
+                if wait:
+                    remaining = deadline - time.monotonic()
+                    ready = monitor.wait_for(_has_primary, remaining)
+                    if ready is None:
+                        raise self._not_ready(monitor.topology, timeout)
                 for spec in self._specs:
                     self._open_source(spec, "read")
                 primary = route_write(monitor.topology)
