@@ -290,22 +290,24 @@ def test_a_kind_whose_faults_never_happened_is_reported() -> None:
 
 # -- the short schedule on real servers ----------------------------------------------
 
-D3 = "defect 3: conn.commit() / conn.transaction() inside cluster.write() leave no token"
-XFAIL: dict[str, str] = dict.fromkeys(faults.KINDS, D3)
-XFAIL["replay-paused"] = XFAIL["apply-delay"] = (
-    f"{D3}; defect 9: a read() after a held connection()'s read goes back in time"
-)
-XFAIL["pg-terminate-backend"] = (
-    f"{D3}; defect 12: a pooled connection whose backend was terminated fails the next "
-    "read or write instead of being replaced by a fresh one (rule 9)"
-)
-XFAIL["primary-fast-restart"] = (
-    f"{D3}; defect 12: after a restart, a fail-fast client's dead pooled connections take "
-    "the healthy primary out of routing"
-)
-XFAIL["replica-sigstop"] = (
-    f"{D3}; issue 11 rule 10 (no numbered defect): a read on a hung replica waits for it"
-)
+# Known open defects, by the kind that shows them. They show in most short runs but
+# not in every one, so these marks are not strict; every kind without a mark must
+# keep every invariant.
+XFAIL: dict[str, str] = {
+    "replay-paused": "defect 9: a read() after a held connection()'s read goes back in time",
+    "pg-terminate-backend": (
+        "defect 12: a pooled connection whose backend was terminated fails the next "
+        "read or write instead of being replaced by a fresh one (rule 9)"
+    ),
+    "primary-fast-restart": (
+        "defect 12: after a restart, a fail-fast client's dead pooled connections take "
+        "the healthy primary out of routing"
+    ),
+    "replica-sigstop": (
+        "issue 11 rule 10 (no numbered defect): a read on a hung replica waits for it"
+    ),
+}
+XFAIL["apply-delay"] = XFAIL["replay-paused"]
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +330,7 @@ def servers() -> Iterator[Any]:
     [
         pytest.param(
             k,
-            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=XFAIL[k])
+            marks=pytest.mark.xfail(strict=False, raises=AssertionError, reason=XFAIL[k])
             if k in XFAIL
             else (),
         )

@@ -71,11 +71,6 @@ def committed(lc: LocalCluster, table: str, row_id: int) -> bool:
 # -- defect 3: commits the block made itself -------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 3: conn.commit() inside cluster.write() never advances the token",
-)
 @pytest.mark.usefixtures("paused")
 def test_a_commit_inside_a_write_block_advances_the_token(cluster: Cluster, table: str) -> None:
     """Defect 3: ``conn.commit()`` inside ``cluster.write()`` is a commit on the primary."""
@@ -85,11 +80,6 @@ def test_a_commit_inside_a_write_block_advances_the_token(cluster: Cluster, tabl
     assert seen(cluster, table, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 3: conn.transaction() inside cluster.write() never advances the token",
-)
 @pytest.mark.usefixtures("paused")
 def test_a_transaction_block_inside_a_write_block_advances_the_token(
     cluster: Cluster, table: str
@@ -100,11 +90,6 @@ def test_a_transaction_block_inside_a_write_block_advances_the_token(
     assert seen(cluster, table, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 3: a write block that commits and then raises advances nothing",
-)
 @pytest.mark.usefixtures("paused")
 def test_a_write_block_that_commits_then_raises_still_advances_the_token(
     lc: LocalCluster, cluster: Cluster, table: str
@@ -118,11 +103,6 @@ def test_a_write_block_that_commits_then_raises_still_advances_the_token(
     assert seen(cluster, table, 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 3: AsyncCluster.write(): conn.commit() never advances the token",
-)
 @pytest.mark.usefixtures("paused")
 def test_a_commit_inside_an_async_write_block_advances_the_token(
     lc: LocalCluster, table: str

@@ -542,18 +542,23 @@ class AsyncCluster(ClusterBase):
         conn = lease.conn
         try:
             status = conn.pgconn.transaction_status
-            if error is not None or status == TransactionStatus.INERROR:
-                if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-                    with contextlib.suppress(psycopg.Error):
-                        await conn.rollback()
-            elif status == TransactionStatus.INTRANS:
-                await self._capture_commit(conn)
-            elif conn.autocommit and status == TransactionStatus.IDLE:
-                # The block switched to autocommit: its statements committed one by
-                # one; the current position covers them all.
+            if error is None and status == TransactionStatus.INTRANS:
+                await self._capture_commit(conn)  # the usual path: one round trip
+                return
+            if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                with contextlib.suppress(psycopg.Error):
+                    await conn.rollback()
+            # The block may have committed on its own before it ended or raised
+            # (conn.commit(), conn.transaction(), autocommit statements): only the
+            # server knows, and its current position covers whatever it did.
+            # Asked in autocommit (switching is client-side only), so that no
+            # transaction is left open on a connection going back to its pool.
+            with contextlib.suppress(psycopg.Error):
+                await conn.set_autocommit(True)
                 cursor = await conn.execute(consistency.POSITION_SQL)
                 row = await cursor.fetchone()
                 self._note_write(position_of(row[0] if row else None))
+            with contextlib.suppress(psycopg.Error):
                 await conn.set_autocommit(False)
         finally:
             await self._checkin(lease)
