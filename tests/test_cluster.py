@@ -387,6 +387,10 @@ def test_primary_down_reads_go_on_writes_fail_fast(fresh_replica_cluster: LocalC
     with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:
         with cluster.write() as conn:
             conn.execute("CREATE TABLE t (id int)")
+        # The replicas must have the write before the primary dies: otherwise no
+        # node but the dead primary reaches this scope's token, and refusing those
+        # reads is right.
+        lc.wait_replicated()
         lc.stop("primary", mode="immediate")
         failures = 0
         for _ in range(50):
