@@ -556,6 +556,9 @@ def test_a_replica_down_during_the_failover_is_repointed_when_it_comes_back(
         lc.stop("replica2")
         with cluster.write() as conn:
             conn.execute("INSERT INTO t VALUES (1)")
+        # Replication is asynchronous: a row replica1 never received is lost with the
+        # primary, and replica2 could never show it.
+        lc.wait_replicated()
         lc.stop("primary", mode="immediate")
         wait_until(lambda: cluster.topology.primary == "replica1", what="replica1 promoted")
         lc.start("replica2")  # still configured to follow the dead primary
