@@ -2,7 +2,9 @@
 
 Each sub-command lives in its own module exposing ``register(subparsers)``; the
 parser it adds sets ``func`` to a callable taking the parsed namespace and
-returning the exit code. Bad arguments exit with code 2 and one clear line.
+returning the exit code. Bad arguments exit with code 2 and one clear line; so does
+a :class:`~replica_router.ConfigurationError` from a command, and any other error
+of ours exits 1 with one line.
 When the reader of our output goes away (``status --watch --json | head``), we
 stop quietly with code 141, as a process killed by SIGPIPE would.
 """
@@ -15,6 +17,8 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+
+from ..errors import ConfigurationError, Error
 
 __all__ = ["main"]
 
@@ -71,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except ConfigurationError as exc:
+        return _fail(args, exc, 2)
+    except Error as exc:
+        return _fail(args, exc, 1)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -79,3 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return _BROKEN_PIPE
+
+
+def _fail(args: argparse.Namespace, exc: Error, code: int) -> int:
+    """One line on stderr naming the command (``replica-router sandbox up: error: ...``)."""
+    words = ["replica-router", args.command, getattr(args, "action", None)]
+    sys.stderr.write(f"{' '.join(w for w in words if w)}: error: {exc}\n")
+    return code

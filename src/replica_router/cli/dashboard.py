@@ -16,7 +16,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigurationError, Error
 from . import description
 
 __all__ = ["register"]
@@ -67,12 +66,6 @@ def _run(args: argparse.Namespace) -> int:
     try:
         nodes = _dsn_nodes(args.dsn) if args.dsn else _sandbox_dsns(args.sandbox)
         return _serve(nodes, args)
-    except ConfigurationError as exc:
-        sys.stderr.write(f"replica-router dashboard: error: {exc}\n")
-        return 2
-    except Error as exc:
-        sys.stderr.write(f"replica-router dashboard: error: {exc}\n")
-        return 1
     except OSError as exc:  # the port is taken, the address is not ours...
         where = f"{args.host}:{args.port}"
         sys.stderr.write(f"replica-router dashboard: error: cannot listen on {where}: {exc}\n")

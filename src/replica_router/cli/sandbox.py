@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigurationError, SandboxError
 from . import description
 
 __all__ = ["register"]
@@ -121,148 +120,112 @@ def _directory(args: argparse.Namespace) -> Path:
     return Path(args.dir or _default_dir()).absolute()
 
 
-def _run(args: argparse.Namespace, action: Any) -> int:
-    """Turn our errors into one line on stderr: bad input exits 2, failures exit 1."""
-    try:
-        return int(action())
-    except ConfigurationError as exc:
-        sys.stderr.write(f"replica-router sandbox {args.action}: error: {exc}\n")
-        return 2
-    except SandboxError as exc:
-        sys.stderr.write(f"replica-router sandbox {args.action}: error: {exc}\n")
-        return 1
-
-
 def _up(args: argparse.Namespace) -> int:
     from ..sandbox import LocalCluster
 
-    def action() -> int:
-        started = time.monotonic()
-        cluster = LocalCluster(
-            replicas=args.replicas,
-            sync=args.sync,
-            synchronous_commit=args.synchronous_commit,
-            base_dir=_directory(args),
-            bindir=args.bindir,
-            pgbouncer=args.pgbouncer,
-        ).open()
-        try:
-            seconds = time.monotonic() - started
-            report = _describe(cluster)
-            report["startup_seconds"] = round(seconds, 3)
-            cluster.detach()
-        except BaseException:
-            cluster.close()
-            raise
-        if args.json:
-            _print_json(report)
-        else:
-            _print_up(report)
-        return 0
-
-    return _run(args, action)
+    started = time.monotonic()
+    cluster = LocalCluster(
+        replicas=args.replicas,
+        sync=args.sync,
+        synchronous_commit=args.synchronous_commit,
+        base_dir=_directory(args),
+        bindir=args.bindir,
+        pgbouncer=args.pgbouncer,
+    ).open()
+    try:
+        seconds = time.monotonic() - started
+        report = _describe(cluster)
+        report["startup_seconds"] = round(seconds, 3)
+        cluster.detach()
+    except BaseException:
+        cluster.close()
+        raise
+    if args.json:
+        _print_json(report)
+    else:
+        _print_up(report)
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     from ..sandbox import LocalCluster
 
-    def action() -> int:
-        report = _describe(LocalCluster.attach(_directory(args)))
-        if args.json:
-            _print_json(report)
-        else:
-            _print_nodes(report)
-        return 0
-
-    return _run(args, action)
+    report = _describe(LocalCluster.attach(_directory(args)))
+    if args.json:
+        _print_json(report)
+    else:
+        _print_nodes(report)
+    return 0
 
 
 def _lag(args: argparse.Namespace) -> int:
     from ..sandbox import LocalCluster
 
-    def action() -> int:
-        cluster = LocalCluster.attach(_directory(args))
-        if args.pause:
-            cluster.pause_replay(args.node)
-            done = f"replay paused on {args.node}"
-        elif args.resume:
-            cluster.resume_replay(args.node)
-            done = f"replay resumed on {args.node}"
-        else:
-            cluster.set_apply_delay(args.node, args.delay)
-            done = f"{args.node} applies commits {args.delay:g} s late"
-        return _done(args, done, cluster)
-
-    return _run(args, action)
+    cluster = LocalCluster.attach(_directory(args))
+    if args.pause:
+        cluster.pause_replay(args.node)
+        done = f"replay paused on {args.node}"
+    elif args.resume:
+        cluster.resume_replay(args.node)
+        done = f"replay resumed on {args.node}"
+    else:
+        cluster.set_apply_delay(args.node, args.delay)
+        done = f"{args.node} applies commits {args.delay:g} s late"
+    return _done(args, done, cluster)
 
 
 def _kill(args: argparse.Namespace) -> int:
     from ..sandbox import LocalCluster
 
-    def action() -> int:
-        cluster = LocalCluster.attach(_directory(args))
-        if not cluster.is_running(args.node):
-            return _done(args, f"{args.node} was not running", cluster)
-        cluster.stop(args.node, mode="immediate")
-        return _done(args, f"{args.node} stopped (immediate)", cluster)
-
-    return _run(args, action)
+    cluster = LocalCluster.attach(_directory(args))
+    if not cluster.is_running(args.node):
+        return _done(args, f"{args.node} was not running", cluster)
+    cluster.stop(args.node, mode="immediate")
+    return _done(args, f"{args.node} stopped (immediate)", cluster)
 
 
 def _start(args: argparse.Namespace) -> int:
     from ..sandbox import LocalCluster
 
-    def action() -> int:
-        cluster = LocalCluster.attach(_directory(args))
-        if cluster.is_running(args.node):
-            return _done(args, f"{args.node} was already running", cluster)
-        cluster.start(args.node)
-        return _done(args, f"{args.node} started", cluster)
-
-    return _run(args, action)
+    cluster = LocalCluster.attach(_directory(args))
+    if cluster.is_running(args.node):
+        return _done(args, f"{args.node} was already running", cluster)
+    cluster.start(args.node)
+    return _done(args, f"{args.node} started", cluster)
 
 
 def _promote(args: argparse.Namespace) -> int:
     from ..sandbox import LocalCluster
 
-    def action() -> int:
-        cluster = LocalCluster.attach(_directory(args))
-        cluster.promote(args.node)
-        return _done(args, f"{args.node} promoted; the other replicas follow it", cluster)
-
-    return _run(args, action)
+    cluster = LocalCluster.attach(_directory(args))
+    cluster.promote(args.node)
+    return _done(args, f"{args.node} promoted; the other replicas follow it", cluster)
 
 
 def _rejoin(args: argparse.Namespace) -> int:
     from ..sandbox import LocalCluster
 
-    def action() -> int:
-        cluster = LocalCluster.attach(_directory(args))
-        cluster.rejoin(args.node)
-        return _done(args, f"{args.node} rejoined as a replica of {cluster.primary_name}", cluster)
-
-    return _run(args, action)
+    cluster = LocalCluster.attach(_directory(args))
+    cluster.rejoin(args.node)
+    return _done(args, f"{args.node} rejoined as a replica of {cluster.primary_name}", cluster)
 
 
 def _down(args: argparse.Namespace) -> int:
     from ..sandbox import LocalCluster
     from ..sandbox._state import STATE_FILE, reap_orphans
 
-    def action() -> int:
-        directory = _directory(args)
-        reaped = [str(p) for p in reap_orphans()]
-        if not (directory / STATE_FILE).exists():
-            message = f"no sandbox in {directory}"
-        else:
-            LocalCluster.attach(directory).close()
-            message = f"sandbox in {directory} stopped and removed"
-        if args.json:
-            _print_json({"directory": str(directory), "message": message, "reaped": reaped})
-        else:
-            _console().print(message)
-        return 0
-
-    return _run(args, action)
+    directory = _directory(args)
+    reaped = [str(p) for p in reap_orphans()]
+    if not (directory / STATE_FILE).exists():
+        message = f"no sandbox in {directory}"
+    else:
+        LocalCluster.attach(directory).close()
+        message = f"sandbox in {directory} stopped and removed"
+    if args.json:
+        _print_json({"directory": str(directory), "message": message, "reaped": reaped})
+    else:
+        _console().print(message)
+    return 0
 
 
 # -- output ------------------------------------------------------------------------

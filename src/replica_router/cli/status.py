@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +23,6 @@ from rich.table import Table
 
 from ..cluster import node_status
 from ..dsn import parse_dsn, split_hosts
-from ..errors import ConfigurationError
 from ..events import EventBus
 from ..monitor import Monitor
 from ..topology import NodeSpec, NodeStatus, Topology
@@ -145,11 +143,7 @@ def render_status(rows: Sequence[NodeStatus]) -> RenderableType:
 
 
 def _status(args: argparse.Namespace) -> int:
-    try:
-        specs = node_specs(args.dsns)
-    except ConfigurationError as exc:
-        sys.stderr.write(f"replica-router status: error: {exc}\n")
-        return 2
+    specs = node_specs(args.dsns)
     quiet_library_logs()
     monitor = Monitor(
         specs, interval=args.interval, events=EventBus(), name="replica-router-status"

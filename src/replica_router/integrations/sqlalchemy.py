@@ -37,7 +37,6 @@ import inspect
 import threading
 import weakref
 from collections.abc import Callable, Mapping
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import event, util
@@ -107,24 +106,14 @@ class use_primary:
     def __enter__(self) -> None:
         self._tokens.append(_use_primary.set(True))
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         _use_primary.reset(self._tokens.pop())
 
     async def __aenter__(self) -> None:
         self.__enter__()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__(*exc_info)
 
     def __call__(self, fn: F) -> F:
         if inspect.iscoroutinefunction(fn):
