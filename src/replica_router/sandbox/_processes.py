@@ -230,14 +230,33 @@ def signal_tree(pid: int, signum: int) -> None:
 
     The postmaster goes first: stopped, it forks no new child while we list them
     (SIGSTOP); continued first, it is awake when its children are (SIGCONT).
+    A signal is delivered after ``kill()`` returns, so on Linux a SIGSTOP returns
+    only once the kernel reports each process stopped: a frozen node is frozen.
     """
     try:
         os.kill(pid, signum)
     except ProcessLookupError:
         return
-    for child in _children(pid):
+    if signum == signal.SIGSTOP:
+        _wait_stopped([pid])
+    children = _children(pid)
+    for child in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signum)
+    if signum == signal.SIGSTOP:
+        _wait_stopped(children)
+
+
+def _wait_stopped(pids: Sequence[int], timeout: float = 5.0) -> None:
+    """Poll /proc until none of ``pids`` runs any more (stopped, exited or gone)."""
+    if not sys.platform.startswith("linux"):
+        return
+    deadline = time.monotonic() + timeout
+    waiting = list(pids)
+    while waiting and time.monotonic() < deadline:
+        waiting = [p for p in waiting if (f := _proc_stat_fields(p)) and f[0] not in "TtZX"]
+        if waiting:
+            time.sleep(0.001)
 
 
 def postmaster_pid(data_dir: Path) -> int | None:
