@@ -142,11 +142,6 @@ def writing_view(lc: LocalCluster, table: str) -> Iterator[str]:
     lc.execute("primary", f"DROP FUNCTION IF EXISTS {func}()")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 5: a write taken for a read in a primary transaction gets no token",
-)
 def test_a_view_that_writes_inside_a_routed_transaction_advances_the_token(
     lc: LocalCluster, cluster: Cluster, table: str, writing_view: str
 ) -> None:
@@ -160,11 +155,6 @@ def test_a_view_that_writes_inside_a_routed_transaction_advances_the_token(
         assert seen(cluster, table, 5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 5: psycopg2 default mode: a write taken for a read gets no token",
-)
 def test_a_view_that_writes_in_psycopg2_default_mode_advances_the_token(
     lc: LocalCluster, cluster: Cluster, table: str, writing_view: str
 ) -> None:
@@ -180,11 +170,6 @@ def test_a_view_that_writes_in_psycopg2_default_mode_advances_the_token(
         assert seen(cluster, table, 5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 5: a function re-declared VOLATILE after it was learned STABLE",
-)
 def test_a_function_redeclared_volatile_after_it_was_learned_advances_the_token(
     lc: LocalCluster, cluster: Cluster, table: str
 ) -> None:
@@ -214,11 +199,6 @@ def test_a_function_redeclared_volatile_after_it_was_learned_advances_the_token(
 # -- defects 6 and 7: COMMIT inside a string, partial commits -----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 6: BEGIN; INSERT; COMMIT in one string never advances the token",
-)
 @pytest.mark.usefixtures("paused")
 def test_a_multi_statement_string_ending_in_commit_advances_the_token(
     cluster: Cluster, table: str
@@ -229,11 +209,6 @@ def test_a_multi_statement_string_ending_in_commit_advances_the_token(
     assert seen(cluster, table, 7)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 6: INSERT; COMMIT inside a transaction never advances the token",
-)
 @pytest.mark.usefixtures("paused")
 def test_a_commit_statement_inside_a_transaction_string_advances_the_token(
     cluster: Cluster, table: str
@@ -244,11 +219,6 @@ def test_a_commit_statement_inside_a_transaction_string_advances_the_token(
     assert seen(cluster, table, 8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 7: INSERT; COMMIT; SELECT 1/0 commits but never advances the token",
-)
 def test_a_string_that_commits_then_fails_advances_the_token(
     lc: LocalCluster, cluster: Cluster, table: str
 ) -> None:
@@ -260,11 +230,6 @@ def test_a_string_that_commits_then_fails_advances_the_token(
         assert seen(cluster, table, 9)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 7: psycopg2 autocommit executemany failing midway advances nothing",
-)
 def test_psycopg2_executemany_failing_midway_advances_the_token(
     lc: LocalCluster, cluster: Cluster, table: str
 ) -> None:
@@ -278,6 +243,44 @@ def test_psycopg2_executemany_failing_midway_advances_the_token(
             conn.close()
         assert committed(lc, table, 11)
         assert seen(cluster, table, 11)
+
+
+def test_a_commit_in_a_string_that_leaves_a_failed_transaction_advances_the_token(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    """Defect 7: the COMMIT happened; the connection can only say where once the failed
+    transaction after it is rolled back."""
+    with replay_paused(lc):
+        with cluster.connection(autocommit=False) as conn:
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                conn.execute(f"INSERT INTO {table} VALUES (14); COMMIT; BEGIN; SELECT 1/0")
+            conn.rollback()
+        assert committed(lc, table, 14)
+        assert seen(cluster, table, 14)
+
+
+def test_transactions_that_wrote_nothing_on_the_primary_leave_the_token(
+    cluster: Cluster, table: str
+) -> None:
+    """Design rule 1, the other side: the server says these transactions changed no
+    data (no transaction id was assigned), so the token stays where it was."""
+    with cluster.session():
+        with cluster.connection(autocommit=False) as conn:
+            conn.execute(f"SELECT count(*) FROM {table}")
+            conn.commit()
+        conn2 = routed.connect(cluster)
+        try:
+            conn2.cursor().execute(f"SELECT count(*) FROM {table}")
+            conn2.commit()
+        finally:
+            conn2.close()
+        with cluster.connection() as conn:
+            conn.execute(f"INSERT INTO {table} VALUES (15) ON CONFLICT DO NOTHING")
+            token = cluster.token
+            assert token is not None
+            with conn.transaction():
+                conn.execute(f"SELECT count(*) FROM {table}")
+        assert cluster.token == token
 
 
 # -- defect 8: request state made at the scope boundary -----------------------------------------

@@ -16,8 +16,12 @@ from replica_router.classify import Classifier
 from replica_router.session import (
     MAX_RECORDED_SETTINGS,
     REPLAY_SETTINGS_SQL,
+    TX_IDLE,
+    TX_INERROR,
+    TX_INTRANS,
     Link,
     RoutedSession,
+    commit_possible,
 )
 from replica_router.topology import NodeState, Role, Topology
 
@@ -146,3 +150,50 @@ def test_closing_releases_each_link_once() -> None:
     assert s._closing_links() == []
     with pytest.raises(psycopg.InterfaceError):
         s._check_open()
+
+
+# (sql, in a transaction before, status after, failed, tag, executemany) -> may have committed
+_COMMIT_CASES = [
+    # autocommit: the statement ended its own transaction
+    ("INSERT INTO t VALUES (1)", False, TX_IDLE, False, "INSERT 0 1", False, True),
+    ("SELECT f()", False, TX_IDLE, False, "SELECT 1", False, True),
+    ("SET work_mem = '8MB'", False, TX_IDLE, False, "SET", False, False),
+    ("ROLLBACK", False, TX_IDLE, False, "ROLLBACK", False, False),
+    ("INSERT INTO t VALUES (1)", False, TX_IDLE, True, None, False, False),
+    ("CALL p()", False, TX_IDLE, True, None, False, True),
+    ("INSERT INTO t VALUES (%s)", False, TX_IDLE, True, None, True, True),
+    ("INSERT INTO t VALUES (1); COMMIT; SELECT 1/0", False, TX_IDLE, True, None, False, True),
+    ("BEGIN; INSERT INTO t VALUES (1); COMMIT", False, TX_IDLE, False, "BEGIN", False, True),
+    ("INSERT INTO t VALUES (1); COMMIT; BEGIN", False, TX_INTRANS, False, "INSERT", False, True),
+    # inside a transaction: only what ends it committed
+    ("COMMIT", True, TX_IDLE, False, "COMMIT", False, True),
+    ("COMMIT AND CHAIN", True, TX_INTRANS, False, "COMMIT", False, True),
+    ("COMMIT", True, TX_IDLE, False, "ROLLBACK", False, False),  # the transaction had failed
+    ("COMMIT", True, TX_IDLE, True, None, False, False),  # e.g. a deferred constraint
+    ("ROLLBACK", True, TX_IDLE, False, "ROLLBACK", False, False),
+    ("SELECT f()", True, TX_INTRANS, False, "SELECT 1", False, False),
+    ("INSERT INTO t VALUES (1); COMMIT", True, TX_IDLE, False, "INSERT 0 1", False, True),
+    (
+        "INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)",
+        True,
+        TX_INTRANS,
+        False,
+        "INSERT",
+        False,
+        False,
+    ),
+    ("COMMIT; BEGIN; SELECT 1/0", True, TX_INERROR, True, None, False, True),
+]
+
+
+@pytest.mark.parametrize("case", _COMMIT_CASES, ids=[f"{c[0][:30]}-{i}" for i, c in
+                                                     enumerate(_COMMIT_CASES)])  # fmt: skip
+def test_whether_a_commit_may_have_happened_is_the_servers_word(case: tuple[Any, ...]) -> None:
+    """Design rule 1: the transaction status and the command tag decide; the classifier
+    only says how many statements a string holds and whether it has transaction control."""
+    sql, in_transaction, status, failed, tag, many, expected = case
+    st = Classifier().analyze(sql)
+    got = commit_possible(
+        st, in_transaction=in_transaction, status=status, failed=failed, tag=tag, many=many
+    )
+    assert got is expected

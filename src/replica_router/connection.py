@@ -45,6 +45,7 @@ cursor: share the cluster, not the connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
@@ -68,7 +69,7 @@ from ._connection_base import (
 )
 from .classify import Intent, Statement
 from .connection_async import AsyncRoutedConnection as AsyncRoutedConnection  # noqa: PLC0414
-from .consistency import POSITION_SQL, peek_scope
+from .consistency import POSITION_SQL, WROTE_COMMIT_POSITION_SQL, peek_scope
 from .session import (
     BEGINS,
     PINNING_EFFECTS,
@@ -77,6 +78,7 @@ from .session import (
     ROUTE_SETTING,
     SESSION_SETTINGS_SQL,
     Link,
+    commit_possible,
     refuse_on_replica,
     refused_read,
     route,
@@ -95,6 +97,8 @@ __all__ = ["RoutedConnection", "RoutedCursor", "RoutedTransaction"]
 log = logging.getLogger("replica_router.connection")
 
 _IDLE: Final = TransactionStatus.IDLE
+_INTRANS: Final = TransactionStatus.INTRANS
+_INERROR: Final = TransactionStatus.INERROR
 _READ: Final = Intent.READ
 
 
@@ -351,15 +355,23 @@ class RoutedConnection(PsycopgSession):
         link = self._write_link()
         if st.session:
             link.dirty = True  # it may leave state behind: cleaned before it goes back
-        self._checked(link, self._run, rc, link, query, params, how)
+        try:
+            self._checked(link, self._run, rc, link, query, params, how)
+        except psycopg.Error:
+            self._after_failure(link, st, in_transaction=False, many=isinstance(how, Many))
+            raise
         self._count(link, st)
-        if link.conn.pgconn.transaction_status != _IDLE:  # e.g. "BEGIN; INSERT ..."
+        status = link.conn.pgconn.transaction_status
+        if status != _IDLE:  # e.g. "BEGIN; INSERT ..."
             self._begin_transaction_on(link)
             self._tx_wrote = writes_data(st)
-            return
-        if writes_data(st):
+        # The statement ran in autocommit on the primary: it ended its transaction(s).
+        # The classifier may say "write" (no need to ask); only the server says "no".
+        if writes_data(st) or commit_possible(
+            st, in_transaction=False, status=status, failed=False, tag=rc.statusmessage
+        ):
             self._after_write(link)
-        if "set" in st.session and not self._pinned:
+        if status == _IDLE and "set" in st.session and not self._pinned:
             self._capture_settings(link)
 
     def _in_transaction(
@@ -374,15 +386,27 @@ class RoutedConnection(PsycopgSession):
         self._note_statement(link, st)
         if self._pinned and self._reader is not None and self._reader is not link:
             self._release(self._reader)
-        self._checked(link, self._run, rc, link, query, params, how)
+        try:
+            self._checked(link, self._run, rc, link, query, params, how)
+        except psycopg.Error:
+            if link.role == "write":
+                self._after_failure(link, st, in_transaction=True,
+                                          many=isinstance(how, Many))  # fmt: skip
+            if self._tx is link and link.conn.pgconn.transaction_status == _IDLE:
+                self._end_transaction(link)  # e.g. "INSERT ...; COMMIT; SELECT 1/0"
+            raise
         self._count(link, st)
-        if link.conn.pgconn.transaction_status == _IDLE:  # COMMIT, ROLLBACK, PREPARE TRANSACTION
-            if self._tx_wrote and st.transaction == "commit":
-                self._after_write(link)
+        status = link.conn.pgconn.transaction_status
+        if link.role == "write":
+            if commit_possible(
+                st, in_transaction=True, status=status, failed=False, tag=rc.statusmessage
+            ):  # COMMIT (AND CHAIN), or a string with a COMMIT in it: what the server did
+                self._commit_owed = True
+                self._tx_wrote = False
+            if self._commit_owed and status != _INERROR:
+                self._settle(link)
+        if status == _IDLE:  # COMMIT, ROLLBACK, PREPARE TRANSACTION
             self._end_transaction(link)
-        elif st.transaction == "commit_and_chain" and self._tx_wrote:
-            self._after_write(link)
-            self._tx_wrote = False
 
     def _run(
         self,
@@ -486,10 +510,14 @@ class RoutedConnection(PsycopgSession):
         try:
             if commit and self._tx_wrote:
                 self._checked(link, self._cluster._capture_commit, conn)
+            elif commit and link.role == "write" and conn.pgconn.transaction_status == _INTRANS:
+                self._checked(link, self._commit_if_wrote, link)
             elif commit:
                 self._checked(link, conn.commit)
             else:
                 self._checked(link, conn.rollback)
+            if self._commit_owed and self._tx is link:
+                self._settle(link)
         finally:
             if self._tx is link:
                 self._end_transaction(link)
@@ -501,6 +529,45 @@ class RoutedConnection(PsycopgSession):
             self._tx_settings = False
             if not self._pinned and not link.conn.broken:
                 self._capture_settings(link)
+
+    def _commit_if_wrote(self, link: Link) -> None:
+        """COMMIT a primary transaction in which the classifier saw no write, asking the
+        server whether it wrote (it was assigned a transaction id): one round trip, and
+        the token advances only when it did (a view or function that writes)."""
+        wanted = self._position_wanted()
+        conn = link.conn
+        if wanted is None:
+            conn.commit()
+            return
+        cursor = conn.cursor(row_factory=tuple_row)
+        cursor.execute(WROTE_COMMIT_POSITION_SQL)
+        wrote = cursor.fetchone() == (True,)
+        position = lsn_of(cursor) if cursor.nextset() and cursor.nextset() else None
+        if wrote:
+            self._cluster._note_write(position if wanted else None)
+
+    def _after_failure(
+        self, link: Link, st: Statement, *, in_transaction: bool, many: bool
+    ) -> None:
+        """A statement failed on the primary link: it may have committed before it failed
+        (``INSERT ...; COMMIT; SELECT 1/0``, ``executemany`` in autocommit). The token
+        follows the primary then; the statement's own error is the one raised."""
+        conn = link.conn
+        if conn.broken or link not in (self._writer, self._tx):
+            return  # lost: the outcome is unknown, and no position can be asked
+        status = conn.pgconn.transaction_status
+        if not commit_possible(st, in_transaction=in_transaction, status=status, failed=True,
+                               tag=None, many=many):  # fmt: skip
+            return
+        self._commit_owed = True
+        if status != _INERROR:
+            with contextlib.suppress(psycopg.Error):
+                self._settle(link)
+
+    def _settle(self, link: Link) -> None:
+        """A commit happened on ``link`` that the token does not cover yet: cover it."""
+        self._commit_owed = False
+        self._after_write(link)
 
     def _after_write(self, link: Link) -> None:
         """A write committed on ``link`` (the primary): advance the scope past it."""

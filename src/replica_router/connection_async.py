@@ -43,6 +43,7 @@ cursor: share the cluster, not the connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import AsyncIterator, Iterable
@@ -65,7 +66,7 @@ from ._connection_base import (
     swallows,
 )
 from .classify import Intent, Statement
-from .consistency import POSITION_SQL, peek_scope
+from .consistency import POSITION_SQL, WROTE_COMMIT_POSITION_SQL, peek_scope
 from .session import (
     BEGINS,
     PINNING_EFFECTS,
@@ -74,6 +75,7 @@ from .session import (
     ROUTE_SETTING,
     SESSION_SETTINGS_SQL,
     Link,
+    commit_possible,
     refuse_on_replica,
     refused_read,
     route,
@@ -92,6 +94,8 @@ __all__ = ["AsyncRoutedConnection", "AsyncRoutedCursor", "AsyncRoutedTransaction
 log = logging.getLogger("replica_router.connection")
 
 _IDLE: Final = TransactionStatus.IDLE
+_INTRANS: Final = TransactionStatus.INTRANS
+_INERROR: Final = TransactionStatus.INERROR
 _READ: Final = Intent.READ
 
 
@@ -348,15 +352,23 @@ class AsyncRoutedConnection(PsycopgSession):
         link = await self._write_link()
         if st.session:
             link.dirty = True  # it may leave state behind: cleaned before it goes back
-        await self._checked(link, self._run, rc, link, query, params, how)
+        try:
+            await self._checked(link, self._run, rc, link, query, params, how)
+        except psycopg.Error:
+            await self._after_failure(link, st, in_transaction=False, many=isinstance(how, Many))
+            raise
         self._count(link, st)
-        if link.conn.pgconn.transaction_status != _IDLE:  # e.g. "BEGIN; INSERT ..."
+        status = link.conn.pgconn.transaction_status
+        if status != _IDLE:  # e.g. "BEGIN; INSERT ..."
             self._begin_transaction_on(link)
             self._tx_wrote = writes_data(st)
-            return
-        if writes_data(st):
+        # The statement ran in autocommit on the primary: it ended its transaction(s).
+        # The classifier may say "write" (no need to ask); only the server says "no".
+        if writes_data(st) or commit_possible(
+            st, in_transaction=False, status=status, failed=False, tag=rc.statusmessage
+        ):
             await self._after_write(link)
-        if "set" in st.session and not self._pinned:
+        if status == _IDLE and "set" in st.session and not self._pinned:
             await self._capture_settings(link)
 
     async def _in_transaction(
@@ -371,15 +383,27 @@ class AsyncRoutedConnection(PsycopgSession):
         self._note_statement(link, st)
         if self._pinned and self._reader is not None and self._reader is not link:
             await self._release(self._reader)
-        await self._checked(link, self._run, rc, link, query, params, how)
+        try:
+            await self._checked(link, self._run, rc, link, query, params, how)
+        except psycopg.Error:
+            if link.role == "write":
+                await self._after_failure(link, st, in_transaction=True,
+                                          many=isinstance(how, Many))  # fmt: skip
+            if self._tx is link and link.conn.pgconn.transaction_status == _IDLE:
+                await self._end_transaction(link)  # e.g. "INSERT ...; COMMIT; SELECT 1/0"
+            raise
         self._count(link, st)
-        if link.conn.pgconn.transaction_status == _IDLE:  # COMMIT, ROLLBACK, PREPARE TRANSACTION
-            if self._tx_wrote and st.transaction == "commit":
-                await self._after_write(link)
+        status = link.conn.pgconn.transaction_status
+        if link.role == "write":
+            if commit_possible(
+                st, in_transaction=True, status=status, failed=False, tag=rc.statusmessage
+            ):  # COMMIT (AND CHAIN), or a string with a COMMIT in it: what the server did
+                self._commit_owed = True
+                self._tx_wrote = False
+            if self._commit_owed and status != _INERROR:
+                await self._settle(link)
+        if status == _IDLE:  # COMMIT, ROLLBACK, PREPARE TRANSACTION
             await self._end_transaction(link)
-        elif st.transaction == "commit_and_chain" and self._tx_wrote:
-            await self._after_write(link)
-            self._tx_wrote = False
 
     async def _run(
         self,
@@ -483,10 +507,14 @@ class AsyncRoutedConnection(PsycopgSession):
         try:
             if commit and self._tx_wrote:
                 await self._checked(link, self._cluster._capture_commit, conn)
+            elif commit and link.role == "write" and conn.pgconn.transaction_status == _INTRANS:
+                await self._checked(link, self._commit_if_wrote, link)
             elif commit:
                 await self._checked(link, conn.commit)
             else:
                 await self._checked(link, conn.rollback)
+            if self._commit_owed and self._tx is link:
+                await self._settle(link)
         finally:
             if self._tx is link:
                 await self._end_transaction(link)
@@ -498,6 +526,45 @@ class AsyncRoutedConnection(PsycopgSession):
             self._tx_settings = False
             if not self._pinned and not link.conn.broken:
                 await self._capture_settings(link)
+
+    async def _commit_if_wrote(self, link: Link) -> None:
+        """COMMIT a primary transaction in which the classifier saw no write, asking the
+        server whether it wrote (it was assigned a transaction id): one round trip, and
+        the token advances only when it did (a view or function that writes)."""
+        wanted = self._position_wanted()
+        conn = link.conn
+        if wanted is None:
+            await conn.commit()
+            return
+        cursor = conn.cursor(row_factory=tuple_row)
+        await cursor.execute(WROTE_COMMIT_POSITION_SQL)
+        wrote = await cursor.fetchone() == (True,)
+        position = lsn_of(cursor) if cursor.nextset() and cursor.nextset() else None
+        if wrote:
+            self._cluster._note_write(position if wanted else None)
+
+    async def _after_failure(
+        self, link: Link, st: Statement, *, in_transaction: bool, many: bool
+    ) -> None:
+        """A statement failed on the primary link: it may have committed before it failed
+        (``INSERT ...; COMMIT; SELECT 1/0``, ``executemany`` in autocommit). The token
+        follows the primary then; the statement's own error is the one raised."""
+        conn = link.conn
+        if conn.broken or link not in (self._writer, self._tx):
+            return  # lost: the outcome is unknown, and no position can be asked
+        status = conn.pgconn.transaction_status
+        if not commit_possible(st, in_transaction=in_transaction, status=status, failed=True,
+                               tag=None, many=many):  # fmt: skip
+            return
+        self._commit_owed = True
+        if status != _INERROR:
+            with contextlib.suppress(psycopg.Error):
+                await self._settle(link)
+
+    async def _settle(self, link: Link) -> None:
+        """A commit happened on ``link`` that the token does not cover yet: cover it."""
+        self._commit_owed = False
+        await self._after_write(link)
 
     async def _after_write(self, link: Link) -> None:
         """A write committed on ``link`` (the primary): advance the scope past it."""

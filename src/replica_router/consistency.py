@@ -36,6 +36,8 @@ from .lsn import format_lsn, parse_lsn
 __all__ = [
     "NODE_POSITION_SQL",
     "POSITION_SQL",
+    "WROTE_COMMIT_POSITION_SQL",
+    "WROTE_SQL",
     "Mark",
     "Scope",
     "Token",
@@ -68,6 +70,13 @@ NODE_POSITION_SQL = (
     " ELSE pg_catalog.pg_current_wal_insert_lsn() END"
 )
 _COMMIT_AND_POSITION = b"COMMIT; " + POSITION_SQL.encode()
+# Whether the open transaction was assigned a transaction id (it changed data: every
+# row written, locked or a logged sequence step assigns one), read inside it before
+# it ends. A server fact that decides whether a commit advances the token where the
+# classifier saw no write (a view or function that writes, a function re-declared).
+WROTE_SQL = "SELECT pg_catalog.pg_current_xact_id_if_assigned() IS NOT NULL"
+# One simple-protocol round trip: did it write, COMMIT, the position after the commit.
+WROTE_COMMIT_POSITION_SQL = f"{WROTE_SQL}; COMMIT; {POSITION_SQL}"
 
 
 def _base36(value: int) -> str:

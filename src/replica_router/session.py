@@ -7,7 +7,9 @@ primary (state that lives in one backend: temp tables, ``LISTEN``, advisory
 locks, ``PREPARE``...); which settings are replayed on a node connection taken
 later (:meth:`RoutedSession._replay_plan`); whether a held link may still be
 used (:meth:`RoutedSession._keeps_writer`, :meth:`RoutedSession._still_readable`);
-and when a commit must advance the token (:func:`writes_data`).
+and when the token must follow the primary (:func:`commit_possible`: what the
+server's transaction status and command tag say, not what the classifier
+thought of the statement).
 
 Must not: talk to a server, import a driver, or wait. The driver shells keep the
 node connections and run what these rules ask for; :class:`RoutedSession` is the
@@ -39,9 +41,13 @@ __all__ = [
     "ROUTE_SETTING",
     "ROUTE_WRITE",
     "SESSION_SETTINGS_SQL",
+    "TX_IDLE",
+    "TX_INERROR",
+    "TX_INTRANS",
     "Link",
     "RoutedSession",
     "begin_sql",
+    "commit_possible",
     "is_plain_setting",
     "refuse_on_replica",
     "refused_read",
@@ -133,6 +139,84 @@ def writes_data(st: Statement) -> bool:
     return st.transaction is None or st.transaction == "commit_prepared"
 
 
+# libpq's PQtransactionStatus() values: psycopg's ``TransactionStatus`` and psycopg2's
+# ``TRANSACTION_STATUS_*`` are both these numbers.
+TX_IDLE: Final = 0
+TX_INTRANS: Final = 2
+TX_INERROR: Final = 3
+# Command tags of one statement that committed no data of its own: it ended no
+# transaction that wrote (ROLLBACK; also what COMMIT answers for an aborted
+# transaction), or it cannot write (SET, SHOW...). Server facts, not guesses.
+_NOTHING_COMMITTED_TAGS: Final = frozenset(
+    {
+        "ROLLBACK",
+        "PREPARE TRANSACTION",
+        "BEGIN",
+        "START TRANSACTION",
+        "SAVEPOINT",
+        "RELEASE",
+        "SET",
+        "RESET",
+        "SHOW",
+        "DEALLOCATE",
+        "DEALLOCATE ALL",
+        "DISCARD ALL",
+        "LISTEN",
+        "UNLISTEN",
+    }
+)
+
+
+# Statements that may commit inside themselves, then fail (transaction control in a
+# procedure or a DO block called in autocommit): what they are, not what they do.
+_COMMITS_INSIDE: Final = frozenset({"CALL", "DO"})
+
+
+def commit_possible(
+    st: Statement,
+    *,
+    in_transaction: bool,
+    status: int,
+    failed: bool,
+    tag: str | None,
+    many: bool = False,
+) -> bool:
+    """Whether running ``st`` on the primary may have committed a transaction, so the
+    token must follow the primary's position (design rule 1: act on what the server
+    says, not on what the classifier inferred).
+
+    ``in_transaction``: a transaction was open before the statement; ``status``: the
+    connection's transaction status after it (``TX_*``); ``failed``: it raised;
+    ``tag``: the command tag the driver shows (the first or the last statement's);
+    ``many``: it was an ``executemany`` (one statement per parameter set).
+
+    * Ran in autocommit: every statement that reached the server ended its own
+      transaction. One that failed committed nothing, unless it was several
+      (``INSERT ...; COMMIT; SELECT 1/0``, an ``executemany`` failing at its third
+      row) or could commit inside (``CALL``, ``DO``). A lone statement whose tag
+      says it committed nothing (``ROLLBACK``, ``SET``...) is left out.
+    * Inside a transaction, one statement: only COMMIT ends it committed (its tag is
+      ``COMMIT``, also for ``COMMIT AND CHAIN``; an aborted transaction's COMMIT
+      answers ``ROLLBACK``); a failed statement commits nothing.
+    * Several statements in one string: a COMMIT may sit anywhere in it. The
+      transaction is over (idle now), or it is open again and the string has
+      transaction control (``...; COMMIT; BEGIN; ...``): then it may have committed.
+      Without transaction control a string cannot end the transaction it runs in.
+    """
+    several = st.statements != 1 or many
+    if not in_transaction:
+        if status != TX_IDLE:
+            return several and st.transaction is not None  # "INSERT; COMMIT; BEGIN"
+        if several:
+            return True
+        if failed:
+            return st.reason in _COMMITS_INSIDE
+        return tag not in _NOTHING_COMMITTED_TAGS
+    if several:
+        return status == TX_IDLE or st.transaction is not None
+    return not failed and tag == "COMMIT"
+
+
 def begin_sql(isolation_level: str | None, read_only: bool | None, deferrable: bool | None) -> str:
     """``BEGIN`` with the connection's transaction characteristics (``isolation_level``
     in SQL words, e.g. ``"REPEATABLE READ"``)."""
@@ -207,6 +291,9 @@ class RoutedSession:
         self._write_topology: Topology | None = None
         self._tx: Link | None = None  # the node the open transaction runs on
         self._tx_wrote = False
+        # A commit may have happened that the token does not cover yet, asked for as
+        # soon as the connection can answer (it could not: an aborted transaction).
+        self._commit_owed = False
         self._tx_settings = False  # a session SET ran inside it: read settings back at its end
         self._tx_lost: str | None = None  # its node connection broke: fail until rollback
         self._blocks = 0  # transaction() blocks entered

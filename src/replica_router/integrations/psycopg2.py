@@ -36,6 +36,7 @@ checked before reuse); :func:`close_pools` closes them after ``cluster.close()``
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -48,7 +49,7 @@ import psycopg2.extensions
 
 from ..classify import Intent
 from ..cluster import Lease
-from ..consistency import NODE_POSITION_SQL, POSITION_SQL
+from ..consistency import NODE_POSITION_SQL, POSITION_SQL, WROTE_SQL
 from ..dsn import password_of, scrub
 from ..errors import Error, NodeUnavailable
 from ..lsn import parse_lsn
@@ -59,8 +60,10 @@ from ..session import (
     ROUTE_BEGIN_WRITE,
     ROUTE_SETTING,
     SESSION_SETTINGS_SQL,
+    TX_INERROR,
     Link,
     RoutedSession,
+    commit_possible,
     refuse_on_replica,
     refused_read,
     route,
@@ -395,15 +398,21 @@ class RoutedConnection(RoutedSession):
         link = self._write_link()
         if st.session:
             link.dirty = True
-        self._checked(link, rc, query, params, many)
+        try:
+            self._checked(link, rc, query, params, many)
+        except psycopg2.Error:
+            self._after_failure(link, st, in_transaction=False, many=many)
+            raise
         self._count(link, st)
-        if link.conn.info.transaction_status != _IDLE:  # e.g. "BEGIN; INSERT ..."
+        status = link.conn.info.transaction_status
+        if status != _IDLE:  # e.g. "BEGIN; INSERT ..."
             self._begin_transaction_on(link)
             self._tx_wrote = writes_data(st)
-            return
-        if writes_data(st):
+        if writes_data(st) or commit_possible(
+            st, in_transaction=False, status=status, failed=False, tag=rc.statusmessage
+        ):  # it ran in autocommit on the primary: the server says whether it committed
             self._after_write(link)
-        if "set" in st.session and not self._pinned:
+        if status == _IDLE and "set" in st.session and not self._pinned:
             self._capture_settings(link)
 
     def _in_transaction(
@@ -414,15 +423,26 @@ class RoutedConnection(RoutedSession):
         self._note_statement(link, st)
         if self._pinned and self._reader is not None and self._reader is not link:
             self._release(self._reader)
-        self._checked(link, rc, query, params, many)
+        try:
+            self._checked(link, rc, query, params, many)
+        except psycopg2.Error:
+            if link.role == "write":
+                self._after_failure(link, st, in_transaction=True, many=many)
+            if self._tx is link and link.conn.info.transaction_status == _IDLE:
+                self._end_transaction(link)  # e.g. "INSERT ...; COMMIT; SELECT 1/0"
+            raise
         self._count(link, st)
-        if link.conn.info.transaction_status == _IDLE:  # COMMIT, ROLLBACK, PREPARE TRANSACTION
-            if self._tx_wrote and st.transaction == "commit":
-                self._after_write(link)
+        status = link.conn.info.transaction_status
+        if link.role == "write":
+            if commit_possible(
+                st, in_transaction=True, status=status, failed=False, tag=rc.statusmessage
+            ):  # COMMIT (AND CHAIN), or a string with a COMMIT in it: what the server did
+                self._commit_owed = True
+                self._tx_wrote = False
+            if self._commit_owed and status != TX_INERROR:
+                self._settle(link)
+        if status == _IDLE:  # COMMIT, ROLLBACK, PREPARE TRANSACTION
             self._end_transaction(link)
-        elif st.transaction == "commit_and_chain" and self._tx_wrote:
-            self._after_write(link)
-            self._tx_wrote = False
 
     def _text(self, query: Any) -> str:
         """The SQL of ``bytes`` or a ``psycopg2.sql.Composable`` (rendered on a held node)."""
@@ -546,8 +566,12 @@ class RoutedConnection(RoutedSession):
             )
             if commit and self._tx_wrote and not failed:
                 self._commit_and_capture(link)
+            elif commit and not failed and link.role == "write" and self._wrote(link):
+                self._commit_and_capture(link)  # the server says it wrote
             else:
                 self._send(link, "COMMIT" if commit and not failed else "ROLLBACK")
+            if self._commit_owed and self._tx is link:
+                self._settle(link)
         finally:
             if self._tx is link:
                 self._end_transaction(link)
@@ -570,6 +594,36 @@ class RoutedConnection(RoutedSession):
             self._tx_settings = False
             if not self._pinned and not _broken(link.conn):
                 self._capture_settings(link)
+
+    def _wrote(self, link: Link) -> bool:
+        """Whether the open transaction on ``link`` changed data (it was assigned a
+        transaction id): asked before a COMMIT in which the classifier saw no write.
+        Its own round trip: psycopg2 returns only a string's last result."""
+        if self._position_wanted() is None:
+            return False
+        row = self._send(link, WROTE_SQL).fetchone()
+        return bool(row and row[0])
+
+    def _after_failure(
+        self, link: Link, st: Statement, *, in_transaction: bool, many: bool
+    ) -> None:
+        """A statement failed on the primary link: it may have committed before it
+        failed (``executemany`` in autocommit, ``INSERT ...; COMMIT; SELECT 1/0``)."""
+        conn = link.conn
+        if _broken(conn) or link not in (self._writer, self._tx):
+            return
+        status = conn.info.transaction_status
+        if not commit_possible(st, in_transaction=in_transaction, status=status, failed=True,
+                               tag=None, many=many):  # fmt: skip
+            return
+        self._commit_owed = True
+        if status != TX_INERROR:
+            with contextlib.suppress(psycopg2.Error):  # the statement's error is raised
+                self._settle(link)
+
+    def _settle(self, link: Link) -> None:
+        self._commit_owed = False
+        self._after_write(link)
 
     def _after_write(self, link: Link) -> None:
         wanted = self._position_wanted()
