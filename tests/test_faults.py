@@ -294,7 +294,6 @@ def test_a_kind_whose_faults_never_happened_is_reported() -> None:
 # not in every one, so these marks are not strict; every kind without a mark must
 # keep every invariant.
 XFAIL: dict[str, str] = {
-    "replay-paused": "defect 9: a read() after a held connection()'s read goes back in time",
     "pg-terminate-backend": (
         "defect 12: a pooled connection whose backend was terminated fails the next "
         "read or write instead of being replaced by a fresh one (rule 9)"
@@ -307,7 +306,6 @@ XFAIL: dict[str, str] = {
         "issue 11 rule 10 (no numbered defect): a read on a hung replica waits for it"
     ),
 }
-XFAIL["apply-delay"] = XFAIL["replay-paused"]
 
 
 @pytest.fixture(scope="module")

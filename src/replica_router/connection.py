@@ -69,7 +69,7 @@ from ._connection_base import (
 )
 from .classify import Intent, Statement
 from .connection_async import AsyncRoutedConnection as AsyncRoutedConnection  # noqa: PLC0414
-from .consistency import POSITION_SQL, WROTE_COMMIT_POSITION_SQL, peek_scope
+from .consistency import NODE_POSITION_SQL, POSITION_SQL, WROTE_COMMIT_POSITION_SQL, peek_scope
 from .session import (
     BEGINS,
     PINNING_EFFECTS,
@@ -114,7 +114,11 @@ class _Cluster(Protocol):
     def system_identifier(self) -> int | None: ...
     def _require_monitor(self) -> Monitor: ...
     def _count_route(self, intent: Any, node: str, reason: str = "") -> None: ...
+
+    _monotonic: bool
+
     def _note_write(self, position: int | str | None) -> None: ...
+    def _raise_floor(self, position: int | None) -> None: ...
     def _acquire_read(self) -> Lease[psycopg.Connection[Any]]: ...
     def _release_read(self, lease: Lease[psycopg.Connection[Any]]) -> None: ...
     def _acquire_write(self) -> Lease[psycopg.Connection[Any]]: ...
@@ -226,6 +230,8 @@ class RoutedConnection(PsycopgSession):
                     link.fresh = False  # the lease was counted when it was routed
                 else:
                     cluster._count_route("read", link.node)
+                if cluster._monotonic:
+                    self._note_read(link)
                 return cursor
         self._execute(cursor, query, params, prepare)
         return cursor
@@ -320,6 +326,8 @@ class RoutedConnection(PsycopgSession):
                 self._route(rc, refused_read(st), query, params, how)
                 return
             self._count(link, st)
+            if self._cluster._monotonic:
+                self._note_read(link)
         else:
             self._route(rc, st, query, params, how)
 
@@ -405,6 +413,8 @@ class RoutedConnection(PsycopgSession):
                 self._tx_wrote = False
             if self._commit_owed and status != _INERROR:
                 self._settle(link)
+        if status == _INTRANS and self._cluster._monotonic:
+            self._note_read(link)  # what the transaction read so far
         if status == _IDLE:  # COMMIT, ROLLBACK, PREPARE TRANSACTION
             self._end_transaction(link)
 
@@ -572,14 +582,26 @@ class RoutedConnection(PsycopgSession):
     def _after_write(self, link: Link) -> None:
         """A write committed on ``link`` (the primary): advance the scope past it."""
         wanted = self._position_wanted()
-        if wanted is None:
+        monotonic = self._cluster._monotonic
+        if wanted is None and not monotonic:
             return
         position = None
-        if wanted:
+        if wanted or monotonic:
             cursor = link.conn.cursor(row_factory=tuple_row)
             self._checked(link, cursor.execute, POSITION_SQL)
             position = lsn_of(cursor)
-        self._cluster._note_write(position)
+        if wanted is not None:
+            self._cluster._note_write(position)
+        if monotonic:
+            self._cluster._raise_floor(position)
+
+    def _note_read(self, link: Link) -> None:
+        """Monotonic reads: the floor rises when a read is served, not when the link
+        goes back, to where ``link``'s node stands now (replayed on a replica, inserted
+        on the primary): at or past what the read saw. One query more per read."""
+        cursor = link.conn.cursor(row_factory=tuple_row)
+        self._checked(link, cursor.execute, NODE_POSITION_SQL)
+        self._cluster._raise_floor(lsn_of(cursor))
 
     def _capture_settings(self, link: Link) -> None:
         cursor = link.conn.cursor(row_factory=tuple_row)

@@ -168,8 +168,15 @@ class Mark(NamedTuple):
     last_write_at: float | None = None  # time.monotonic() of the last write (window mode)
 
     def merged(self, other: Mark) -> Mark:
-        return Mark(_max(self.position, other.position), _max(self.floor, other.floor),
-                    _max(self.last_write_at, other.last_write_at))  # fmt: skip
+        """The later of each field; ``self`` itself when ``other`` adds nothing (a held
+        read link validated for this mark stays valid)."""
+        position = _max(self.position, other.position)
+        floor = _max(self.floor, other.floor)
+        last_write_at = _max(self.last_write_at, other.last_write_at)
+        if (position == self.position and floor == self.floor
+                and last_write_at == self.last_write_at):  # fmt: skip
+            return self
+        return Mark(position, floor, last_write_at)
 
 
 def _max(a: Any, b: Any) -> Any:

@@ -61,6 +61,7 @@ from ..session import (
     ROUTE_SETTING,
     SESSION_SETTINGS_SQL,
     TX_INERROR,
+    TX_INTRANS,
     Link,
     RoutedSession,
     commit_possible,
@@ -374,6 +375,8 @@ class RoutedConnection(RoutedSession):
                 st = refused_read(st)  # routed below as the write it turned out to be
             if st.intent is Intent.READ:
                 self._count(link, st)
+                if self._cluster.monotonic_reads:
+                    self._note_read(link)
                 return
         where = route(st, autocommit=autocommit, read_only=self._read_only, pinned=self._pinned)
         if where in (ROUTE_BEGIN_READ, ROUTE_BEGIN_WRITE):
@@ -441,6 +444,8 @@ class RoutedConnection(RoutedSession):
                 self._tx_wrote = False
             if self._commit_owed and status != TX_INERROR:
                 self._settle(link)
+        if status == TX_INTRANS and self._cluster.monotonic_reads:
+            self._note_read(link)  # what the transaction read so far
         if status == _IDLE:  # COMMIT, ROLLBACK, PREPARE TRANSACTION
             self._end_transaction(link)
 
@@ -627,13 +632,21 @@ class RoutedConnection(RoutedSession):
 
     def _after_write(self, link: Link) -> None:
         wanted = self._position_wanted()
-        if wanted is None:
+        monotonic = self._cluster.monotonic_reads
+        if wanted is None and not monotonic:
             return
         position = None
-        if wanted:
+        if wanted or monotonic:
             row = self._send(link, POSITION_SQL).fetchone()
             position = parse_lsn(row[0]) if row and row[0] else None
-        self._cluster.record_write(position)
+        if wanted is not None:
+            self._cluster.record_write(position)
+        self._cluster.record_read(position)  # monotonic reads: a no-op without them
+
+    def _note_read(self, link: Link) -> None:
+        """Monotonic reads: the floor rises when a read is served (see RoutedConnection)."""
+        row = self._send(link, NODE_POSITION_SQL).fetchone()
+        self._cluster.record_read(row[0] if row and row[0] else None)
 
     def _capture_settings(self, link: Link) -> None:
         self._replace_settings(link, self._send(link, SESSION_SETTINGS_SQL).fetchall())
