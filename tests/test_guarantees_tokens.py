@@ -28,7 +28,7 @@ from replica_router import (
 )
 from replica_router.asgi import ConsistencyMiddleware
 from replica_router.integrations import psycopg2 as routed
-from replica_router.lsn import format_lsn
+from replica_router.lsn import format_lsn, parse_lsn
 from replica_router.sandbox import LocalCluster
 
 
@@ -281,6 +281,33 @@ def test_transactions_that_wrote_nothing_on_the_primary_leave_the_token(
             with conn.transaction():
                 conn.execute(f"SELECT count(*) FROM {table}")
         assert cluster.token == token
+
+
+def test_an_autocommit_write_token_is_at_or_past_its_commit_record(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    """Issue 16: the position that comes back in the statement's own round trip is read
+    after its commit (a position read inside its implicit transaction is before the
+    commit record). Checked against the primary's WAL itself (pg_walinspect)."""
+    try:
+        lc.execute("primary", "CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+    except Exception as exc:  # a server without the contrib modules
+        pytest.skip(f"pg_walinspect is not available: {exc}")
+    start = lc.execute("primary", "SELECT pg_current_wal_insert_lsn()::text")[0][0]
+    with cluster.session(inherit=False), cluster.connection() as conn:
+        row = conn.execute(
+            f"INSERT INTO {table} VALUES (16) RETURNING pg_current_xact_id()::text"
+        ).fetchone()
+        token = cluster.token
+    assert row is not None and token is not None
+    ends = lc.execute(
+        "primary",
+        "SELECT end_lsn::text FROM pg_get_wal_records_info("
+        f"'{start}', pg_current_wal_flush_lsn()) "
+        f"WHERE xid = '{row[0]}' AND resource_manager = 'Transaction' AND record_type = 'COMMIT'",
+    )
+    assert len(ends) == 1, ends
+    assert parse_lsn(ends[0][0]) <= token.lsn
 
 
 # -- defect 8: request state made at the scope boundary -----------------------------------------

@@ -22,6 +22,7 @@ from replica_router.session import (
     Link,
     RoutedSession,
     commit_possible,
+    pipelines_position,
 )
 from replica_router.topology import NodeState, Role, Topology
 
@@ -197,3 +198,21 @@ def test_whether_a_commit_may_have_happened_is_the_servers_word(case: tuple[Any,
         st, in_transaction=in_transaction, status=status, failed=failed, tag=tag, many=many
     )
     assert got is expected
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("INSERT INTO t VALUES (%s)", True),
+        ("SELECT f()", True),
+        ("INSERT INTO t VALUES (1); INSERT INTO t VALUES (2)", False),  # simple protocol
+        ("COMMIT", False),
+        ("COPY t FROM STDIN", False),
+        ("CALL p()", False),
+        ("SELECT pg_advisory_lock(1)", False),  # session state
+    ],
+)
+def test_which_autocommit_statements_get_their_position_in_their_round_trip(
+    sql: str, expected: bool
+) -> None:
+    assert pipelines_position(Classifier().analyze(sql)) is expected

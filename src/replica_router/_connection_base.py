@@ -56,6 +56,20 @@ def lsn_of(cursor: Any) -> int | None:
     return None if value is None else parse_lsn(value.decode())
 
 
+# psycopg's pipeline queues a Sync without waiting for results only through its
+# private ``_enqueue_sync`` (``Pipeline.sync()`` is a round trip of its own): checked
+# once, so another psycopg falls back to a second round trip instead of breaking.
+PIPELINE_SYNC_NO_WAIT: bool = psycopg.Pipeline.is_supported() and callable(
+    getattr(psycopg.Pipeline, "_enqueue_sync", None)
+)
+
+
+def queue_sync(pipeline: Any) -> None:
+    """Queue a Sync in ``pipeline`` (sent with the next flush, no wait): the
+    statements before it end their implicit transaction there, so it commits them."""
+    pipeline._enqueue_sync()
+
+
 def savepoint_sql(verb: str, name: str) -> sql.Composed:
     """``SAVEPOINT x`` / ``RELEASE SAVEPOINT x`` / ``ROLLBACK TO SAVEPOINT x``, quoted."""
     return sql.SQL("{} {}").format(sql.SQL(verb), sql.Identifier(name))

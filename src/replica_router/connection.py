@@ -49,6 +49,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
@@ -59,17 +60,25 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import RowFactory, tuple_row
 
 from ._connection_base import (
+    PIPELINE_SYNC_NO_WAIT,
     CursorBase,
     Many,
     PsycopgSession,
     lsn_of,
     query_text,
+    queue_sync,
     savepoint_sql,
     swallows,
 )
 from .classify import Intent, Statement
 from .connection_async import AsyncRoutedConnection as AsyncRoutedConnection  # noqa: PLC0414
-from .consistency import NODE_POSITION_SQL, POSITION_SQL, WROTE_COMMIT_POSITION_SQL, peek_scope
+from .consistency import (
+    NODE_POSITION_SQL,
+    POSITION_SQL,
+    WROTE_COMMIT_POSITION_SQL,
+    WROTE_SQL,
+    peek_scope,
+)
 from .session import (
     BEGINS,
     PINNING_EFFECTS,
@@ -79,6 +88,7 @@ from .session import (
     SESSION_SETTINGS_SQL,
     Link,
     commit_possible,
+    pipelines_position,
     refuse_on_replica,
     refused_read,
     route,
@@ -363,12 +373,31 @@ class RoutedConnection(PsycopgSession):
         link = self._write_link()
         if st.session:
             link.dirty = True  # it may leave state behind: cleaned before it goes back
+        captured: tuple[bool, int | None] | None = None
         try:
-            self._checked(link, self._run, rc, link, query, params, how)
+            if (
+                PIPELINE_SYNC_NO_WAIT
+                and not isinstance(how, Many)
+                and pipelines_position(st)
+                and self._position_wanted()
+            ):
+                captured = self._checked(
+                    link, partial(self._run_capturing, wrote=writes_data(st)),
+                    rc, link, query, params, how,
+                )  # fmt: skip
+            else:
+                self._checked(link, self._run, rc, link, query, params, how)
         except psycopg.Error:
             self._after_failure(link, st, in_transaction=False, many=isinstance(how, Many))
             raise
         self._count(link, st)
+        if captured is not None:  # the position came back with the statement
+            wrote, position = captured
+            if wrote:
+                self._cluster._note_write(position)
+                if self._cluster._monotonic:
+                    self._cluster._raise_floor(position)
+            return
         status = link.conn.pgconn.transaction_status
         if status != _IDLE:  # e.g. "BEGIN; INSERT ..."
             self._begin_transaction_on(link)
@@ -435,6 +464,43 @@ class RoutedConnection(PsycopgSession):
             cursor.executemany(query, params, returning=how.returning)
         else:
             cursor.execute(query, params, prepare=how)
+
+    def _run_capturing(
+        self,
+        rc: RoutedCursor,
+        link: Link,
+        query: Any,
+        params: Any,
+        prepare: bool | None,
+        *,
+        wrote: bool,
+    ) -> tuple[bool, int | None]:
+        """Run one autocommit statement on the primary and read the position after its
+        commit, in one round trip: psycopg's pipeline mode sends the statement, a Sync
+        (which ends its implicit transaction: the commit), the position query and a
+        second Sync, and waits once. Read inside the statement's own transaction, the
+        position would be before its commit record; read after the Sync it is at or
+        past it. Unless the classifier called it a write (``wrote``), the server is
+        asked too whether the statement's transaction was assigned a transaction id,
+        inside that transaction, before the Sync. Returns (wrote, position); raises the
+        statement's error (the position query after the Sync runs anyway)."""
+        if link.gen != self._settings_gen:
+            self._sync_settings(link)
+        conn = link.conn
+        cursor = rc._cur
+        if cursor is None or cursor.connection is not conn:
+            cursor = rc._attach(conn)
+        asked = None if wrote else conn.cursor(row_factory=tuple_row)
+        position = conn.cursor(row_factory=tuple_row)
+        with conn.pipeline() as pipeline:
+            cursor.execute(query, params, prepare=prepare)
+            if asked is not None:
+                asked.execute(WROTE_SQL)
+            queue_sync(pipeline)
+            position.execute(POSITION_SQL)
+        if asked is not None:
+            wrote = asked.fetchone() == (True,)
+        return wrote, lsn_of(position)
 
     def _checked(self, link: Link, call: Any, *args: Any) -> Any:
         """``call(*args)``; if ``link``'s connection broke doing it, forget the link."""

@@ -49,6 +49,7 @@ __all__ = [
     "begin_sql",
     "commit_possible",
     "is_plain_setting",
+    "pipelines_position",
     "refuse_on_replica",
     "refused_read",
     "route",
@@ -215,6 +216,24 @@ def commit_possible(
     if several:
         return status == TX_IDLE or st.transaction is not None
     return not failed and tag == "COMMIT"
+
+
+def pipelines_position(st: Statement) -> bool:
+    """Whether an autocommit statement on the primary may be sent in pipeline mode with
+    the position query after its own Sync (one round trip for both; psycopg only).
+
+    One statement (a string of several cannot use the extended protocol), no
+    transaction control (its Sync ends the implicit transaction, which is what
+    commits it), no session state, no ``COPY`` (no pipeline for it), no ``CALL``
+    or ``DO`` (transaction control inside them wants the simple protocol).
+    """
+    return (
+        st.statements == 1
+        and st.transaction is None
+        and not st.session
+        and st.reason not in _COMMITS_INSIDE
+        and not st.reason.startswith("COPY")
+    )
 
 
 def begin_sql(isolation_level: str | None, read_only: bool | None, deferrable: bool | None) -> str:
