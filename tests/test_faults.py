@@ -294,14 +294,6 @@ def test_a_kind_whose_faults_never_happened_is_reported() -> None:
 # not in every one, so these marks are not strict; every kind without a mark must
 # keep every invariant.
 XFAIL: dict[str, str] = {
-    "pg-terminate-backend": (
-        "defect 12: a pooled connection whose backend was terminated fails the next "
-        "read or write instead of being replaced by a fresh one (rule 9)"
-    ),
-    "primary-fast-restart": (
-        "defect 12: after a restart, a fail-fast client's dead pooled connections take "
-        "the healthy primary out of routing"
-    ),
     "replica-sigstop": (
         "issue 11 rule 10 (no numbered defect): a read on a hung replica waits for it"
     ),

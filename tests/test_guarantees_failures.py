@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from helpers import FAST, port_of, run, wait_until
-from replica_router import AsyncCluster, Cluster, Error, PrimaryUnavailable
+from replica_router import AsyncCluster, Cluster, Error
 from replica_router.sandbox import LocalCluster
 
 HUNG_BOUND = 3.0  # design rule 10: a hung node is noticed, and left, within 3 s
@@ -42,11 +42,6 @@ def within(seconds: float, action: Callable[[], Any]) -> tuple[bool, Any]:
 
 
 @pytest.mark.destructive
-@pytest.mark.xfail(
-    strict=True,
-    raises=PrimaryUnavailable,
-    reason="defect 12: writes after a primary restart get dead pooled connections",
-)
 def test_writes_after_a_primary_restart_succeed_and_keep_the_primary_in_routing(
     fresh_replica_cluster: LocalCluster,
 ) -> None:
@@ -73,6 +68,49 @@ def test_writes_after_a_primary_restart_succeed_and_keep_the_primary_in_routing(
                 conn.execute("INSERT INTO guar_restart VALUES (%s)", (i,))
         assert cluster.topology.primary == "primary"
         assert lc.execute("primary", "SELECT count(*) FROM guar_restart") == [(4,)]
+
+
+def test_reads_and_writes_after_their_pooled_backends_are_terminated(
+    replica_cluster: LocalCluster,
+) -> None:
+    """Defect 12, rule 9: ``pg_terminate_backend`` of every pooled backend (sync and
+    async) fails no read or write: each dead connection is replaced by a fresh one,
+    and no node is suspected for it (a suspicion counts a failure against it)."""
+    lc = replica_cluster
+    nodes = {"primary": lc.primary_dsn, "replica1": lc.dsn("replica1")}
+    kill = (
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = 'guar_terminate'"
+    )
+    settings: dict[str, Any] = {
+        "max_lag": None,
+        "connect_kwargs": {"application_name": "guar_terminate"},
+    }
+    with Cluster(nodes=nodes, **settings, **FAST) as cluster:  # type: ignore[arg-type]
+        for _ in range(3):
+            with cluster.write() as conn:
+                conn.execute("SELECT 1")
+            with cluster.read() as conn:
+                assert port_of(conn) == lc.port("replica1")
+            assert lc.execute("primary", kill)[0][0] >= 1
+            assert lc.execute("replica1", kill)[0][0] >= 1
+        with cluster.write() as conn:
+            conn.execute("SELECT 1")
+        with cluster.read() as conn:
+            assert port_of(conn) == lc.port("replica1")
+        assert all(n.consecutive_failures == 0 for n in cluster.topology.nodes)
+
+    async def main() -> None:
+        async with AsyncCluster(nodes=nodes, **settings, **FAST) as acluster:  # type: ignore[arg-type]
+            async with acluster.read() as conn:
+                await conn.execute("SELECT 1")
+            assert lc.execute("replica1", kill)[0][0] >= 1
+            async with acluster.read() as conn:
+                cursor = await conn.execute("SELECT inet_server_port()")
+                assert await cursor.fetchone() == (lc.port("replica1"),)
+            assert acluster.topology.by_name["replica1"].consecutive_failures == 0
+
+    run(main())
 
 
 def backend_pids(cluster: Cluster, n: int) -> list[int]:

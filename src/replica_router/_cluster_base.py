@@ -64,6 +64,9 @@ log = logging.getLogger("replica_router.cluster")
 _FALLBACKS = ("primary", "wait", "error")
 _READ_YOUR_WRITES = ("lsn", "window", None)
 CHECKOUT_SLICE = 0.1  # waiting on a pool, re-check this often whether the node is still up
+# A checkout goes through at most this many pooled connections found dead (a restart
+# kills them all at once) before it counts the node as failing.
+DEAD_POOLED_RETRIES = 32
 _USER_MARKS = 10_000  # users remembered for session(user_id=...)
 REPLAY_SQL = "SELECT pg_last_wal_replay_lsn()"
 _NAME_RE = re.compile(r"[^\s\x00-\x1f]{1,100}")
@@ -71,6 +74,20 @@ _URL_START = re.compile(r",\s*(?=postgres(?:ql)?://)", re.IGNORECASE)
 
 C = TypeVar("C")
 _Self = TypeVar("_Self", bound="ClusterBase")
+
+
+def died_while_pooled(conn: Any, checkout_started: float) -> bool:
+    """A connection that failed its checkout check was lost while it sat in the pool
+    (design rule 9): the check found it closed (the server went away or ended the
+    backend: nothing the user sent ever reached it), and it was connected before this
+    checkout began, so the failure says nothing about the node now. Try the next one;
+    only a connection made since that fails too counts against the node. A source
+    whose connections carry no connect time (``psycopg_pool`` sets ``_created_at``)
+    counts every one as old: its retries are bounded by ``DEAD_POOLED_RETRIES``."""
+    if not getattr(conn, "broken", False):
+        return False  # an error from a live server: the node answered
+    created = getattr(conn, "_created_at", None)
+    return not isinstance(created, float) or created < checkout_started
 
 
 class NodeUnavailableError(Exception):

@@ -49,12 +49,14 @@ from psycopg.pq import TransactionStatus
 from . import _fork, consistency
 from ._cluster_base import (
     CHECKOUT_SLICE,
+    DEAD_POOLED_RETRIES,
     REPLAY_SQL,
     ClusterBase,
     Counters,
     Lease,
     NodeUnavailableError,
     _has_primary,
+    died_while_pooled,
     node_status,
     position_of,
 )
@@ -366,22 +368,30 @@ class Cluster(ClusterBase):
         routes: dict[str, int] | None = None,
     ) -> Lease[psycopg.Connection[Any]]:
         source = self._sources.get((node, purpose)) or self._source(node, purpose)
-        wait = self._checkout_timeout if timeout is None else timeout
-        try:
-            conn = source.getconn(min(CHECKOUT_SLICE, wait))
-        except PoolTimeout:
-            conn = self._wait_for_connection(source, node, purpose, wait, give_up_when_down)
-        except psycopg.Error as exc:  # e.g. the pool was closed by remove_replica
-            raise self._unavailable(node, exc) from None
-        try:
-            source.check(conn)
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                source.putconn(conn)
-            message = f"connection check failed: {self._scrub(node, str(exc).strip())}"
-            raise NodeUnavailableError(node, message, broken=True) from None
-        self._count_out(node, routes)
-        return Lease(conn, node, purpose, source)
+        budget = self._checkout_timeout if timeout is None else timeout
+        started = time.monotonic()
+        wait, dead = budget, 0
+        while True:
+            try:
+                conn = source.getconn(min(CHECKOUT_SLICE, wait))
+            except PoolTimeout:
+                conn = self._wait_for_connection(source, node, purpose, wait, give_up_when_down)
+            except psycopg.Error as exc:  # e.g. the pool was closed by remove_replica
+                raise self._unavailable(node, exc) from None
+            try:
+                source.check(conn)
+            except Exception as exc:
+                lost = died_while_pooled(conn, started)  # before the pool closes it
+                with contextlib.suppress(Exception):
+                    source.putconn(conn)  # a broken one is replaced by the pool
+                if lost and dead < DEAD_POOLED_RETRIES:
+                    dead += 1  # design rule 9: lost while idle, try the next one
+                    wait = max(CHECKOUT_SLICE, budget - (time.monotonic() - started))
+                    continue
+                message = f"connection check failed: {self._scrub(node, str(exc).strip())}"
+                raise NodeUnavailableError(node, message, broken=True) from None
+            self._count_out(node, routes)
+            return Lease(conn, node, purpose, source)
 
     def _wait_for_connection(
         self,
