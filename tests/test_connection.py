@@ -110,6 +110,28 @@ def test_route_transactions() -> None:
     assert route(set_ro, autocommit=True, read_only=None, pinned=False) == ROUTE_WRITE
 
 
+def test_route_serializable_transactions_to_the_primary() -> None:
+    """A hot standby refuses SERIALIZABLE even when read-only (defect 14): the session's
+    isolation level, ``BEGIN ... SERIALIZABLE`` or ``SET TRANSACTION ... SERIALIZABLE``."""
+    begin_ro = st(Intent.WRITE, "transaction control: BEGIN READ ONLY", "begin_read_only")
+    begin_ser = st(Intent.WRITE, "transaction control: BEGIN SERIALIZABLE", "begin_serializable")
+    set_ser = st(Intent.WRITE, "SET TRANSACTION", "set_serializable")
+    for autocommit in (True, False):
+        assert (
+            route(begin_ro, autocommit=autocommit, read_only=True, pinned=False, serializable=True)
+            == ROUTE_BEGIN_WRITE
+        )
+        assert (
+            route(begin_ser, autocommit=autocommit, read_only=True, pinned=False)
+            == ROUTE_BEGIN_WRITE
+        )
+    assert (
+        route(st(), autocommit=False, read_only=True, pinned=False, serializable=True)
+        == ROUTE_BEGIN_WRITE
+    )
+    assert route(set_ser, autocommit=False, read_only=True, pinned=False) == ROUTE_BEGIN_WRITE
+
+
 def test_writes_data_and_begin_sql() -> None:
     assert writes_data(st(Intent.WRITE, "INSERT"))
     assert writes_data(st(Intent.WRITE, "transaction control: COMMIT PREPARED", "commit_prepared"))

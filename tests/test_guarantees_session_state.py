@@ -171,11 +171,6 @@ def test_psycopg2_autocommit_readonly_refuses_writes(lc: LocalCluster, table: st
     assert lc.execute("primary", f"SELECT count(*) FROM {table}") == [(0,)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=psycopg.errors.FeatureNotSupported,
-    reason="defect 14: SERIALIZABLE READ ONLY goes to a hot standby, which refuses it",
-)
 def test_a_serializable_read_only_transaction_runs_on_the_primary(lc: LocalCluster) -> None:
     """Defect 14: a hot standby refuses SERIALIZABLE; such a transaction runs on the
     primary (RoutedConnection)."""
@@ -190,11 +185,6 @@ def test_a_serializable_read_only_transaction_runs_on_the_primary(lc: LocalClust
             conn.execute("COMMIT")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=psycopg2.errors.FeatureNotSupported,
-    reason="defect 14: psycopg2 SERIALIZABLE readonly goes to a hot standby",
-)
 def test_a_psycopg2_serializable_read_only_transaction_runs_on_the_primary(
     lc: LocalCluster,
 ) -> None:

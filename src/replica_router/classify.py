@@ -55,6 +55,7 @@ class Intent(enum.Enum):
 TransactionControl = Literal[
     "begin",
     "begin_read_only",
+    "begin_serializable",
     "commit",
     "commit_and_chain",
     "rollback",
@@ -67,6 +68,7 @@ TransactionControl = Literal[
     "rollback_prepared",
     "set_read_only",
     "set_read_write",
+    "set_serializable",
 ]
 """What a transaction-control statement does to the connection's transaction."""
 
@@ -414,6 +416,15 @@ def _option_value(option: Node) -> bool | None:
     return True if "arg" not in option else _truth(option["arg"])
 
 
+def _is_serializable(options: Iterable[Node]) -> bool:
+    """``ISOLATION LEVEL SERIALIZABLE`` among a transaction's options: a hot standby
+    refuses such a transaction, read-only or not."""
+    option = _option(options, "transaction_isolation")
+    arg = option.get("arg", {}) if option is not None else {}
+    level = arg.get("A_Const", {}).get("sval", {}).get("sval")
+    return isinstance(level, str) and level.lower() == "serializable"
+
+
 def _is_temp(relation: Node | None) -> bool:
     if not relation:
         return False
@@ -640,8 +651,11 @@ def _transaction(body: Node) -> Statement:
     kind = _TRANSACTION_KINDS.get(body.get("kind", ""))
     if kind is None:
         return Statement(Intent.WRITE, "transaction control")
-    read_only = _option(body.get("options", ()), "transaction_read_only")
-    if kind == "begin" and read_only is not None and _option_value(read_only) is True:
+    options = body.get("options", ())
+    read_only = _option(options, "transaction_read_only")
+    if kind == "begin" and _is_serializable(options):
+        kind = "begin_serializable"
+    elif kind == "begin" and read_only is not None and _option_value(read_only) is True:
         kind = "begin_read_only"
     elif kind == "commit" and body.get("chain"):
         kind = "commit_and_chain"
@@ -662,7 +676,9 @@ def _set(body: Node) -> Statement:
             option = _option(args, "transaction_read_only")
             read_only = None if option is None else _option_value(option)
         transaction: TransactionControl | None = None
-        if read_only is not None:
+        if _is_serializable(args):
+            transaction = "set_serializable"
+        elif read_only is not None:
             transaction = "set_read_only" if read_only else "set_read_write"
         return Statement(Intent.WRITE, "SET TRANSACTION", transaction=transaction)
     if body.get("is_local"):

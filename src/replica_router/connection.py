@@ -350,7 +350,7 @@ class RoutedConnection(PsycopgSession):
         how: bool | Many | None,
     ) -> None:
         where = route(st, autocommit=self._autocommit, read_only=self._read_only,
-                      pinned=self._pinned)  # fmt: skip
+                      pinned=self._pinned, serializable=self._serializable)  # fmt: skip
         if where in (ROUTE_BEGIN_READ, ROUTE_BEGIN_WRITE):
             if where == ROUTE_BEGIN_READ:
                 refuse_on_replica(st, psycopg)
@@ -570,8 +570,8 @@ class RoutedConnection(PsycopgSession):
 
     def _open_transaction(self) -> Link:
         """BEGIN on the node the connection's declarations call for (``transaction()``)."""
-        declared = self._read_only is True and not self._pinned
-        link = self._read_link() if declared else self._write_link()
+        on_replica = self._transactions_on_replica()
+        link = self._read_link() if on_replica else self._write_link()
         if link.gen != self._settings_gen:
             self._sync_settings(link)
         self._checked(link, link.conn.execute, self._begin)

@@ -347,7 +347,7 @@ class AsyncRoutedConnection(PsycopgSession):
         how: bool | Many | None,
     ) -> None:
         where = route(st, autocommit=self._autocommit, read_only=self._read_only,
-                      pinned=self._pinned)  # fmt: skip
+                      pinned=self._pinned, serializable=self._serializable)  # fmt: skip
         if where in (ROUTE_BEGIN_READ, ROUTE_BEGIN_WRITE):
             if where == ROUTE_BEGIN_READ:
                 refuse_on_replica(st, psycopg)
@@ -567,8 +567,8 @@ class AsyncRoutedConnection(PsycopgSession):
 
     async def _open_transaction(self) -> Link:
         """BEGIN on the node the connection's declarations call for (``transaction()``)."""
-        declared = self._read_only is True and not self._pinned
-        link = await (self._read_link() if declared else self._write_link())
+        on_replica = self._transactions_on_replica()
+        link = await (self._read_link() if on_replica else self._write_link())
         if link.gen != self._settings_gen:
             await self._sync_settings(link)
         await self._checked(link, link.conn.execute, self._begin)

@@ -69,7 +69,9 @@ def refused_read(st: Statement) -> Statement:
     return dataclasses.replace(st, intent=Intent.WRITE, reason="refused by a read-only node")
 
 
-BEGINS: Final = frozenset({"begin", "begin_read_only"})
+BEGINS: Final = frozenset({"begin", "begin_read_only", "begin_serializable"})
+# A hot standby refuses serializable transactions, read-only ones included.
+_SERIALIZABLE: Final = frozenset({"begin_serializable", "set_serializable"})
 # Session state that lives in one backend and cannot be copied to another one.
 PINNING_EFFECTS: Final[frozenset[SessionEffect]] = frozenset(
     {"temp_table", "listen", "advisory_lock", "prepare", "discard", "cursor", "load"}
@@ -99,8 +101,18 @@ ROUTE_BEGIN_READ: Final = 3  # opens a transaction on the read node (declared re
 ROUTE_BEGIN_WRITE: Final = 4  # opens a transaction on the primary
 
 
-def route(st: Statement, *, autocommit: bool, read_only: bool | None, pinned: bool) -> int:
-    """Where a statement goes when no transaction is open (a pure decision)."""
+def route(
+    st: Statement,
+    *,
+    autocommit: bool,
+    read_only: bool | None,
+    pinned: bool,
+    serializable: bool = False,
+) -> int:
+    """Where a statement goes when no transaction is open (a pure decision).
+
+    ``serializable``: the session's transactions are SERIALIZABLE, which a hot
+    standby refuses, so even read-only ones open on the primary."""
     control = st.transaction
     if not autocommit or control in BEGINS:
         declared = (
@@ -108,7 +120,8 @@ def route(st: Statement, *, autocommit: bool, read_only: bool | None, pinned: bo
             or control == "begin_read_only"
             or (control == "set_read_only" and not autocommit)
         )
-        return ROUTE_BEGIN_READ if declared and not pinned else ROUTE_BEGIN_WRITE
+        on_replica = declared and not pinned and not serializable and control not in _SERIALIZABLE
+        return ROUTE_BEGIN_READ if on_replica else ROUTE_BEGIN_WRITE
     if pinned:
         return ROUTE_WRITE
     session = st.session
@@ -300,6 +313,7 @@ class RoutedSession:
         self._isolation_level: Any = None  # the driver's value; see _isolation_sql()
         self._deferrable: bool | None = None
         self._begin = begin_sql(None, read_only, None)
+        self._serializable = False  # a hot standby refuses the session's transactions
         self._closed = False
         # Look before the next statement: closed, a lost link, function volatility to learn.
         self._attention = True
@@ -378,7 +392,14 @@ class RoutedSession:
         return None
 
     def _rebuild_begin(self) -> None:
-        self._begin = begin_sql(self._isolation_sql(), self._read_only, self._deferrable)
+        isolation = self._isolation_sql()
+        self._begin = begin_sql(isolation, self._read_only, self._deferrable)
+        self._serializable = isolation == "SERIALIZABLE"
+
+    def _transactions_on_replica(self) -> bool:
+        """A transaction opened by ``transaction()`` runs on the read node: declared
+        read-only, not pinned, and not SERIALIZABLE (a hot standby refuses that)."""
+        return self._read_only is True and not self._pinned and not self._serializable
 
     def _check_no_transaction(self, attribute: str) -> None:
         self._check_open()

@@ -378,7 +378,13 @@ class RoutedConnection(RoutedSession):
                 if self._cluster.monotonic_reads:
                     self._note_read(link)
                 return
-        where = route(st, autocommit=autocommit, read_only=self._read_only, pinned=self._pinned)
+        where = route(
+            st,
+            autocommit=autocommit,
+            read_only=self._read_only,
+            pinned=self._pinned,
+            serializable=self._serializable,
+        )
         if where in (ROUTE_BEGIN_READ, ROUTE_BEGIN_WRITE):
             if where == ROUTE_BEGIN_READ:
                 refuse_on_replica(st, psycopg2)
