@@ -203,11 +203,6 @@ def test_a_psycopg2_serializable_read_only_transaction_runs_on_the_primary(
 
 
 @pytest.mark.destructive
-@pytest.mark.xfail(
-    strict=True,
-    raises=psycopg.OperationalError,
-    reason="defect 15: a plain SET goes to the held read link of a dead replica",
-)
 def test_a_plain_set_works_after_the_held_replica_died(fresh_replica_cluster: LocalCluster) -> None:
     """Defect 15: the session's read link is on a replica that is killed; a plain SET
     is recorded and works, and the next read runs elsewhere with it applied."""

@@ -363,8 +363,14 @@ class RoutedConnection(PsycopgSession):
             self._in_transaction(rc, st, query, params, how)
             return
         if where == ROUTE_SETTING:
-            link = self._reader or self._writer or self._read_link()
-            self._checked(link, self._run, rc, link, query, params, how)
+            for attempt in (1, 2):
+                link = self._read_link() if self._setting_on_reader() else self._write_link()
+                try:
+                    self._checked(link, self._run, rc, link, query, params, how)
+                    break
+                except psycopg.Error:
+                    if attempt == 2 or not link.conn.broken:
+                        raise  # a SET changes nothing else: safe to send again elsewhere
             if self._record_setting(link, query, params):
                 self._capture_settings(link)
             return

@@ -360,8 +360,16 @@ class AsyncRoutedConnection(PsycopgSession):
             await self._in_transaction(rc, st, query, params, how)
             return
         if where == ROUTE_SETTING:
-            link = self._reader or self._writer or await self._read_link()
-            await self._checked(link, self._run, rc, link, query, params, how)
+            for attempt in (1, 2):
+                link = await (
+                    self._read_link() if self._setting_on_reader() else self._write_link()
+                )
+                try:
+                    await self._checked(link, self._run, rc, link, query, params, how)
+                    break
+                except psycopg.Error:
+                    if attempt == 2 or not link.conn.broken:
+                        raise  # a SET changes nothing else: safe to send again elsewhere
             if self._record_setting(link, query, params):
                 await self._capture_settings(link)
             return

@@ -396,6 +396,12 @@ class RoutedSession:
         self._begin = begin_sql(isolation, self._read_only, self._deferrable)
         self._serializable = isolation == "SERIALIZABLE"
 
+    def _setting_on_reader(self) -> bool:
+        """A plain SET outside a transaction runs on the read link (re-validated, so a
+        dead replica's link is replaced), unless only a write link is held: it is
+        recorded and replayed wherever the session goes next, so any valid link will do."""
+        return self._reader is not None or self._writer is None
+
     def _transactions_on_replica(self) -> bool:
         """A transaction opened by ``transaction()`` runs on the read node: declared
         read-only, not pinned, and not SERIALIZABLE (a hot standby refuses that)."""

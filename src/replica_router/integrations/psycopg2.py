@@ -397,8 +397,14 @@ class RoutedConnection(RoutedSession):
             self._in_transaction(rc, st, query, params, many)
             return
         if where == ROUTE_SETTING:
-            link = self._reader or self._writer or self._read_link()
-            self._checked(link, rc, query, params, many)
+            for attempt in (1, 2):
+                link = self._read_link() if self._setting_on_reader() else self._write_link()
+                try:
+                    self._checked(link, rc, query, params, many)
+                    break
+                except psycopg2.Error:
+                    if attempt == 2 or not _broken(link.conn):
+                        raise  # a SET changes nothing else: safe to send again elsewhere
             if self._record_setting(link, query, params):
                 self._capture_settings(link)
             return
