@@ -122,11 +122,6 @@ def test_a_write_inside_cluster_read_never_succeeds_after_another_user_lifted_re
     assert lc.execute("primary", f"SELECT count(*) FROM {table}") == [(0,)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 19: RoutedConnection drops SET SESSION AUTHORIZATION",
-)
 def test_session_authorization_is_kept_for_the_routed_sessions_reads(
     lc: LocalCluster, tenant: str
 ) -> None:

@@ -82,10 +82,13 @@ _PLAIN_SETTING_REASONS: Final = frozenset({"SET", "RESET"})
 _SET_ONLY: Final = frozenset({"set"})
 MAX_RECORDED_SETTINGS: Final = 32  # then compact them into one read-back from pg_settings
 
-# Session-level settings of this backend, as set_config() can replay them; role is
-# not in pg_settings (GUC_NO_SHOW_ALL), so it is asked for by name.
+# Session-level settings of this backend, as set_config() can replay them in this
+# order; session_authorization and role are not in pg_settings (GUC_NO_SHOW_ALL), so
+# they are asked for by name, role last (setting session_authorization resets it).
 SESSION_SETTINGS_SQL: Final = (
     "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'"
+    " UNION ALL SELECT 'session_authorization',"
+    " pg_catalog.current_setting('session_authorization')"
     " UNION ALL SELECT 'role', pg_catalog.current_setting('role')"
 )
 REPLAY_SETTINGS_SQL: Final = (
