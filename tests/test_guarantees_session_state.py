@@ -139,14 +139,14 @@ def test_session_authorization_is_kept_for_the_routed_sessions_reads(
         assert row == (tenant, tenant)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="defect 16: psycopg2 adapter autocommit=True, readonly=True accepts writes",
-)
 def test_psycopg2_autocommit_readonly_refuses_writes(lc: LocalCluster, table: str) -> None:
     """Defect 16: psycopg2 itself refuses a write with ``autocommit=True, readonly=True``
     (it sets ``default_transaction_read_only`` on the session); the adapter must too."""
+    lc.execute(
+        "primary",
+        f"CREATE FUNCTION {table}_volatile() RETURNS int VOLATILE LANGUAGE sql AS 'SELECT 1'",
+    )
+    lc.wait_replicated()
     plain = psycopg2.connect(lc.primary_dsn)
     try:
         plain.set_session(readonly=True, autocommit=True)
@@ -160,6 +160,11 @@ def test_psycopg2_autocommit_readonly_refuses_writes(lc: LocalCluster, table: st
             conn.set_session(readonly=True, autocommit=True)
             with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
                 conn.cursor().execute(f"INSERT INTO {table} VALUES (1)")
+            # one the classifier calls a write that only reads runs once, on the read link
+            cur = conn.cursor()
+            cur.execute(f"SELECT {table}_volatile()")
+            assert cur.fetchone() == (1,)
+            assert "write" not in conn.nodes
         finally:
             conn.close()
             routed.close_pools(cluster)

@@ -301,6 +301,9 @@ class RoutedSession:
 
     _cluster: Any
     _errors: Any  # the driver module whose exception classes users catch
+    # The driver's read_only holds outside transactions too (psycopg2 sets
+    # default_transaction_read_only in autocommit); psycopg's applies to BEGIN only.
+    _read_only_in_autocommit: bool = False
 
     def __init__(
         self,
@@ -398,6 +401,12 @@ class RoutedSession:
         isolation = self._isolation_sql()
         self._begin = begin_sql(isolation, self._read_only, self._deferrable)
         self._serializable = isolation == "SERIALIZABLE"
+
+    def _autocommit_read_only(self, autocommit: bool) -> bool:
+        """Autocommit statements must be refused by the server if they write: they run
+        on the read link (a replica, or the primary's read-only connection), and its
+        refusal is final, not a misclassified read to retry on the primary."""
+        return autocommit and self._read_only is True and self._read_only_in_autocommit
 
     def _setting_on_reader(self) -> bool:
         """A plain SET outside a transaction runs on the read link (re-validated, so a

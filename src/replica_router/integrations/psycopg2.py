@@ -205,6 +205,7 @@ class RoutedConnection(RoutedSession):
 
     _cluster: Cluster
     _errors = psycopg2
+    _read_only_in_autocommit = True
 
     def __init__(
         self,
@@ -360,7 +361,9 @@ class RoutedConnection(RoutedSession):
             self._in_transaction(rc, st, query, params, many)
             return
         autocommit = self._autocommit and not self._with_block
-        if autocommit and st.intent is Intent.READ and not st.session and not self._pinned:
+        refused_is_final = self._autocommit_read_only(autocommit)
+        reads = st.intent is Intent.READ or refused_is_final
+        if autocommit and reads and not st.session and not self._pinned:
             link = self._read_link()
             try:
                 self._run(rc, link, query, params, many)
@@ -371,9 +374,11 @@ class RoutedConnection(RoutedSession):
                 link = self._read_link()
                 self._run(rc, link, query, params, many)
             except psycopg2.errors.ReadOnlySqlTransaction:
+                if refused_is_final:
+                    raise  # readonly=True: the server refuses writes, as psycopg2's would
                 self._cluster.learn_functions(refused_on=link.node)
                 st = refused_read(st)  # routed below as the write it turned out to be
-            if st.intent is Intent.READ:
+            if st.intent is Intent.READ or refused_is_final:  # it ran, and wrote nothing
                 self._count(link, st)
                 if self._cluster.monotonic_reads:
                     self._note_read(link)
