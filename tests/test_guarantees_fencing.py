@@ -147,11 +147,6 @@ def test_a_replica_stranded_on_the_old_timeline_gets_no_reads(
     assert status.lag_seconds != 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 10: psycopg2 idle connections survive remove/add under the same name",
-)
 def test_psycopg2_reads_follow_a_replica_replaced_under_the_same_name(
     replica_cluster: LocalCluster,
 ) -> None:

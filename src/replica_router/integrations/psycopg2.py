@@ -120,9 +120,17 @@ def close_pools(cluster: Cluster) -> None:
         pools.close()
 
 
-class _NodePools:
-    """Idle psycopg2 connections per (node, purpose) for one cluster; no threads.
+class _NodeConnection(psycopg2.extensions.connection):  # type: ignore[misc]
+    """A node connection that remembers the connection string it was made with."""
 
+    conninfo: str
+
+
+class _NodePools:
+    """Idle psycopg2 connections per node, purpose and connection string; no threads.
+
+    Keyed by the connection string too, so a node removed and added again under the
+    same name (another server) never gets the old server's idle connections.
     An idle connection is checked with ``SELECT 1`` before it is handed out
     again (a routed connection keeps its node connections for its whole life,
     so this is once per routed connection and node, not per statement).
@@ -131,13 +139,23 @@ class _NodePools:
     def __init__(self, cluster: Cluster) -> None:
         self._cluster = cluster
         self._lock = threading.Lock()
-        self._idle: dict[tuple[str, str], list[Any]] = {}
+        self._idle: dict[tuple[str, str, str], list[_NodeConnection]] = {}
 
     def lease(self, node: str, purpose: Purpose) -> Lease[Any]:
         """A checked connection to ``node``; raises psycopg2.OperationalError if none."""
+        try:  # like the cluster's read pools: for "read", a write fails on every node
+            dsn = self._cluster.conninfo(node, purpose)
+        except NodeUnavailable as exc:
+            raise psycopg2.OperationalError(str(exc)) from None
+        stale: list[_NodeConnection] = []
         with self._lock:
-            idle = self._idle.get((node, purpose))
+            idle = self._idle.get((node, purpose, dsn))
             conn = idle.pop() if idle else None
+            if idle is None:  # first lease since the node changed: drop the old server's
+                for key in [k for k in self._idle if k[:2] == (node, purpose)]:
+                    stale += self._idle.pop(key)
+        for old in stale:
+            old.close()
         if conn is not None:
             try:
                 with conn.cursor() as cursor:
@@ -146,7 +164,7 @@ class _NodePools:
                 conn.close()
                 conn = None
         if conn is None:
-            conn = self._connect(node, purpose)
+            conn = self._connect(node, dsn)
         self._cluster.note_in_use(node, +1)
         return Lease(conn, node, purpose, self)
 
@@ -155,7 +173,7 @@ class _NodePools:
         cluster.note_in_use(lease.node, -1)
         conn = lease.conn
         if keep and not conn.closed and cluster.monitor is not None:
-            key = (lease.node, lease.purpose)
+            key = (lease.node, lease.purpose, conn.conninfo)
             with self._lock:
                 idle = self._idle.setdefault(key, [])
                 if len(idle) < _MAX_IDLE:
@@ -170,16 +188,13 @@ class _NodePools:
             for conn in conns:
                 conn.close()
 
-    def _connect(self, node: str, purpose: Purpose) -> Any:
-        try:  # like the cluster's read pools: for "read", a write fails on every node
-            dsn = self._cluster.conninfo(node, purpose)
-        except NodeUnavailable as exc:
-            raise psycopg2.OperationalError(str(exc)) from None
+    def _connect(self, node: str, dsn: str) -> _NodeConnection:
         try:
-            conn = psycopg2.connect(dsn)
+            conn: _NodeConnection = psycopg2.connect(dsn, connection_factory=_NodeConnection)
         except psycopg2.OperationalError as exc:
             message = scrub(str(exc).strip(), password_of(dsn)) or "connection failed"
             raise psycopg2.OperationalError(f"{node}: {message}") from None
+        conn.conninfo = dsn
         conn.autocommit = True  # statements commit one by one; transactions say BEGIN
         return conn
 
