@@ -34,6 +34,7 @@ from replica_router.integrations.peewee import (
     still_primary,
     use_primary,
 )
+from replica_router.lsn import parse_lsn
 from replica_router.sandbox import LocalCluster
 from replica_router.topology import NodeState, Role, Topology
 
@@ -146,6 +147,58 @@ def test_create_then_get_by_id_sees_the_row_a_fresh_scope_may_not(
         with db.session(inherit=False):  # another request: no token
             assert port(db) in replica_ports(lc)
             assert user.get_or_none(user.id == made.id) is None  # the paused replica's view
+
+
+def test_an_autocommit_create_token_is_at_or_past_its_commit_record(
+    replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any
+) -> None:
+    """The position that comes back with an autocommit ``create()`` (in its own round
+    trip) is read after the statement's commit: checked against the commit record in
+    the primary's WAL (pg_walinspect), and by a fresh scope holding only that token,
+    which reads on the primary while replay is paused and sees the row."""
+    lc = replica_cluster
+    try:
+        lc.execute("primary", "CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+    except Exception as exc:  # a server without the contrib modules
+        pytest.skip(f"pg_walinspect is not available: {exc}")
+    replica_only(lc, db)
+    with replay_paused(lc):
+        start = lc.execute("primary", "SELECT pg_current_wal_insert_lsn()::text")[0][0]
+        with db.session(inherit=False):
+            made = user.create(name="Ada")
+            token = db.token
+        assert token is not None
+        table = user._meta.table_name
+        xid = lc.execute("primary", f"SELECT xmin::text FROM {table} WHERE id = {made.id}")[0][0]
+        ends = lc.execute(
+            "primary",
+            "SELECT end_lsn::text FROM pg_get_wal_records_info("
+            f"'{start}', pg_current_wal_flush_lsn()) "
+            f"WHERE xid = '{xid}' AND resource_manager = 'Transaction' AND record_type = 'COMMIT'",
+        )
+        assert len(ends) == 1, ends
+        assert parse_lsn(ends[0][0]) <= token.lsn
+        with db.session(str(token), inherit=False):  # the next request, with the token
+            assert port(db) == lc.port("primary")
+            assert user.get_by_id(made.id).name == "Ada"
+
+
+def test_replica_reads_raise_the_monotonic_floor(replica_cluster: LocalCluster) -> None:
+    """With monotonic reads, a select a replica served records where that replica stood
+    (``cluster.record_read``): a later read in the scope never goes to a node behind it."""
+    lc = replica_cluster
+    with Cluster(
+        lc.primary_dsn, lc.replica_dsns, max_lag=None, monotonic_reads=True, **FAST
+    ) as cluster:
+        database = RoutedPostgresqlDatabase(cluster)
+        try:
+            with cluster.session(inherit=False) as scope:
+                assert scope.mark(cluster.system_identifier).floor is None
+                wait_until(lambda: port(database) in replica_ports(lc), what="a replica read")
+                floor = scope.mark(cluster.system_identifier).floor
+                assert floor is not None and floor > 0
+        finally:
+            database.close()
 
 
 def test_atomic_and_nested_savepoints_keep_everything_on_the_primary(

@@ -102,9 +102,48 @@ if TYPE_CHECKING:
     from .classify import Classifier
     from .monitor import Monitor
 
-__all__ = ["RoutedConnection", "RoutedCursor", "RoutedTransaction"]
+__all__ = [
+    "RoutedConnection",
+    "RoutedCursor",
+    "RoutedTransaction",
+    "run_capturing",
+]
 
 log = logging.getLogger("replica_router.connection")
+
+
+def run_capturing(
+    cursor: psycopg.Cursor[Any],
+    query: Any,
+    params: Any,
+    prepare: bool | None = None,
+    *,
+    wrote: bool,
+) -> tuple[bool, int | None]:
+    """Run one autocommit statement on ``cursor`` (an idle autocommit connection to the
+    primary) and read the WAL position after its commit, in one round trip: psycopg's
+    pipeline mode sends the statement, a Sync (which ends its implicit transaction:
+    the commit), the position query and a second Sync, and waits once. Read inside the
+    statement's own transaction, the position would be before its commit record; read
+    after the Sync it is at or past it. Unless ``wrote`` (the classifier called it a
+    write), the server is asked too whether the statement's transaction was assigned a
+    transaction id, inside that transaction, before the Sync. Returns (wrote,
+    position); raises the statement's error (the position query after the Sync runs
+    anyway). Only where :data:`PIPELINE_SYNC_NO_WAIT` and ``pipelines_position(st)``
+    hold; the framework integrations use it too."""
+    conn = cursor.connection
+    asked = None if wrote else conn.cursor(row_factory=tuple_row)
+    position = conn.cursor(row_factory=tuple_row)
+    with conn.pipeline() as pipeline:
+        cursor.execute(query, params, prepare=prepare)
+        if asked is not None:
+            asked.execute(WROTE_SQL)
+        queue_sync(pipeline)
+        position.execute(POSITION_SQL)
+    if asked is not None:
+        wrote = asked.fetchone() == (True,)
+    return wrote, lsn_of(position)
+
 
 _IDLE: Final = TransactionStatus.IDLE
 _INTRANS: Final = TransactionStatus.INTRANS
@@ -496,17 +535,7 @@ class RoutedConnection(PsycopgSession):
         cursor = rc._cur
         if cursor is None or cursor.connection is not conn:
             cursor = rc._attach(conn)
-        asked = None if wrote else conn.cursor(row_factory=tuple_row)
-        position = conn.cursor(row_factory=tuple_row)
-        with conn.pipeline() as pipeline:
-            cursor.execute(query, params, prepare=prepare)
-            if asked is not None:
-                asked.execute(WROTE_SQL)
-            queue_sync(pipeline)
-            position.execute(POSITION_SQL)
-        if asked is not None:
-            wrote = asked.fetchone() == (True,)
-        return wrote, lsn_of(position)
+        return run_capturing(cursor, query, params, prepare, wrote=wrote)
 
     def _checked(self, link: Link, call: Any, *args: Any) -> Any:
         """``call(*args)``; if ``link``'s connection broke doing it, forget the link."""

@@ -99,9 +99,48 @@ if TYPE_CHECKING:
     from .classify import Classifier
     from .monitor import Monitor
 
-__all__ = ["AsyncRoutedConnection", "AsyncRoutedCursor", "AsyncRoutedTransaction"]
+__all__ = [
+    "AsyncRoutedConnection",
+    "AsyncRoutedCursor",
+    "AsyncRoutedTransaction",
+    "run_capturing",
+]
 
 log = logging.getLogger("replica_router.connection")
+
+
+async def run_capturing(
+    cursor: psycopg.AsyncCursor[Any],
+    query: Any,
+    params: Any,
+    prepare: bool | None = None,
+    *,
+    wrote: bool,
+) -> tuple[bool, int | None]:
+    """Run one autocommit statement on ``cursor`` (an idle autocommit connection to the
+    primary) and read the WAL position after its commit, in one round trip: psycopg's
+    pipeline mode sends the statement, a Sync (which ends its implicit transaction:
+    the commit), the position query and a second Sync, and waits once. Read inside the
+    statement's own transaction, the position would be before its commit record; read
+    after the Sync it is at or past it. Unless ``wrote`` (the classifier called it a
+    write), the server is asked too whether the statement's transaction was assigned a
+    transaction id, inside that transaction, before the Sync. Returns (wrote,
+    position); raises the statement's error (the position query after the Sync runs
+    anyway). Only where :data:`PIPELINE_SYNC_NO_WAIT` and ``pipelines_position(st)``
+    hold; the framework integrations use it too."""
+    conn = cursor.connection
+    asked = None if wrote else conn.cursor(row_factory=tuple_row)
+    position = conn.cursor(row_factory=tuple_row)
+    async with conn.pipeline() as pipeline:
+        await cursor.execute(query, params, prepare=prepare)
+        if asked is not None:
+            await asked.execute(WROTE_SQL)
+        queue_sync(pipeline)
+        await position.execute(POSITION_SQL)
+    if asked is not None:
+        wrote = await asked.fetchone() == (True,)
+    return wrote, lsn_of(position)
+
 
 _IDLE: Final = TransactionStatus.IDLE
 _INTRANS: Final = TransactionStatus.INTRANS
@@ -495,17 +534,7 @@ class AsyncRoutedConnection(PsycopgSession):
         cursor = rc._cur
         if cursor is None or cursor.connection is not conn:
             cursor = rc._attach(conn)
-        asked = None if wrote else conn.cursor(row_factory=tuple_row)
-        position = conn.cursor(row_factory=tuple_row)
-        async with conn.pipeline() as pipeline:
-            await cursor.execute(query, params, prepare=prepare)
-            if asked is not None:
-                await asked.execute(WROTE_SQL)
-            queue_sync(pipeline)
-            await position.execute(POSITION_SQL)
-        if asked is not None:
-            wrote = await asked.fetchone() == (True,)
-        return wrote, lsn_of(position)
+        return await run_capturing(cursor, query, params, prepare, wrote=wrote)
 
     async def _checked(self, link: Link, call: Any, *args: Any) -> Any:
         """``call(*args)``; if ``link``'s connection broke doing it, forget the link."""

@@ -61,12 +61,14 @@ from playhouse.pool import MaxConnectionsExceeded
 from psycopg.errors import ReadOnlySqlTransaction, SerializationFailure
 from psycopg.pq import TransactionStatus
 
+from .._connection_base import PIPELINE_SYNC_NO_WAIT
 from ..classify import Intent
-from ..consistency import POSITION_SQL, commit_and_capture
+from ..connection import run_capturing
+from ..consistency import NODE_POSITION_SQL, POSITION_SQL, commit_and_capture
 from ..errors import NodeUnavailable, NoReplicaAvailable, PrimaryUnavailable
 from ..lsn import parse_lsn
 from ..routing import route_write
-from ..session import PINNING_EFFECTS
+from ..session import PINNING_EFFECTS, pipelines_position
 from ..topology import Role
 
 if TYPE_CHECKING:
@@ -485,8 +487,10 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
     def _route(self, sql: str, params: Any, kind: int) -> psycopg.Cursor[Any]:
         links = self._open_links()
         session = False
+        one_trip = kind == WRITE  # Peewee's own INSERT/UPDATE/DELETE: one plain statement
         if kind == CLASSIFY:
             st = self.cluster.classifier.analyze(sql)
+            one_trip = pipelines_position(st)
             kind = READ if st.intent is _READ and not st.session else WRITE
             if st.session:
                 session = True
@@ -500,7 +504,7 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
             ):
                 return self._read(links, sql, params)
             return self._read(links, sql, params, on_primary=True)
-        return self._write(links, sql, params, session)
+        return self._write(links, sql, params, session, one_trip=one_trip)
 
     def _read(
         self, links: _Links, sql: str, params: Any, on_primary: bool = False
@@ -548,20 +552,39 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
                     exclude = (*exclude, node)
                 failed.add(node)
                 continue
+            if cluster.monotonic_reads:  # monotonic reads: later reads never go back before it
+                self._note_read(held.conn)
             return cursor
         raise NoReplicaAvailable(
             f"the read failed on every node tried ({', '.join(sorted(failed | set(exclude)))})"
         )
 
     def _write(
-        self, links: _Links, sql: str, params: Any, session: bool = False
+        self,
+        links: _Links,
+        sql: str,
+        params: Any,
+        session: bool = False,
+        *,
+        one_trip: bool = False,
     ) -> psycopg.Cursor[Any]:
         """On the primary link; an autocommit statement's WAL position is read right
-        after it committed, on the same connection (not a pooled one of its own)."""
+        after it committed, on the same connection (not a pooled one of its own): in
+        the statement's own round trip where it may be pipelined (``one_trip``: one
+        statement, no transaction control, no session state, no COPY), else after it."""
         lease = self._writer(links)
         conn = lease.conn
         cursor = conn.cursor()
         try:
+            if (
+                one_trip
+                and not session
+                and PIPELINE_SYNC_NO_WAIT
+                and conn.pgconn.transaction_status == _IDLE
+            ):
+                _, position = run_capturing(cursor, sql, params, wrote=True)
+                self.cluster.record_write(position)  # at or past the statement's commit
+                return cursor
             cursor.execute(sql, params)
             if session or conn.pgconn.transaction_status != _IDLE:
                 return cursor  # in a transaction: its COMMIT captures the position
@@ -573,6 +596,15 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
             raise
         self.cluster.record_write(position)  # it committed: the token advances past it
         return cursor
+
+    def _note_read(self, conn: psycopg.Connection[Any]) -> None:
+        """The position the node that served a read stands at, for monotonic reads (as
+        the psycopg2 adapter does); a failure to measure it leaves the floor as it was."""
+        try:
+            position = _lsn(conn.execute(NODE_POSITION_SQL))
+        except psycopg.Error:
+            return
+        self.cluster.record_read(position)
 
     # -- the primary link ---------------------------------------------------------------------
 
