@@ -16,7 +16,9 @@ On a LocalCluster (primary + 1 replica), in the same run, interleaved rounds (A 
 * ``Model.create in db.atomic()``: the same INSERT in a transaction, where the
   position comes back in the COMMIT's own round trip (``commit_and_capture``).
 
-Ratios are of the medians of the per-round means (wall clock). Last, per section,
+Method of ``vs_proxies.py`` (its helpers): the client pinned to CPU 0, the servers to
+CPU 1; per round each side's mean; the ratio is the median over rounds of (side's
+mean / base's mean in that round), with the interquartile range. Last, per section,
 the client's own work with the server taken out: the held connection is replaced by
 a stub that answers at once, on both sides, and the difference is what the router
 adds per call whatever the machine's load (best of 9).
@@ -36,6 +38,7 @@ from typing import Any
 
 import peewee
 import psycopg
+from vs_proxies import pin_client, pin_servers, ratio
 
 from replica_router import Cluster
 from replica_router.integrations.peewee import RoutedPostgresqlDatabase
@@ -51,8 +54,11 @@ def time_ops(op: Callable[[int], object], ops: int) -> float:
     return (time.perf_counter() - start) / ops
 
 
-def compare(sides: dict[str, Callable[[int], object]], rounds: int, ops: int) -> dict[str, float]:
-    """Median seconds per op per side over interleaved rounds (order reversed every round)."""
+def compare(
+    sides: dict[str, Callable[[int], object]], rounds: int, ops: int
+) -> dict[str, list[float]]:
+    """Per side, the mean seconds per op of each round; rounds interleaved (order
+    reversed every round)."""
     for op in sides.values():
         time_ops(op, ops)  # warm up: connections, caches
     samples: dict[str, list[float]] = {name: [] for name in sides}
@@ -60,7 +66,7 @@ def compare(sides: dict[str, Callable[[int], object]], rounds: int, ops: int) ->
     for i in range(rounds):
         for name, op in items if i % 2 == 0 else reversed(items):
             samples[name].append(time_ops(op, ops))
-    return {name: statistics.median(got) for name, got in samples.items()}
+    return samples
 
 
 def model(db: peewee.Database) -> Any:
@@ -88,16 +94,42 @@ class _Borrowed(peewee.PostgresqlDatabase):
         pass
 
 
+class _StubResult:
+    ntuples = 1
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+
+    def get_value(self, row: int, column: int) -> bytes:
+        return self.value
+
+
+class _StubPipeline:
+    def __enter__(self) -> _StubPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def _enqueue_sync(self) -> None:
+        pass
+
+
 class _StubCursor:
     """Answers like a one-row result without a server."""
 
     description = (("id",), ("name",))
     rowcount = 1
     row: tuple[Any, ...] = (1, "x")
+    pgresult = _StubResult(b"1")
 
-    def execute(self, query: Any, params: Any = None) -> _StubCursor:
+    def __init__(self, connection: Any = None) -> None:
+        self.connection = connection
+
+    def execute(self, query: Any, params: Any = None, prepare: Any = None) -> _StubCursor:
         if "wal_insert_lsn" in query:
             self.row = ("0/3000000",)
+            self.pgresult = _StubResult(b"0/3000000")
         return self
 
     def fetchone(self) -> tuple[Any, ...]:
@@ -119,11 +151,14 @@ class _StubConnection:
     def __init__(self, real: psycopg.Connection[Any]) -> None:
         self.pgconn = real.pgconn  # transaction status, socket: the idle real connection's
 
-    def cursor(self) -> _StubCursor:
-        return _StubCursor()
+    def cursor(self, **options: Any) -> _StubCursor:
+        return _StubCursor(self)
 
     def execute(self, query: Any, params: Any = None) -> _StubCursor:
-        return _StubCursor().execute(query, params)
+        return _StubCursor(self).execute(query, params)
+
+    def pipeline(self) -> _StubPipeline:
+        return _StubPipeline()
 
 
 def own_work(
@@ -158,10 +193,21 @@ def stub_line(base: float, mine: float) -> str:
     )
 
 
-def table(title: str, results: dict[str, float], base: str) -> list[str]:
-    lines = [title, f"  {'side':<18} {'us/op':>8} {'x ' + base:>12}"]
-    for name, value in results.items():
-        lines.append(f"  {name:<18} {value * 1e6:>8.1f} {value / results[base]:>12.3f}")
+def table(title: str, results: dict[str, list[float]], base: str) -> list[str]:
+    """Per side: median us/op, and the median [IQR] of per-round ratios to ``base``
+    and to ``plain`` (Peewee's own database on a connection of its own)."""
+    head = f"  {'side':<18} {'us/op':>8} {'x ' + base + ' [IQR]':>28} {'x plain [IQR]':>22}"
+    lines = [title, head]
+    for name, got in results.items():
+        cells = []
+        for against in (base, "plain"):
+            if against not in results:
+                cells.append("-")
+                continue
+            median, q1, q3 = ratio(got, results[against])
+            cells.append(f"{median:.3f} [{q1:.3f}-{q3:.3f}]")
+        us = statistics.median(got) * 1e6
+        lines.append(f"  {name:<18} {us:>8.1f} {cells[0]:>28} {cells[1]:>22}")
     return lines
 
 
@@ -172,6 +218,7 @@ def main() -> None:
     args = parser.parse_args()
 
     out: list[str] = []
+    pinned = pin_client()
     with LocalCluster(replicas=1) as lc:
         lc.execute("primary", "CREATE TABLE bench_user (id serial PRIMARY KEY, name text)")
         lc.execute(
@@ -196,6 +243,8 @@ def main() -> None:
                     own = peewee.PostgresqlDatabase(lc.replica_dsns[0], prefer_psycopg3=True)
                     same = _Borrowed(reader.conn)
                     plain, borrowed = model(own), model(same)
+                    plain.get_by_id(1)  # its connection open before the servers are pinned
+                    pin_servers([lc.directory])
                     results = compare(
                         {
                             "plain": lambda i: plain.get_by_id(i % ROWS + 1),
@@ -223,6 +272,8 @@ def main() -> None:
                     own = peewee.PostgresqlDatabase(lc.primary_dsn, prefer_psycopg3=True)
                     same = _Borrowed(writer.conn)
                     plain, borrowed = model(own), model(same)
+                    plain.create(name="warm")
+                    pin_servers([lc.directory])
                     results = compare(
                         {
                             "plain": lambda i: plain.create(name="p"),
@@ -257,6 +308,7 @@ def main() -> None:
             # Each in a context of its own: the writes' token must not steer the reads.
             out += contextvars.Context().run(reads)
             out += contextvars.Context().run(writes)
+    print("client on CPU 0, servers on CPU 1" if pinned else "not pinned (one CPU)")
     print("\n".join(out))
     print("target: routed / plain <= 1.05")
 
