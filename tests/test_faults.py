@@ -293,11 +293,7 @@ def test_a_kind_whose_faults_never_happened_is_reported() -> None:
 # Known open defects, by the kind that shows them. They show in most short runs but
 # not in every one, so these marks are not strict; every kind without a mark must
 # keep every invariant.
-XFAIL: dict[str, str] = {
-    "replica-sigstop": (
-        "issue 11 rule 10 (no numbered defect): a read on a hung replica waits for it"
-    ),
-}
+XFAIL: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ a restarted primary, a forked process, a hung (SIGSTOPped) node."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -261,11 +262,6 @@ def test_the_monitor_notices_a_hung_replica_and_its_return(
 
 
 @pytest.mark.destructive
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="rule 10: a checkout from a hung replica's pool hangs",
-)
 def test_new_reads_move_off_a_hung_replica(
     fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
 ) -> None:
@@ -289,11 +285,6 @@ def read_port_now(cluster: Cluster) -> int:
 
 
 @pytest.mark.destructive
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="rule 10: a query in flight on a hung replica hangs forever",
-)
 def test_a_read_in_flight_on_a_hung_replica_fails_within_the_bound(
     fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
 ) -> None:
@@ -307,6 +298,33 @@ def test_a_read_in_flight_on_a_hung_replica_fails_within_the_bound(
         done, outcome = within(HUNG_BOUND + 1.0, lambda: conn.execute("SELECT 1").fetchone())
         assert done, "the query on the hung replica never returned"
         assert isinstance(outcome, psycopg.OperationalError), outcome
+
+
+@pytest.mark.destructive
+def test_an_async_read_in_flight_on_a_hung_replica_fails_within_the_bound(
+    fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
+) -> None:
+    """Design rule 10, asyncio: the monitor abandons the hung node's connections that
+    are out of their pools, whichever event loop waits on them."""
+    lc = fresh_replica_cluster
+    nodes = {"primary": lc.primary_dsn, "replica1": lc.dsn("replica1")}
+
+    async def main() -> object:
+        cluster = AsyncCluster(nodes=nodes, max_lag=None)  # type: ignore[arg-type]
+        async with cluster, cluster.read() as conn:
+            cur = await conn.execute("SELECT inet_server_port()")
+            assert await cur.fetchone() == (lc.port("replica1"),)
+            frozen("replica1")
+            try:
+                await asyncio.wait_for(conn.execute("SELECT 1"), HUNG_BOUND + 1.0)
+            except psycopg.OperationalError as exc:
+                return exc
+            except TimeoutError:
+                return "the query on the hung replica never returned"
+        return "no error"
+
+    outcome = run(main())
+    assert isinstance(outcome, psycopg.OperationalError), outcome
 
 
 def test_pooled_connections_drop_a_peer_that_stops_acknowledging(

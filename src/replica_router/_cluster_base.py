@@ -28,6 +28,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ from .lsn import format_lsn, parse_lsn
 from .monitor import Monitor, Timelines
 from .policy import Policy, make_policy
 from .routing import ReadAttempt, ReadPlan, ReadRules, ReadStep, check_seconds, route_write
-from .sources import Purpose, connection_kwargs, validate_pool_kwargs
+from .sources import Purpose, connection_kwargs, shut_down_socket, validate_pool_kwargs
 from .topology import NodeSpec, NodeState, NodeStatus, Role, Topology
 
 __all__ = ["ClusterBase", "Counters", "Lease", "NodeUnavailableError", "node_status"]
@@ -76,18 +77,19 @@ C = TypeVar("C")
 _Self = TypeVar("_Self", bound="ClusterBase")
 
 
-def died_while_pooled(conn: Any, checkout_started: float) -> bool:
+def died_while_pooled(conn: Any, fresh_after: float) -> bool:
     """A connection that failed its checkout check was lost while it sat in the pool
     (design rule 9): the check found it closed (the server went away or ended the
-    backend: nothing the user sent ever reached it), and it was connected before this
-    checkout began, so the failure says nothing about the node now. Try the next one;
-    only a connection made since that fails too counts against the node. A source
+    backend: nothing the user sent ever reached it), and it was connected before
+    ``fresh_after`` (the checkout's start, then the last such loss it found), so the
+    failure says nothing about the node now. Try the next one; only a connection made
+    since that fails too counts against the node. A source
     whose connections carry no connect time (``psycopg_pool`` sets ``_created_at``)
     counts every one as old: its retries are bounded by ``DEAD_POOLED_RETRIES``."""
     if not getattr(conn, "broken", False):
         return False  # an error from a live server: the node answered
     created = getattr(conn, "_created_at", None)
-    return not isinstance(created, float) or created < checkout_started
+    return not isinstance(created, float) or created < fresh_after
 
 
 class NodeUnavailableError(Exception):
@@ -351,6 +353,8 @@ class ClusterBase:
         self._config_lock = self._lock_type()  # threading.Lock or asyncio.Lock
         self._count_lock = threading.Lock()
         self._in_use: dict[str, int] = {}
+        self._out: dict[str, set[Any]] = {}  # node -> our connections out of its pool
+        self._abandoned: weakref.WeakSet[Any] = weakref.WeakSet()  # by _abandon
         self._reads: dict[str, int] = {}
         self._writes: dict[str, int] = {}
         self._fallback_counts: dict[str, int] = {}
@@ -720,6 +724,33 @@ class ClusterBase:
 
     # -- counting --------------------------------------------------------------------------
 
+    def _track(self, node: str, conn: Any) -> None:
+        """``conn`` left ``node``'s pool (checked, then leased) until :meth:`_untrack`.
+
+        No lock: set.add/discard and tuple() of a set are atomic under the GIL, and
+        the monitor thread only needs a snapshot (:meth:`_abandon`)."""
+        out = self._out.get(node)
+        if out is None:
+            out = self._out.setdefault(node, set())
+        out.add(conn)
+
+    def _untrack(self, node: str, conn: Any) -> None:
+        out = self._out.get(node)
+        if out is not None:
+            out.discard(conn)
+
+    def _abandon(self, node: str) -> None:
+        """``node`` took queries and never answered (design rule 10): every connection
+        of ours there that is out of its pool gets an error now instead of waiting
+        until the server wakes up; a read then moves on, a write fails."""
+        abandoned = tuple(self._out.get(node, ()))
+        for conn in abandoned:
+            self._abandoned.add(conn)  # its error is the node's, not a stale pooled link
+            shut_down_socket(conn)
+        if abandoned:
+            log.warning("%s does not answer: %d connection(s) in use there abandoned",
+                        node, len(abandoned))  # fmt: skip
+
     def _count_out(self, node: str, routes: dict[str, int] | None) -> None:
         """A connection to ``node`` left its pool (and, with ``routes``, served a route)."""
         with self._count_lock:
@@ -830,6 +861,7 @@ class ClusterBase:
             probe_timeout=self._probe_timeout,
             events=self.events,
             after_round=Promoter(**self._promoter_options) if promote else None,
+            on_unanswered=self._abandon,
             timelines=self._timelines,
         )
 
@@ -850,6 +882,7 @@ class ClusterBase:
         self._config_lock = self._lock_type()
         self._count_lock = threading.Lock()
         self._in_use = {}
+        self._out = {}
         self._monitor = None
         self._sources: dict[tuple[str, Purpose], Any] = {}
         self._forked = True

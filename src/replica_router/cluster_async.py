@@ -376,7 +376,7 @@ class AsyncCluster(ClusterBase):
     ) -> Lease[psycopg.AsyncConnection[Any]]:
         source = self._sources.get((node, purpose)) or await self._source(node, purpose)
         budget = self._checkout_timeout if timeout is None else timeout
-        started = time.monotonic()
+        started = since = time.monotonic()
         wait, dead = budget, 0
         while True:
             try:
@@ -387,15 +387,22 @@ class AsyncCluster(ClusterBase):
                 )
             except psycopg.Error as exc:  # e.g. the pool was closed by remove_replica
                 raise self._unavailable(node, exc) from None
+            self._track(node, conn)  # from here on a hung node's monitor can free it
             try:
                 await source.check(conn)
             except Exception as exc:
-                lost = died_while_pooled(conn, started)  # before the pool closes it
+                self._untrack(node, conn)
+                # before the pool closes it; one we abandoned says the node is hung
+                lost = died_while_pooled(conn, since) and conn not in self._abandoned
                 with contextlib.suppress(Exception):
                     await source.putconn(conn)  # a broken one is replaced by the pool
                 if lost and dead < DEAD_POOLED_RETRIES:
                     dead += 1  # design rule 9: lost while idle, try the next one
-                    wait = max(CHECKOUT_SLICE, budget - (time.monotonic() - started))
+                    # What the pool made until now may have been connecting when the
+                    # backends died (an asyncio pool stamps a connection when its task
+                    # resumes, after the connect): only later ones count as fresh.
+                    since = time.monotonic()
+                    wait = max(CHECKOUT_SLICE, budget - (since - started))
                     continue
                 message = f"connection check failed: {self._scrub(node, str(exc).strip())}"
                 raise NodeUnavailableError(node, message, broken=True) from None
@@ -422,6 +429,7 @@ class AsyncCluster(ClusterBase):
                 raise self._unavailable(node, exc) from None
 
     async def _checkin(self, lease: Lease[psycopg.AsyncConnection[Any]]) -> None:
+        self._untrack(lease.node, lease.conn)
         try:
             await lease.source.putconn(lease.conn)
         finally:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -35,7 +33,7 @@ from psycopg.rows import TupleRow
 from .dsn import password_of, scrub
 from .errors import ConfigurationError
 from .events import Event, EventBus, FailoverDetected, NodeFenced, NodeStateChanged
-from .sources import hung_peer_kwargs
+from .sources import hung_peer_kwargs, shut_down_socket
 from .topology import NodeSpec, NodeState, Role, Topology
 
 __all__ = [
@@ -131,6 +129,7 @@ class _Sample:
 @dataclass(frozen=True, slots=True)
 class _Failure:
     error: str  # redacted
+    unanswered: bool = False  # the node took the query and never answered (hung?)
 
 
 def elect_primary(
@@ -338,7 +337,9 @@ class Monitor:
 
     Nothing runs until ``start()`` (or a ``refresh()``); ``stop()`` ends the
     thread and closes the probe connections. ``failovers`` and
-    ``fenced_events`` count what the events report.
+    ``fenced_events`` count what the events report. ``on_unanswered(name)`` runs on
+    the monitor thread when a node is taken out of routing because it took a query
+    and never answered (the cluster abandons its connections there).
     """
 
     def __init__(
@@ -352,6 +353,7 @@ class Monitor:
         events: EventBus,
         name: str = "replica-router-monitor",
         after_round: AfterRound | None = None,
+        on_unanswered: Callable[[str], None] | None = None,
         timelines: Timelines | None = None,
     ) -> None:
         _check_positive("monitor_interval", interval)
@@ -372,6 +374,9 @@ class Monitor:
         self.events = events
         self.name = name
         self.after_round = after_round
+        # Called with a node's name when it is taken out of routing for not answering.
+        self.on_unanswered = on_unanswered
+        self._unanswered: list[str] = []
         self.failovers = 0
         self.fenced_events = 0
         self._nodes: dict[str, _Node] = {}
@@ -557,7 +562,9 @@ class Monitor:
             self._dispatch(rest)
             self._wait(rest, everyone)
             with self._locked() as pending:
-                return self._apply(pending)
+                topology = self._apply(pending)
+            self._abandon_unanswered()
+            return topology
 
     def _probably_primary(self, node: _Node) -> bool:
         if node.last_sample is not None:
@@ -585,23 +592,15 @@ class Monitor:
 
     @staticmethod
     def _abort(node: _Node) -> None:
-        """A query got no answer within the probe timeout: shut its socket down.
-
-        A hung server (SIGSTOP, a stalled host) sends no FIN or RST and its kernel may
-        still acknowledge what we send, so no TCP timeout fires and statement_timeout
-        cannot run: only the client gives up. Shutting the socket down (not closing
-        the descriptor the worker is blocked on) makes libpq's wait return an error,
-        so the worker is free and the next round reconnects, bounded by
-        connect_timeout. A connection attempt is left to libpq's connect_timeout.
-        """
+        """A query got no answer within the probe timeout: shut its socket down, so
+        the worker is free and the next round reconnects, bounded by connect_timeout
+        (see :func:`shut_down_socket`). A connection attempt is left to libpq's
+        connect_timeout."""
         conn = node.conn
         if node.connecting or conn is None or not node.in_flight:
             return
-        with contextlib.suppress(Exception):
-            fd = os.dup(conn.pgconn.socket)
-            with socket.socket(fileno=fd) as sock:
-                node.aborted = True
-                sock.shutdown(socket.SHUT_RDWR)
+        node.aborted = True
+        shut_down_socket(conn)
 
     # -- probing (runs in the node's worker thread; never under the monitor's lock) --
 
@@ -616,7 +615,9 @@ class Monitor:
         except Exception as exc:
             outcome = _Failure(node.scrub(f"{type(exc).__name__}: {exc}".strip()))
             if node.aborted:
-                outcome = _Failure(f"no answer within {self.probe_timeout:g} s (hung?)")
+                outcome = _Failure(
+                    f"no answer within {self.probe_timeout:g} s (hung?)", unanswered=True
+                )
             if not isinstance(exc, psycopg.Error):
                 log.error(
                     "%s: unexpected error probing %s", self.name, node.spec.name, exc_info=True
@@ -809,6 +810,8 @@ class Monitor:
             return self._state_after_success(node, outcome)
         if isinstance(outcome, _Failure):
             self._count_failure(node, outcome.error, now)
+            if outcome.unanswered:
+                self._note_unanswered(node)
             return self._state_after_failure(node, old)
         # A node that just failed gets no connect_timeout of grace: reconnecting to a
         # hung server hangs too, and counting it keeps detection within a few seconds.
@@ -817,6 +820,7 @@ class Monitor:
         if node.in_flight and now - node.started_at > limit:
             waited = now - node.started_at
             self._count_failure(node, f"no answer for {waited:.1f} s", now)
+            self._note_unanswered(node)
             return self._state_after_failure(node, old)
         return old or NodeState(name=node.spec.name)  # not probed this round
 
@@ -864,6 +868,23 @@ class Monitor:
             ", unhealthy" if beyond >= 0 else "",
             error,
         )
+
+    def _note_unanswered(self, node: _Node) -> None:
+        """The node is out of routing because it stopped answering: what others still
+        wait for there will not come back either (design rule 10)."""
+        if node.failures >= self.failure_threshold:
+            self._unanswered.append(node.spec.name)
+
+    def _abandon_unanswered(self) -> None:
+        """Run ``on_unanswered`` for this round's hung nodes (outside the lock)."""
+        names, self._unanswered = self._unanswered, []
+        if self.on_unanswered is None:
+            return
+        for name in names:
+            try:
+                self.on_unanswered(name)
+            except Exception:  # monitoring must go on
+                log.exception("%s: on_unanswered(%r) failed", self.name, name)
 
     def _state_after_failure(self, node: _Node, old: NodeState | None) -> NodeState:
         base = old or NodeState(name=node.spec.name)

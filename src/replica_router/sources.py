@@ -42,6 +42,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
+import socket
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol, TypeAlias, TypeVar
@@ -67,6 +69,7 @@ __all__ = [
     "async_pool_sources",
     "hung_peer_kwargs",
     "pool_sources",
+    "shut_down_socket",
     "validate_pool_kwargs",
 ]
 
@@ -203,6 +206,21 @@ def hung_peer_kwargs(seconds: float) -> dict[str, Any]:
         "keepalives_interval": whole,
         "keepalives_count": 3,
     }
+
+
+def shut_down_socket(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+    """Make a wait on ``conn`` return an error now, from any thread.
+
+    A hung server (SIGSTOP, a stalled host) sends no FIN or RST and its kernel may
+    still acknowledge what we send, so no TCP timeout fires and statement_timeout
+    cannot run: only the client can give up. Shutting the socket down (not closing
+    the descriptor someone may be blocked on) makes libpq's wait return an error;
+    the connection is then broken and its pool discards it.
+    """
+    with contextlib.suppress(Exception):
+        fd = os.dup(conn.pgconn.socket)
+        with socket.socket(fileno=fd) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 # A pooled connection gives up on a peer that acknowledges nothing for this long.
