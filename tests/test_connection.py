@@ -721,3 +721,53 @@ def test_function_volatility_is_learned_and_settings_override_it(
             assert conn.execute(call_volatile).fetchone()[1] in replica_ports(lc)  # type: ignore[index]
     finally:
         lc.execute("primary", f"DROP FUNCTION {stable}(); DROP FUNCTION {volatile}()")
+
+
+# -- COPY (issue 12 item 3) -----------------------------------------------------------------
+
+
+def test_copy_to_stdout_reads_on_a_replica_and_copy_from_stdin_writes_on_the_primary(
+    lc: LocalCluster, table: str, paused: Callable[[str], None]
+) -> None:
+    """``cursor.copy()`` is routed like the statement: a COPY out of a read goes to a
+    replica, a COPY in goes to the primary and the token follows it, so a read of the
+    same scope finds the rows while the replicas do not have them."""
+    for name in lc.replica_names:
+        paused(name)
+    with (
+        Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST) as cluster,  # type: ignore[arg-type]
+        cluster.session(),
+        cluster.connection() as conn,
+    ):
+        cur = conn.cursor()
+        with cur.copy("COPY (SELECT inet_server_port()) TO STDOUT") as copy:
+            rows = list(copy.rows())
+        assert int(rows[0][0]) in replica_ports(lc)
+        assert cluster.token is None
+        with cur.copy(f"COPY {table} (id, v) FROM STDIN") as copy:
+            copy.write_row((1, "a"))
+            copy.write_row((2, "b"))
+        assert cluster.token is not None
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (2,)
+    assert lc.execute("primary", f"SELECT count(*) FROM {table}") == [(2,)]
+
+
+def test_a_failed_copy_leaves_the_connection_usable(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    """A COPY the server rejects half-way, or one sent with ``execute()``, fails with
+    its error; the routed connection goes on working, nothing was written."""
+    with cluster.connection() as conn:
+        cur = conn.cursor()
+        bad = pytest.raises(psycopg.errors.InvalidTextRepresentation)
+        with bad, cur.copy(f"COPY {table} (id, v) FROM STDIN") as copy:
+            copy.write_row((1, "a"))
+            copy.write_row(("not a number", "b"))
+        with pytest.raises(psycopg.ProgrammingError):
+            conn.execute(f"COPY {table} FROM STDIN")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        conn.execute(f"INSERT INTO {table} VALUES (3, 'c')")
+        # COPY inside a transaction: committed with it
+        with conn.transaction(), cur.copy(f"COPY {table} (id, v) FROM STDIN") as copy:
+            copy.write_row((4, "d"))
+    assert lc.execute("primary", f"SELECT array_agg(id ORDER BY id) FROM {table}") == [([3, 4],)]

@@ -11,7 +11,9 @@ from psycopg.rows import dict_row
 
 from helpers import FAST, async_port_of, run, scratch_table
 from replica_router import AsyncCluster
+from replica_router.classify import Classifier
 from replica_router.sandbox import LocalCluster
+from replica_router.session import uses_copy
 
 
 @pytest.fixture
@@ -99,3 +101,41 @@ def test_async_tasks_route_independently(replica_cluster: LocalCluster, table: s
             assert sorted(results) == [(i, 1) for i in range(8)]  # each read saw its own write
 
     run(main())
+
+
+def test_async_copy_is_routed_and_advances_the_token(
+    replica_cluster: LocalCluster, table: str
+) -> None:
+    """``cursor.copy()`` on the asyncio routed connection (the source of the sync one)."""
+    lc = replica_cluster
+    replicas = {lc.port(n) for n in lc.replica_names}
+
+    async def main() -> None:
+        cluster = AsyncCluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST)  # type: ignore[arg-type]
+        async with cluster, cluster.connection() as conn:
+            with cluster.session():
+                cur = conn.cursor()
+                async with cur.copy("COPY (SELECT inet_server_port()) TO STDOUT") as copy:
+                    rows = [row async for row in copy.rows()]
+                assert int(rows[0][0]) in replicas
+                async with cur.copy(f"COPY {table} (id) FROM STDIN") as copy:
+                    await copy.write_row((7,))
+                assert cluster.token is not None
+
+    run(main())
+    assert lc.execute("primary", f"SELECT count(*) FROM {table}") == [(1,)]
+
+
+def test_uses_copy_names_the_copy_protocol_forms() -> None:
+    classifier = Classifier()
+    forms = {
+        "COPY t FROM STDIN": True,
+        "COPY t TO STDOUT": True,
+        "COPY (SELECT 1) TO STDOUT": True,
+        "COPY (INSERT INTO t VALUES (1) RETURNING *) TO STDOUT": True,
+        "COPY t FROM '/tmp/x'": False,
+        "COPY t TO '/tmp/x'": False,
+        "COPY t FROM PROGRAM 'cat'": False,
+        "SELECT 1": False,
+    }
+    assert {sql: uses_copy(classifier.analyze(sql)) for sql in forms} == forms

@@ -618,7 +618,13 @@ def _explain(rules: _Rules, body: Node) -> Statement:
 
 
 def _copy(rules: _Rules, body: Node) -> Statement:
+    """COPY; the reasons "COPY FROM", "COPY TO" and "COPY of a write: ..." are the
+    forms that use the COPY protocol (STDIN / STDOUT), see ``session.uses_copy``."""
     if body.get("is_from"):
+        if body.get("is_program"):
+            return Statement(Intent.WRITE, "COPY FROM PROGRAM")
+        if "filename" in body:
+            return Statement(Intent.WRITE, "COPY FROM a server file")
         return Statement(Intent.WRITE, "COPY FROM")
     if body.get("is_program"):
         return Statement(Intent.WRITE, "COPY TO PROGRAM")

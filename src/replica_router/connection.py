@@ -92,6 +92,7 @@ from .session import (
     refuse_on_replica,
     refused_read,
     route,
+    uses_copy,
     writes_data,
 )
 
@@ -358,6 +359,10 @@ class RoutedConnection(PsycopgSession):
             self._attention = False
             self._cluster.learn_functions()  # once per cluster; then an attribute check
         st = self._analyze(query if type(query) is str else query_text(query))
+        if uses_copy(st):
+            raise psycopg.ProgrammingError(
+                f"{st.reason} cannot be used with execute(); use cursor.copy() instead"
+            )
         if self._tx is not None:
             self._in_transaction(rc, st, query, params, how)
         elif self._autocommit and st.intent is _READ and not st.session and not self._pinned:
@@ -379,6 +384,48 @@ class RoutedConnection(PsycopgSession):
                 self._note_read(link)
         else:
             self._route(rc, st, query, params, how)
+
+    @contextlib.contextmanager
+    def _copy(
+        self, rc: RoutedCursor, statement: Query, params: Params | None
+    ) -> Iterator[psycopg.Copy]:
+        """``cursor.copy()``: ``COPY ... TO STDOUT`` of a read runs on the read node,
+        ``COPY ... FROM STDIN`` on the primary; in autocommit the token follows the
+        primary once the COPY has ended (it commits then), in a transaction at COMMIT."""
+        if self._attention:
+            self._check_open()
+            self._attention = False
+            self._cluster.learn_functions()
+        st = self._analyze(statement if type(statement) is str else query_text(statement))
+        autocommit_write = False
+        if self._tx is not None:
+            link = self._tx
+            self._note_statement(link, st)
+        elif self._autocommit and st.intent is _READ and not st.session and not self._pinned:
+            link = self._read_link()
+        elif self._autocommit:
+            link = self._write_link()
+            autocommit_write = True
+        else:  # the COPY opens the transaction, as any statement does
+            link = self._open_transaction()
+            self._note_statement(link, st)
+        if link.gen != self._settings_gen:
+            self._sync_settings(link)
+        cursor = rc._attach(link.conn)
+        try:
+            with cursor.copy(statement, params) as copy:
+                yield copy
+        except psycopg.Error:
+            if link.conn.broken:
+                self._lost(link)
+            elif autocommit_write:
+                self._after_failure(link, st, in_transaction=False, many=False)
+            raise
+        self._count(link, st)
+        if autocommit_write and writes_data(st):
+            self._after_write(link)
+        elif link.role == "read" and self._cluster._monotonic:
+            self._note_read(link)
 
     def _route(
         self,
@@ -828,6 +875,13 @@ class RoutedCursor(CursorBase[RoutedConnection, psycopg.Cursor[Any]]):
     ) -> None:
         self._check_open()
         self._conn._execute(self, query, params_seq, Many(returning))
+
+    def copy(
+        self, statement: Query, params: Params | None = None
+    ) -> contextlib.AbstractContextManager[psycopg.Copy]:
+        """psycopg's ``cursor.copy()``, routed like the statement (see ``_copy``)."""
+        self._check_open()
+        return self._conn._copy(self, statement, params)
 
     def fetchone(self) -> Any:
         cursor = self._cur

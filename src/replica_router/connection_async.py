@@ -89,6 +89,7 @@ from .session import (
     refuse_on_replica,
     refused_read,
     route,
+    uses_copy,
     writes_data,
 )
 
@@ -355,6 +356,10 @@ class AsyncRoutedConnection(PsycopgSession):
             self._attention = False
             await self._cluster.learn_functions()  # once per cluster; then an attribute check
         st = self._analyze(query if type(query) is str else query_text(query))
+        if uses_copy(st):
+            raise psycopg.ProgrammingError(
+                f"{st.reason} cannot be used with execute(); use cursor.copy() instead"
+            )
         if self._tx is not None:
             await self._in_transaction(rc, st, query, params, how)
         elif self._autocommit and st.intent is _READ and not st.session and not self._pinned:
@@ -376,6 +381,48 @@ class AsyncRoutedConnection(PsycopgSession):
                 await self._note_read(link)
         else:
             await self._route(rc, st, query, params, how)
+
+    @contextlib.asynccontextmanager
+    async def _copy(
+        self, rc: AsyncRoutedCursor, statement: Query, params: Params | None
+    ) -> AsyncIterator[psycopg.AsyncCopy]:
+        """``cursor.copy()``: ``COPY ... TO STDOUT`` of a read runs on the read node,
+        ``COPY ... FROM STDIN`` on the primary; in autocommit the token follows the
+        primary once the COPY has ended (it commits then), in a transaction at COMMIT."""
+        if self._attention:
+            self._check_open()
+            self._attention = False
+            await self._cluster.learn_functions()
+        st = self._analyze(statement if type(statement) is str else query_text(statement))
+        autocommit_write = False
+        if self._tx is not None:
+            link = self._tx
+            self._note_statement(link, st)
+        elif self._autocommit and st.intent is _READ and not st.session and not self._pinned:
+            link = await self._read_link()
+        elif self._autocommit:
+            link = await self._write_link()
+            autocommit_write = True
+        else:  # the COPY opens the transaction, as any statement does
+            link = await self._open_transaction()
+            self._note_statement(link, st)
+        if link.gen != self._settings_gen:
+            await self._sync_settings(link)
+        cursor = rc._attach(link.conn)
+        try:
+            async with cursor.copy(statement, params) as copy:
+                yield copy
+        except psycopg.Error:
+            if link.conn.broken:
+                await self._lost(link)
+            elif autocommit_write:
+                await self._after_failure(link, st, in_transaction=False, many=False)
+            raise
+        self._count(link, st)
+        if autocommit_write and writes_data(st):
+            await self._after_write(link)
+        elif link.role == "read" and self._cluster._monotonic:
+            await self._note_read(link)
 
     async def _route(
         self,
@@ -827,6 +874,13 @@ class AsyncRoutedCursor(CursorBase[AsyncRoutedConnection, psycopg.AsyncCursor[An
     ) -> None:
         self._check_open()
         await self._conn._execute(self, query, params_seq, Many(returning))
+
+    def copy(
+        self, statement: Query, params: Params | None = None
+    ) -> contextlib.AbstractAsyncContextManager[psycopg.AsyncCopy]:
+        """psycopg's ``cursor.copy()``, routed like the statement (see ``_copy``)."""
+        self._check_open()
+        return self._conn._copy(self, statement, params)
 
     async def fetchone(self) -> Any:
         cursor = self._cur

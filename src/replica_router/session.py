@@ -53,6 +53,7 @@ __all__ = [
     "refuse_on_replica",
     "refused_read",
     "route",
+    "uses_copy",
     "writes_data",
 ]
 
@@ -232,6 +233,17 @@ def commit_possible(
     if several:
         return status == TX_IDLE or st.transaction is not None
     return not failed and tag == "COMMIT"
+
+
+def uses_copy(st: Statement) -> bool:
+    """``COPY ... FROM STDIN`` / ``TO STDOUT``: it needs ``cursor.copy()``. Sent with
+    ``execute()`` it would leave the node connection in the COPY state, so it is
+    refused before anything is sent."""
+    reason = st.reason
+    return reason in _COPY_PROTOCOL or reason.startswith("COPY of a write")
+
+
+_COPY_PROTOCOL: Final = frozenset({"COPY FROM", "COPY TO"})
 
 
 def pipelines_position(st: Statement) -> bool:
