@@ -13,11 +13,17 @@ rounds (A B C C B A) so that drift on a busy machine hits every side:
   random choice), no middleware: the same kind of server as ``routed`` reads from,
   so this ratio is the router's own work, not the difference between two servers.
 
-Ratios are of the medians of the per-round means: wall time, and this thread's
-CPU time (``thread_time``: the client's own work, which the machine's load moves
-less than the wall clock).
+The method is vs_proxies.py's (its helpers, not a copy): this process (client,
+Django, the router's monitor) pinned to CPU 0, the servers' postmasters and their
+backends to CPU 1; rounds interleaved; each figure is the median of the per-round
+ratios with its interquartile range, for wall time and for this thread's CPU time
+(``thread_time``: the client's own work, which the machine's load moves less).
 
-    .venv/bin/python benchmarks/django_overhead.py [--rounds 30] [--ops 100]
+``--replicas 1`` runs the same with one replica: with two, ``routed`` reads from
+either replica from one request to the next, while ``static`` always reads from
+``replica1`` (warmer caches, one backend).
+
+    .venv/bin/python benchmarks/django_overhead.py [--rounds 30] [--ops 100] [--replicas 2]
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "django_app"))
+
+from vs_proxies import pin_client, pin_servers, ratio
 
 from replica_router.sandbox import LocalCluster
 
@@ -51,9 +59,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--ops", type=int, default=100)
+    parser.add_argument("--replicas", type=int, choices=(1, 2), default=2)
     args = parser.parse_args()
 
-    with LocalCluster(replicas=2) as lc:
+    pinned = pin_client()
+    with LocalCluster(replicas=args.replicas) as lc:
         os.environ["DATABASE_URL"] = lc.primary_dsn
         os.environ["DATABASE_REPLICA_URLS"] = ",".join(lc.replica_dsns)
         os.environ["DJANGO_SETTINGS_MODULE"] = "settings"
@@ -88,6 +98,7 @@ def main() -> None:
                 clients[name] = Client()
                 for _ in range(50):  # warm: connections, caches, the middleware chain
                     assert clients[name].get("/").status_code == 200
+        servers = pin_servers([lc.directory]) if pinned else 0
 
         def run(name: str) -> tuple[float, float]:
             client = clients[name]
@@ -109,15 +120,23 @@ def main() -> None:
         connections.close_all()
         cluster.close()
 
-    print(f"Django view reading 10 rows via the ORM, {args.rounds} rounds x {args.ops} requests")
-    print(f"{'side':<8} {'wall/request':>13} {'vs plain':>9} {'vs static':>10}"
-          f" {'client CPU':>11} {'vs plain':>9}")  # fmt: skip
-    wall = {name: statistics.median(values) for name, values in walls.items()}
-    cpu = {name: statistics.median(values) for name, values in cpus.items()}
+    print(f"Django view reading 10 rows via the ORM, {args.replicas} replica(s), "
+          f"{args.rounds} rounds x {args.ops} requests; "
+          + (f"client on CPU 0, {servers} server processes on CPU 1"
+             if pinned else "not pinned"))  # fmt: skip
+    print("median of per-round ratios [IQR]")
+    print(f"{'side':<8} {'wall/request':>13} {'wall vs plain':>22} {'wall vs static':>22}"
+          f" {'client CPU':>11} {'CPU vs plain':>22}")  # fmt: skip
+
+    def cell(side: list[float], base: list[float]) -> str:
+        median, q1, q3 = ratio(side, base)
+        return f"{median:.3f}x [{q1:.3f}-{q3:.3f}]"
+
     for name in order:
-        print(f"{name:<8} {wall[name] * 1e6:>10.1f} us {wall[name] / wall['plain']:>8.3f}x "
-              f"{wall[name] / wall['static']:>9.3f}x {cpu[name] * 1e6:>8.1f} us "
-              f"{cpu[name] / cpu['plain']:>8.3f}x")  # fmt: skip
+        print(f"{name:<8} {statistics.median(walls[name]) * 1e6:>10.1f} us "
+              f"{cell(walls[name], walls['plain']):>22} {cell(walls[name], walls['static']):>22} "
+              f"{statistics.median(cpus[name]) * 1e6:>8.1f} us "
+              f"{cell(cpus[name], cpus['plain']):>22}")  # fmt: skip
 
 
 if __name__ == "__main__":
