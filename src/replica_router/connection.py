@@ -104,6 +104,7 @@ if TYPE_CHECKING:
     from .monitor import Monitor
 
 __all__ = [
+    "PIPELINE_SYNC_NO_WAIT",  # whether run_capturing() can be used with this psycopg
     "RoutedConnection",
     "RoutedCursor",
     "RoutedTransaction",

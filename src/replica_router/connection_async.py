@@ -101,6 +101,7 @@ if TYPE_CHECKING:
     from .monitor import Monitor
 
 __all__ = [
+    "PIPELINE_SYNC_NO_WAIT",  # whether run_capturing() can be used with this psycopg
     "AsyncRoutedConnection",
     "AsyncRoutedCursor",
     "AsyncRoutedTransaction",

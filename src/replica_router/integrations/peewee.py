@@ -61,9 +61,8 @@ from playhouse.pool import MaxConnectionsExceeded
 from psycopg.errors import ReadOnlySqlTransaction, SerializationFailure
 from psycopg.pq import TransactionStatus
 
-from .._connection_base import PIPELINE_SYNC_NO_WAIT
 from ..classify import Intent
-from ..connection import run_capturing
+from ..connection import PIPELINE_SYNC_NO_WAIT, run_capturing
 from ..consistency import NODE_POSITION_SQL, POSITION_SQL, commit_and_capture
 from ..errors import NodeUnavailable, NoReplicaAvailable, PrimaryUnavailable
 from ..lsn import parse_lsn
