@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from replica_router import Cluster
+from replica_router.lsn import parse_lsn
 from replica_router.sandbox import LocalCluster
 
 T = TypeVar("T")
@@ -115,3 +116,16 @@ def set_cookie_value(set_cookie_headers: Iterable[str], name: str) -> str | None
         if cookie == name:
             return rest.split(";", 1)[0]
     return None
+
+
+def commit_record_end(lc: LocalCluster, start: str, xid: str) -> int:
+    """Where transaction ``xid``'s commit record ends in the primary's WAL, read with
+    pg_walinspect from ``start`` on: a token must be at or past it."""
+    ends = lc.execute(
+        "primary",
+        "SELECT end_lsn::text FROM pg_get_wal_records_info("
+        f"'{start}', pg_current_wal_flush_lsn()) "
+        f"WHERE xid = '{xid}' AND resource_manager = 'Transaction' AND record_type = 'COMMIT'",
+    )
+    assert len(ends) == 1, ends
+    return parse_lsn(ends[0][0])

@@ -17,7 +17,7 @@ import psycopg
 import psycopg2
 import pytest
 
-from helpers import FAST, replay_paused, run, scratch_table
+from helpers import FAST, commit_record_end, replay_paused, run, scratch_table
 from replica_router import (
     AsyncCluster,
     Cluster,
@@ -28,7 +28,7 @@ from replica_router import (
 )
 from replica_router.asgi import ConsistencyMiddleware
 from replica_router.integrations import psycopg2 as routed
-from replica_router.lsn import format_lsn, parse_lsn
+from replica_router.lsn import format_lsn
 from replica_router.sandbox import LocalCluster
 
 
@@ -300,14 +300,7 @@ def test_an_autocommit_write_token_is_at_or_past_its_commit_record(
         ).fetchone()
         token = cluster.token
     assert row is not None and token is not None
-    ends = lc.execute(
-        "primary",
-        "SELECT end_lsn::text FROM pg_get_wal_records_info("
-        f"'{start}', pg_current_wal_flush_lsn()) "
-        f"WHERE xid = '{row[0]}' AND resource_manager = 'Transaction' AND record_type = 'COMMIT'",
-    )
-    assert len(ends) == 1, ends
-    assert parse_lsn(ends[0][0]) <= token.lsn
+    assert commit_record_end(lc, start, row[0]) <= token.lsn
 
 
 # -- defect 8: request state made at the scope boundary -----------------------------------------

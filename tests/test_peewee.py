@@ -22,7 +22,7 @@ import pytest
 from playhouse.pool import MaxConnectionsExceeded
 from playhouse.postgres_ext import BinaryJSONField
 
-from helpers import FAST, replay_paused, replica_ports, wait_until
+from helpers import FAST, commit_record_end, replay_paused, replica_ports, wait_until
 from replica_router import Cluster, PrimaryUnavailable
 from replica_router.integrations.peewee import (
     CLASSIFY,
@@ -34,7 +34,6 @@ from replica_router.integrations.peewee import (
     still_primary,
     use_primary,
 )
-from replica_router.lsn import parse_lsn
 from replica_router.sandbox import LocalCluster
 from replica_router.topology import NodeState, Role, Topology
 
@@ -170,14 +169,7 @@ def test_an_autocommit_create_token_is_at_or_past_its_commit_record(
         assert token is not None
         table = user._meta.table_name
         xid = lc.execute("primary", f"SELECT xmin::text FROM {table} WHERE id = {made.id}")[0][0]
-        ends = lc.execute(
-            "primary",
-            "SELECT end_lsn::text FROM pg_get_wal_records_info("
-            f"'{start}', pg_current_wal_flush_lsn()) "
-            f"WHERE xid = '{xid}' AND resource_manager = 'Transaction' AND record_type = 'COMMIT'",
-        )
-        assert len(ends) == 1, ends
-        assert parse_lsn(ends[0][0]) <= token.lsn
+        assert commit_record_end(lc, start, xid) <= token.lsn
         with db.session(str(token), inherit=False):  # the next request, with the token
             assert port(db) == lc.port("primary")
             assert user.get_by_id(made.id).name == "Ada"
