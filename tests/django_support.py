@@ -52,6 +52,30 @@ def database_settings(lc: LocalCluster, name: str = DB_NAME) -> dict[str, dict[s
     return databases
 
 
+def django_settings(databases: dict[str, Any]) -> dict[str, Any]:
+    """The test project's settings for ``databases`` (the shared sandbox's, or a
+    scenario process's own)."""
+    return {
+        "DEBUG": False,
+        "SECRET_KEY": "replica-router-tests",
+        "ALLOWED_HOSTS": ["*"],
+        "USE_TZ": True,
+        "DEFAULT_AUTO_FIELD": "django.db.models.AutoField",
+        "INSTALLED_APPS": [
+            "django.contrib.contenttypes",
+            "django.contrib.auth",
+            "django.contrib.sessions",
+            "rr_django_app",
+        ],
+        "ROOT_URLCONF": "rr_django_app.urls",
+        "MIDDLEWARE": MIDDLEWARE,
+        "DATABASES": databases,
+        "DATABASE_ROUTERS": ["replica_router.integrations.django.ReplicaRouter"],
+        "REPLICA_ROUTER": ROUTER_SETTING,
+        "PASSWORD_HASHERS": ["django.contrib.auth.hashers.MD5PasswordHasher"],
+    }
+
+
 def configure(lc: LocalCluster) -> None:
     """Configure Django for the shared sandbox (once per process)."""
     import django
@@ -59,25 +83,7 @@ def configure(lc: LocalCluster) -> None:
 
     if settings.configured:
         return
-    settings.configure(
-        DEBUG=False,
-        SECRET_KEY="replica-router-tests",
-        ALLOWED_HOSTS=["*"],
-        USE_TZ=True,
-        DEFAULT_AUTO_FIELD="django.db.models.AutoField",
-        INSTALLED_APPS=[
-            "django.contrib.contenttypes",
-            "django.contrib.auth",
-            "django.contrib.sessions",
-            "rr_django_app",
-        ],
-        ROOT_URLCONF="rr_django_app.urls",
-        MIDDLEWARE=MIDDLEWARE,
-        DATABASES=database_settings(lc),
-        DATABASE_ROUTERS=["replica_router.integrations.django.ReplicaRouter"],
-        REPLICA_ROUTER=ROUTER_SETTING,
-        PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"],
-    )
+    settings.configure(**django_settings(database_settings(lc)))
     django.setup()
 
 

@@ -104,26 +104,9 @@ def main() -> None:
     import django
     from django.conf import settings
 
-    from django_support import MIDDLEWARE, ROUTER_SETTING
+    from django_support import django_settings
 
-    settings.configure(
-        DEBUG=False,
-        SECRET_KEY="replica-router-tests",
-        ALLOWED_HOSTS=["*"],
-        USE_TZ=True,
-        DEFAULT_AUTO_FIELD="django.db.models.AutoField",
-        INSTALLED_APPS=[
-            "django.contrib.contenttypes",
-            "django.contrib.auth",
-            "django.contrib.sessions",
-            "rr_django_app",
-        ],
-        ROOT_URLCONF="rr_django_app.urls",
-        MIDDLEWARE=MIDDLEWARE,
-        DATABASES=databases,
-        DATABASE_ROUTERS=["replica_router.integrations.django.ReplicaRouter"],
-        REPLICA_ROUTER=ROUTER_SETTING,
-    )
+    settings.configure(**django_settings(databases))
     django.setup()
 
     from django.core.management import call_command
