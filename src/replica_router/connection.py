@@ -355,18 +355,14 @@ class RoutedConnection(PsycopgSession):
         params: Any,
         how: bool | Many | None,
     ) -> None:
-        if self._attention:
-            self._check_open()
-            self._attention = False
-            self._cluster.learn_functions()  # once per cluster; then an attribute check
-        st = self._analyze(query if type(query) is str else query_text(query))
+        st = self._statement(query)
         if uses_copy(st):
             raise psycopg.ProgrammingError(
                 f"{st.reason} cannot be used with execute(); use cursor.copy() instead"
             )
         if self._tx is not None:
             self._in_transaction(rc, st, query, params, how)
-        elif self._autocommit and st.intent is _READ and not st.session and not self._pinned:
+        elif self._autocommit_read(st):
             link = self._read_link()  # the hot path: an autocommit read
             try:
                 self._run(rc, link, query, params, how)
@@ -386,6 +382,15 @@ class RoutedConnection(PsycopgSession):
         else:
             self._route(rc, st, query, params, how)
 
+    def _statement(self, query: Any) -> Statement:
+        """The classifier's verdict on the next statement, after what is due first."""
+        if self._attention:
+            self._check_open()
+            self._attention = False
+            self._cluster.learn_functions()  # once per cluster; then an attribute check
+        st: Statement = self._analyze(query if type(query) is str else query_text(query))
+        return st
+
     @contextlib.contextmanager
     def _copy(
         self, rc: RoutedCursor, statement: Query, params: Params | None
@@ -393,16 +398,12 @@ class RoutedConnection(PsycopgSession):
         """``cursor.copy()``: ``COPY ... TO STDOUT`` of a read runs on the read node,
         ``COPY ... FROM STDIN`` on the primary; in autocommit the token follows the
         primary once the COPY has ended (it commits then), in a transaction at COMMIT."""
-        if self._attention:
-            self._check_open()
-            self._attention = False
-            self._cluster.learn_functions()
-        st = self._analyze(statement if type(statement) is str else query_text(statement))
+        st = self._statement(statement)
         autocommit_write = False
         if self._tx is not None:
             link = self._tx
             self._note_statement(link, st)
-        elif self._autocommit and st.intent is _READ and not st.session and not self._pinned:
+        elif self._autocommit_read(st):
             link = self._read_link()
         elif self._autocommit:
             link = self._write_link()

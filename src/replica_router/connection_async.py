@@ -352,18 +352,14 @@ class AsyncRoutedConnection(PsycopgSession):
         params: Any,
         how: bool | Many | None,
     ) -> None:
-        if self._attention:
-            self._check_open()
-            self._attention = False
-            await self._cluster.learn_functions()  # once per cluster; then an attribute check
-        st = self._analyze(query if type(query) is str else query_text(query))
+        st = await self._statement(query)
         if uses_copy(st):
             raise psycopg.ProgrammingError(
                 f"{st.reason} cannot be used with execute(); use cursor.copy() instead"
             )
         if self._tx is not None:
             await self._in_transaction(rc, st, query, params, how)
-        elif self._autocommit and st.intent is _READ and not st.session and not self._pinned:
+        elif self._autocommit_read(st):
             link = await self._read_link()  # the hot path: an autocommit read
             try:
                 await self._run(rc, link, query, params, how)
@@ -383,6 +379,15 @@ class AsyncRoutedConnection(PsycopgSession):
         else:
             await self._route(rc, st, query, params, how)
 
+    async def _statement(self, query: Any) -> Statement:
+        """The classifier's verdict on the next statement, after what is due first."""
+        if self._attention:
+            self._check_open()
+            self._attention = False
+            await self._cluster.learn_functions()  # once per cluster; then an attribute check
+        st: Statement = self._analyze(query if type(query) is str else query_text(query))
+        return st
+
     @contextlib.asynccontextmanager
     async def _copy(
         self, rc: AsyncRoutedCursor, statement: Query, params: Params | None
@@ -390,16 +395,12 @@ class AsyncRoutedConnection(PsycopgSession):
         """``cursor.copy()``: ``COPY ... TO STDOUT`` of a read runs on the read node,
         ``COPY ... FROM STDIN`` on the primary; in autocommit the token follows the
         primary once the COPY has ended (it commits then), in a transaction at COMMIT."""
-        if self._attention:
-            self._check_open()
-            self._attention = False
-            await self._cluster.learn_functions()
-        st = self._analyze(statement if type(statement) is str else query_text(statement))
+        st = await self._statement(statement)
         autocommit_write = False
         if self._tx is not None:
             link = self._tx
             self._note_statement(link, st)
-        elif self._autocommit and st.intent is _READ and not st.session and not self._pinned:
+        elif self._autocommit_read(st):
             link = await self._read_link()
         elif self._autocommit:
             link = await self._write_link()

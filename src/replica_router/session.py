@@ -414,6 +414,11 @@ class RoutedSession:
         self._begin = begin_sql(isolation, self._read_only, self._deferrable)
         self._serializable = isolation == "SERIALIZABLE"
 
+    def _autocommit_read(self, st: Statement) -> bool:
+        """Outside a transaction: a read the read link may serve (the common path) —
+        autocommit, no session state to keep, not pinned."""
+        return self._autocommit and st.intent is _READ and not st.session and not self._pinned
+
     def _autocommit_read_only(self, autocommit: bool) -> bool:
         """Autocommit statements must be refused by the server if they write: they run
         on the read link (a replica, or the primary's read-only connection), and its
