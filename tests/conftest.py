@@ -38,3 +38,18 @@ def paused(replica_cluster: LocalCluster) -> Iterator[Callable[[str], None]]:
     for name in done:
         replica_cluster.resume_replay(name)
     replica_cluster.wait_replicated()
+
+
+@pytest.fixture
+def frozen(fresh_replica_cluster: LocalCluster) -> Iterator[Callable[[str], None]]:
+    """Hang nodes of this test's own sandbox with SIGSTOP; always resumed afterwards."""
+    lc = fresh_replica_cluster
+    done: list[str] = []
+
+    def freeze(name: str) -> None:
+        lc.freeze(name)
+        done.append(name)
+
+    yield freeze
+    for name in done:
+        lc.thaw(name)

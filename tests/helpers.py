@@ -7,6 +7,7 @@ import asyncio
 import contextvars
 import importlib.util
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable, Iterator
@@ -21,6 +22,7 @@ from replica_router.sandbox import LocalCluster
 T = TypeVar("T")
 
 FAST = {"monitor_interval": 0.1}  # the monitor sees a change within a tenth of a second
+HUNG_BOUND = 3.0  # design rule 10: a hung node is noticed, and left, within 3 s
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "") -> T:
@@ -34,6 +36,22 @@ def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = ""
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what or predicate}")
         time.sleep(0.01)
+
+
+def within(seconds: float, action: Callable[[], Any]) -> tuple[bool, Any]:
+    """Run ``action`` in a thread; (finished in time, its result or exception)."""
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(action())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return (not thread.is_alive(), outcome[0] if outcome else None)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -10,34 +10,15 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 
-from helpers import FAST, port_of, run, wait_until
-from replica_router import AsyncCluster, Cluster, Error
+from helpers import FAST, HUNG_BOUND, port_of, run, wait_until, within
+from replica_router import AsyncCluster, Cluster, ConfigurationError, Error
 from replica_router.sandbox import LocalCluster
-
-HUNG_BOUND = 3.0  # design rule 10: a hung node is noticed, and left, within 3 s
-
-
-def within(seconds: float, action: Callable[[], Any]) -> tuple[bool, Any]:
-    """Run ``action`` in a thread; (finished in time, its result or exception)."""
-    outcome: list[Any] = []
-
-    def target() -> None:
-        try:
-            outcome.append(action())
-        except Exception as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    return (not thread.is_alive(), outcome[0] if outcome else None)
-
 
 # -- defect 12: a restarted primary -----------------------------------------------------------
 
@@ -221,20 +202,6 @@ def test_an_async_cluster_forked_open_says_to_open_it_again(replica_cluster: Loc
 # -- design rule 10: a hung node -------------------------------------------------------------
 
 
-@pytest.fixture
-def frozen(fresh_replica_cluster: LocalCluster) -> Iterator[Callable[[str], None]]:
-    lc = fresh_replica_cluster
-    done: list[str] = []
-
-    def freeze(name: str) -> None:
-        lc.freeze(name)
-        done.append(name)
-
-    yield freeze
-    for name in done:
-        lc.thaw(name)
-
-
 @pytest.mark.destructive
 def test_the_monitor_notices_a_hung_replica_and_its_return(
     fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
@@ -328,6 +295,96 @@ def test_an_async_read_in_flight_on_a_hung_replica_fails_within_the_bound(
 
     outcome = run(main())
     assert isinstance(outcome, psycopg.OperationalError), outcome
+
+
+@pytest.mark.destructive
+def test_an_integrations_own_connections_in_flight_on_a_hung_replica_fail_within_the_bound(
+    fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
+) -> None:
+    """Design rule 10 for connections the cluster did not make (an integration's own,
+    ``cluster.using``): a psycopg 3 and a psycopg2 connection, and one given by its
+    socket descriptor, each with a query in flight on a replica that hangs, fail
+    within the bound; a new read then goes elsewhere."""
+    import psycopg2
+
+    lc = fresh_replica_cluster
+    with Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None) as cluster:
+        dsn = cluster.conninfo("replica1")
+        pg3 = psycopg.connect(dsn, autocommit=True)
+        pg2 = psycopg2.connect(dsn)
+        pg2.autocommit = True
+        by_fd = psycopg.connect(dsn, autocommit=True)
+
+        def query(conn: Any, registered: Any) -> Callable[[], Any]:
+            def action() -> Any:
+                with cluster.using("replica1", registered):
+                    cur = conn.cursor()
+                    cur.execute("SELECT inet_server_port()")
+                    return cur.fetchone()
+
+            return action
+
+        assert query(pg3, pg3)() == (lc.port("replica1"),)
+        frozen("replica1")
+        outcomes: dict[str, Any] = {}
+        threads = [
+            threading.Thread(target=lambda n=name, a=action: outcomes.update({n: a()}))
+            for name, action in (
+                ("psycopg", lambda: within(HUNG_BOUND + 1.0, query(pg3, pg3))),
+                ("psycopg2", lambda: within(HUNG_BOUND + 1.0, query(pg2, pg2))),
+                ("fd", lambda: within(HUNG_BOUND + 1.0, query(by_fd, by_fd.fileno()))),
+            )
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for name, (done, outcome) in outcomes.items():
+            assert done, f"the {name} query on the hung replica never returned"
+            expected = psycopg2.OperationalError if name == "psycopg2" else psycopg.OperationalError
+            assert isinstance(outcome, expected), (name, outcome)
+        assert cluster.route_read() != "replica1"
+        for conn in (pg3, pg2, by_fd):
+            conn.close()
+
+
+@pytest.mark.destructive
+def test_an_integrations_own_async_connection_in_flight_on_a_hung_replica_fails(
+    fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
+) -> None:
+    """``AsyncCluster.using``: a plain ``with`` around an awaited query."""
+    lc = fresh_replica_cluster
+
+    async def main() -> object:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, max_lag=None) as cluster:
+            conn = await psycopg.AsyncConnection.connect(
+                cluster.conninfo("replica1"), autocommit=True
+            )
+            async with conn:
+                frozen("replica1")
+                try:
+                    with cluster.using("replica1", conn):
+                        await asyncio.wait_for(conn.execute("SELECT 1"), HUNG_BOUND + 1.0)
+                except psycopg.OperationalError as exc:
+                    return exc
+                except TimeoutError:
+                    return "the query on the hung replica never returned"
+        return "no error"
+
+    outcome = run(main())
+    assert isinstance(outcome, psycopg.OperationalError), outcome
+
+
+def test_using_names_a_node_of_the_cluster(replica_cluster: LocalCluster) -> None:
+    lc = replica_cluster
+    with Cluster(lc.primary_dsn, lc.replica_dsns) as cluster:
+        with (
+            pytest.raises(ConfigurationError, match="no node named 'replica9'"),
+            cluster.using("replica9", 0),
+        ):
+            pass
+        with cluster.using("replica1", 0), cluster.using("replica1", 0):
+            pass  # nested: fine
 
 
 def test_pooled_connections_drop_a_peer_that_stops_acknowledging(

@@ -31,6 +31,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Generic, Literal, TypeVar, cast
@@ -238,6 +239,37 @@ def node_status(
         reads=reads,
         writes=writes,
     )
+
+
+class _InUse:
+    """``cluster.using(node, conn)``: ``conn`` is among ``node``'s connections out of
+    their pools (the ones :meth:`ClusterBase._abandon` shuts down) for the block."""
+
+    __slots__ = ("_added", "_cluster", "_conn", "_node")
+
+    def __init__(self, cluster: ClusterBase, node: str, conn: Any) -> None:
+        self._cluster = cluster
+        self._node = node
+        self._conn = conn
+        self._added = False
+
+    def __enter__(self) -> None:
+        cluster, node = self._cluster, self._node
+        out = cluster._out.get(node)
+        if out is None:
+            if node not in cluster.node_names:
+                raise ConfigurationError(
+                    f"using: no node named {node!r} (nodes: {', '.join(cluster.node_names)})"
+                )
+            out = cluster._out.setdefault(node, set())
+        if self._conn not in out:  # nested: the outermost block takes it out again
+            out.add(self._conn)
+            self._added = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._added:
+            self._added = False
+            self._cluster._untrack(self._node, self._conn)
 
 
 class ClusterBase:
@@ -471,6 +503,18 @@ class ClusterBase:
     def monotonic_reads(self) -> bool:
         """Whether reads of a scope never go back in time (see :meth:`record_read`)."""
         return self._monotonic
+
+    def using(self, node: str, conn: Any) -> AbstractContextManager[None]:
+        """While the block runs, ``conn`` (a connection of yours to ``node``: psycopg 3,
+        sync or asyncio, psycopg2, or its socket descriptor) is one the monitor
+        abandons with the cluster's own if ``node`` stops answering (design rule 10):
+        its socket is shut down, so the statement in flight there fails with a
+        connectivity error within the monitor's bound instead of waiting for the
+        node to wake up. Wrap each statement (or a held lease) you run on a node.
+        No I/O; nestable; a plain ``with`` on ``AsyncCluster`` too. Connections from
+        :meth:`checkout` are covered until :meth:`checkin` without it.
+        """
+        return _InUse(self, node, conn)
 
     def note_in_use(self, node: str, change: int) -> None:
         """Count connections to ``node`` an integration holds outside the cluster's pools
@@ -745,7 +789,8 @@ class ClusterBase:
         until the server wakes up; a read then moves on, a write fails."""
         abandoned = tuple(self._out.get(node, ()))
         for conn in abandoned:
-            self._abandoned.add(conn)  # its error is the node's, not a stale pooled link
+            with contextlib.suppress(TypeError):  # an integration's descriptor (using())
+                self._abandoned.add(conn)  # its error is the node's, not a stale pooled link
             shut_down_socket(conn)
         if abandoned:
             log.warning("%s does not answer: %d connection(s) in use there abandoned",

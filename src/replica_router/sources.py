@@ -70,6 +70,7 @@ __all__ = [
     "hung_peer_kwargs",
     "pool_sources",
     "shut_down_socket",
+    "socket_of",
     "validate_pool_kwargs",
 ]
 
@@ -208,17 +209,30 @@ def hung_peer_kwargs(seconds: float) -> dict[str, Any]:
     }
 
 
-def shut_down_socket(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+def socket_of(conn: Any) -> int:
+    """The socket descriptor of a database connection: a psycopg 3 connection (sync or
+    asyncio), a psycopg2 connection or anything else with ``fileno()``, or a descriptor
+    itself. Raises when the connection has no socket (closed)."""
+    if isinstance(conn, int):
+        return conn
+    pgconn = getattr(conn, "pgconn", None)  # psycopg 3: no Python-level call in between
+    if pgconn is not None:
+        return int(pgconn.socket)
+    return int(conn.fileno())
+
+
+def shut_down_socket(conn: Any) -> None:
     """Make a wait on ``conn`` return an error now, from any thread.
 
     A hung server (SIGSTOP, a stalled host) sends no FIN or RST and its kernel may
     still acknowledge what we send, so no TCP timeout fires and statement_timeout
     cannot run: only the client can give up. Shutting the socket down (not closing
     the descriptor someone may be blocked on) makes libpq's wait return an error;
-    the connection is then broken and its pool discards it.
+    the connection is then broken and its pool discards it. ``conn`` is anything
+    :func:`socket_of` takes (psycopg 3, psycopg2, a descriptor); a closed one is left.
     """
     with contextlib.suppress(Exception):
-        fd = os.dup(conn.pgconn.socket)
+        fd = os.dup(socket_of(conn))
         with socket.socket(fileno=fd) as sock:
             sock.shutdown(socket.SHUT_RDWR)
 
