@@ -54,6 +54,36 @@ def within(seconds: float, action: Callable[[], Any]) -> tuple[bool, Any]:
     return (not thread.is_alive(), outcome[0] if outcome else None)
 
 
+def hung_mid_flight(
+    action: Callable[[Callable[[], None]], Any], freeze: Callable[[], None], seconds: float
+) -> tuple[bool, Any]:
+    """Run ``action(hold)`` in a thread: ``hold()``, called once its connection is set
+    up, returns after ``freeze()`` hung the node, so the query that follows goes to a
+    hung server. (finished within ``seconds`` after that, its result or exception)."""
+    ready, go = threading.Event(), threading.Event()
+    outcome: list[Any] = []
+
+    def hold() -> None:
+        ready.set()
+        go.wait()
+
+    def target() -> None:
+        try:
+            outcome.append(action(hold))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    wait_until(lambda: ready.is_set() or not thread.is_alive(), what="the action set up")
+    if not ready.is_set():
+        raise AssertionError(f"the action ended before it held: {outcome}")
+    freeze()
+    go.set()
+    thread.join(seconds)
+    return (not thread.is_alive(), outcome[0] if outcome else None)
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` in its own context: no consistency scope leaks between tests."""
     return contextvars.Context().run(asyncio.run, coro)

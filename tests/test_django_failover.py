@@ -3,12 +3,13 @@ aliases point there for the test), and Django's own connection pool."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from django_support import ALIASES, aliases_for, pointed_at, recording
-from helpers import wait_until
+from helpers import HUNG_BOUND, hung_mid_flight, wait_until
 from replica_router.sandbox import LocalCluster
 
 
@@ -70,6 +71,42 @@ def test_after_a_promotion_writes_go_to_the_promoted_alias_and_succeed(
     # migrate follows the measured primary too: the old one is refused.
     assert router.allow_migrate("replica1", "rr_django_app") is True
     assert router.allow_migrate("default", "rr_django_app") is False
+
+
+@pytest.mark.destructive
+@pytest.mark.usefixtures("own_sandbox")
+def test_a_read_in_flight_on_a_hung_replica_fails_within_the_bound_then_reads_move(
+    frozen: Callable[[str], None],
+) -> None:
+    """Design rule 10 on Django's own connections: a query sent to a replica alias
+    that then hangs (SIGSTOP) fails within the bound instead of waiting until the
+    node is thawed (the monitor abandons it, as the cluster's own connections); the
+    following reads go to the other replica."""
+    from django.db import OperationalError, connections
+
+    from replica_router.integrations.django import get_cluster
+    from rr_django_app.models import Post
+
+    cluster = get_cluster()
+    Post.objects.create(title="hung")
+
+    def read_on_replica1(hold: Callable[[], None]) -> Any:
+        conn = connections["replica1"]  # this thread's own
+        try:
+            conn.ensure_connection()
+            hold()
+            return list(Post.objects.using("replica1").values_list("title", flat=True))
+        finally:
+            conn.close()
+
+    done, outcome = hung_mid_flight(read_on_replica1, lambda: frozen("replica1"), HUNG_BOUND + 1.0)
+    assert done, "the query on the hung replica never returned"
+    assert isinstance(outcome, OperationalError), outcome
+    assert not cluster.topology.by_name["replica1"].healthy
+    with recording() as ran:
+        for _ in range(4):
+            list(Post.objects.all())
+    assert aliases_for(ran, "rr_django_app_post") == {"replica2"}
 
 
 def test_djangos_connection_pool(django_env: LocalCluster) -> None:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,15 @@ import pytest
 from playhouse.pool import MaxConnectionsExceeded
 from playhouse.postgres_ext import BinaryJSONField
 
-from helpers import FAST, commit_record_end, replay_paused, replica_ports, wait_until
+from helpers import (
+    FAST,
+    HUNG_BOUND,
+    commit_record_end,
+    hung_mid_flight,
+    replay_paused,
+    replica_ports,
+    wait_until,
+)
 from replica_router import Cluster, PrimaryUnavailable
 from replica_router.integrations.peewee import (
     CLASSIFY,
@@ -669,3 +677,28 @@ def test_without_a_primary_reads_go_on_and_writes_fail_as_peewee_errors(
             assert db.check_connections() == {"primary": False, "replica1": True}
         finally:
             db.close()
+
+
+@pytest.mark.destructive
+def test_a_read_in_flight_on_a_hung_replica_moves_on_within_the_bound(
+    fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
+) -> None:
+    """Design rule 10: a select sent on the held link to a replica that then hangs
+    (SIGSTOP) does not wait for it: the monitor abandons the link (it came from the
+    cluster's pool) and the read runs again on another node, within the bound."""
+    lc = fresh_replica_cluster
+    with Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None) as cluster:
+        db = RoutedPostgresqlDatabase(cluster)
+
+        def read_on_replica1(hold: Callable[[], None]) -> Any:
+            with db.connection_context():
+                wait_until(lambda: port(db) == lc.port("replica1"), what="a read on replica1")
+                hold()
+                return port(db)  # the held link: replica1, hung now
+
+        done, outcome = hung_mid_flight(
+            read_on_replica1, lambda: frozen("replica1"), HUNG_BOUND + 1.0
+        )
+        assert done, "the read on the hung replica never returned"
+        assert outcome in (lc.port("replica2"), lc.port("primary")), outcome
+        db.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -20,7 +20,7 @@ from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from helpers import FAST, replay_paused, wait_until
+from helpers import FAST, HUNG_BOUND, hung_mid_flight, replay_paused, wait_until
 from replica_router import Cluster, ConfigurationError
 from replica_router.integrations.sqlalchemy import (
     RoutingSession,
@@ -438,3 +438,32 @@ def test_streamed_results_work_on_a_replica(
         rows = session.execute(text("SELECT generate_series(1, 5)"), execution_options=options)
         assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
     assert ports.ports() and ports.ports()[-1] != replica_cluster.port("primary")
+
+
+@pytest.mark.destructive
+def test_a_read_in_flight_on_a_hung_replica_fails_within_the_bound_then_reads_move(
+    fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
+) -> None:
+    """Design rule 10: a session's read sent to a replica that then hangs (SIGSTOP)
+    fails within the bound (its connection came from the cluster's pool, so the
+    monitor abandons it with the others); the next session reads elsewhere."""
+    lc = fresh_replica_cluster
+    port_sql = text("SELECT inet_server_port()")
+    with Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None) as cluster:
+        Session = sessionmaker(cluster)
+
+        def read_on_replica1(hold: Callable[[], None]) -> Any:
+            while True:  # sessions until one's transaction reads on replica1
+                with Session() as session:
+                    if session.scalar(port_sql) == lc.port("replica1"):
+                        hold()
+                        return session.scalar(port_sql)  # the same node: hung now
+
+        done, outcome = hung_mid_flight(
+            read_on_replica1, lambda: frozen("replica1"), HUNG_BOUND + 1.0
+        )
+        assert done, "the read on the hung replica never returned"
+        assert isinstance(outcome, sa.exc.OperationalError), outcome
+        for _ in range(4):
+            with Session() as session:
+                assert session.scalar(port_sql) in (lc.port("replica2"), lc.port("primary"))

@@ -4,7 +4,7 @@ psycopg async dialect, routed through the ``sync_session_class``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from helpers import FAST, replay_paused, run
+from helpers import FAST, HUNG_BOUND, replay_paused, run
 from replica_router import AsyncCluster
 from replica_router.integrations.sqlalchemy import async_sessionmaker, use_primary
 from replica_router.sandbox import LocalCluster
@@ -111,3 +111,38 @@ def test_200_concurrent_tasks_leak_no_pin_and_no_token(
             assert sum(cluster.in_use(n) for n in cluster.node_names) == 0
 
     run(main())
+
+
+@pytest.mark.destructive
+def test_a_read_in_flight_on_a_hung_replica_fails_within_the_bound(
+    fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
+) -> None:
+    """Design rule 10 under asyncio: an AsyncSession's read on a replica that hangs
+    fails within the bound; the next session reads elsewhere."""
+    lc = fresh_replica_cluster
+    port_sql = text("SELECT inet_server_port()")
+
+    async def main() -> tuple[object, set[int]]:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, max_lag=None) as cluster:
+            Session = async_sessionmaker(cluster)
+            outcome: object = "no error"
+            while outcome == "no error":
+                async with Session() as session:
+                    if await session.scalar(port_sql) != lc.port("replica1"):
+                        continue
+                    frozen("replica1")
+                    try:
+                        await asyncio.wait_for(session.scalar(port_sql), HUNG_BOUND + 1.0)
+                    except sa.exc.OperationalError as exc:
+                        outcome = exc
+                    except TimeoutError:
+                        outcome = "the read on the hung replica never returned"
+            after = set()
+            for _ in range(4):
+                async with Session() as session:
+                    after.add(await session.scalar(port_sql))
+            return outcome, after
+
+    outcome, after = run(main())
+    assert isinstance(outcome, sa.exc.OperationalError), outcome
+    assert after <= {lc.port("replica2"), lc.port("primary")}, after

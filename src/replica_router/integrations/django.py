@@ -498,6 +498,8 @@ class _Guard:
         process = _current()
         if process is not None:
             primary, classify = process.primary(), process.cluster.classifier.classify
+            if self.alias not in process.mirrors:  # a node of the cluster: abandoned if it hangs
+                execute = _abandoned_if_hung(process.cluster, self.alias, execute)
         else:
             primary, classify = _settings().primary, default_classify
         if self.alias != primary:
@@ -566,6 +568,21 @@ class _Guard:
         wrapper.cursor.close()
         wrapper.cursor = primary_cursor.cursor
         return None
+
+
+def _abandoned_if_hung(
+    cluster: Cluster, alias: str, execute: Callable[..., Any]
+) -> Callable[..., Any]:
+    """``execute`` with the alias's driver connection in ``cluster.using()`` while it
+    runs: if the node hangs (SIGSTOP, a stalled host), the monitor shuts its socket
+    down and the statement fails within the bound (design rule 10), as the cluster's
+    own connections do, instead of waiting for the node to wake up."""
+
+    def run(sql: Any, params: Any, many: bool, context: dict[str, Any]) -> Any:
+        with cluster.using(alias, context["connection"].connection):
+            return execute(sql, params, many, context)
+
+    return run
 
 
 def _install(conn: Any) -> _Guard | None:
