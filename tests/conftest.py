@@ -14,13 +14,16 @@ pytest_plugins = ["django_support"]
 
 
 @pytest.fixture(autouse=True)
-def _independent_consistency_scope() -> Iterator[None]:
-    """Each test is its own unit of work, as each web request is.
+def _independent_consistency_scope(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test is its own unit of work, as each web request is, in a process of its own.
 
-    pytest runs every test on the main thread, whose context would otherwise
-    keep one default scope for the whole session: a write in one test would make
-    a later test's reads wait for it, and a test could pass or fail by order.
+    Code outside every session (a thread the test starts, a fresh context) shares
+    the process-wide root scope, which would otherwise keep every test's writes:
+    a write in one test would make a later test's reads wait for it, and a test
+    could pass or fail by order. So each test gets an empty root, and its body
+    runs in a scope of its own.
     """
+    monkeypatch.setattr(consistency, "_ROOT", consistency.Scope())
     with consistency.session(inherit=False):
         yield
 

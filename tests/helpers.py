@@ -85,7 +85,8 @@ def hung_mid_flight(
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in its own context: no consistency scope leaks between tests."""
+    """Run ``coro`` in a fresh context, outside every session: the code there shares the
+    process-wide root scope (empty at the start of each test), as a script's would."""
     return contextvars.Context().run(asyncio.run, coro)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import threading
 
 import pytest
@@ -96,14 +97,20 @@ def run_in_fresh_context(fn):  # type: ignore[no-untyped-def]
     return contextvars.Context().run(fn)
 
 
-def test_default_scope_is_created_once_per_context() -> None:
-    def body() -> None:
-        assert peek_scope() is None
-        scope = current_scope()
-        assert current_scope() is scope
-        assert peek_scope() is scope
-
-    run_in_fresh_context(body)
+def test_code_outside_every_session_shares_one_root_scope() -> None:
+    """Design rule 6: no context makes a scope of its own by asking first, so a copy
+    (``to_thread``, an executor, ``copy_context().run``) and its caller see one object."""
+    root = run_in_fresh_context(current_scope)
+    assert run_in_fresh_context(peek_scope) is root
+    assert contextvars.copy_context().run(current_scope) is not root  # the test's session
+    seen: list[Scope] = []
+    thread = threading.Thread(target=lambda: seen.append(current_scope()))
+    thread.start()
+    thread.join()
+    assert seen == [root]
+    with session(inherit=False) as own:
+        assert contextvars.copy_context().run(current_scope) is own
+    assert run_in_fresh_context(current_scope) is root
 
 
 def test_scope_keeps_positions_per_cluster() -> None:
@@ -161,7 +168,7 @@ def test_session_parses_strings_and_rejects_garbage() -> None:
     def body() -> None:
         with pytest.raises(TokenError), session(token="nonsense"):
             pass
-        assert peek_scope() is None or peek_scope().token is None  # type: ignore[union-attr]
+        assert current_scope().token is None
 
     run_in_fresh_context(body)
 
@@ -178,16 +185,56 @@ def test_session_scope_survives_an_exception_and_restores_the_parent() -> None:
     run_in_fresh_context(body)
 
 
-def test_threads_have_their_own_default_scope() -> None:
+def test_a_thread_outside_every_session_shares_the_root_and_a_session_keeps_its_own() -> None:
     def body() -> None:
         current_scope().advance(Token(99, 1))
         seen: list[Token | None] = []
-        thread = threading.Thread(target=lambda: seen.append(current_scope().token))
+
+        def job() -> None:
+            seen.append(current_scope().token)  # the root: what the caller wrote
+            with session(inherit=False) as own:  # a unit of work of its own
+                seen.append(own.token)
+                own.advance(Token(120, 1))
+            current_scope().advance(Token(110, 1))  # outside it: the root
+
+        thread = threading.Thread(target=job)
         thread.start()
         thread.join()
-        assert seen == [None]
+        assert seen == [Token(99, 1), None]
+        assert current_scope().token == Token(110, 1)
 
     run_in_fresh_context(body)
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_keeps_the_roots_positions_under_a_fresh_lock() -> None:
+    """Design rule 7: the child goes on with the parent's work (it reads the parent's
+    writes), and a lock a parent thread held at the fork cannot block it."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no os.fork")
+    root = run_in_fresh_context(current_scope)
+    root.advance(Token(77, 1))
+    root._lock.acquire()  # as if another thread were updating it at the fork
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 only if the root works and kept the token
+            code = 1
+            try:
+                child_root = run_in_fresh_context(current_scope)
+                kept = child_root.token == Token(77, 1)
+                if not child_root._lock.acquire(timeout=5):  # the parent's lock: held
+                    code = 3
+                else:
+                    child_root._lock.release()
+                    child_root.advance(Token(80, 1))
+                    code = 0 if kept and child_root.token == Token(80, 1) else 2
+            finally:
+                os._exit(code)
+    finally:
+        root._lock.release()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert root.token == Token(77, 1)  # the child's write stays in the child
 
 
 def test_asyncio_tasks_get_their_own_nested_sessions() -> None:

@@ -9,6 +9,8 @@ each test fails exactly when the token did not advance (issue 11, design rule 1)
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -306,11 +308,9 @@ def test_an_autocommit_write_token_is_at_or_past_its_commit_record(
 # -- defect 8: request state made at the scope boundary -----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect 8: a write in asyncio.to_thread before the caller has a scope is lost",
-)
+# Each runs in a fresh context (no session: the caller has no scope before the copy).
+
+
 @pytest.mark.usefixtures("paused")
 def test_a_write_in_to_thread_reaches_the_callers_scope(cluster: Cluster, table: str) -> None:
     """Defect 8: ``asyncio.to_thread`` copies the context; the write must still count."""
@@ -323,7 +323,57 @@ def test_a_write_in_to_thread_reaches_the_callers_scope(cluster: Cluster, table:
         await asyncio.to_thread(write)
         return seen(cluster, table, 12)
 
-    assert run(main())  # a fresh context: the caller has no scope yet
+    assert run(main())
+
+
+@pytest.mark.usefixtures("paused")
+def test_a_write_in_a_thread_pool_executor_reaches_the_callers_scope(
+    cluster: Cluster, table: str
+) -> None:
+    """Defect 8: an executor's worker thread runs in a context of its own."""
+
+    def body() -> bool:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(_insert, cluster, table, 14).result()
+        return seen(cluster, table, 14)
+
+    assert contextvars.Context().run(body)
+
+
+@pytest.mark.usefixtures("paused")
+def test_a_write_in_a_copied_context_reaches_the_callers_scope(
+    cluster: Cluster, table: str
+) -> None:
+    """Defect 8: ``contextvars.copy_context().run``, the copy every framework makes."""
+
+    def body() -> bool:
+        contextvars.copy_context().run(_insert, cluster, table, 15)
+        return seen(cluster, table, 15)
+
+    assert contextvars.Context().run(body)
+
+
+@pytest.mark.usefixtures("paused")
+def test_a_session_in_a_thread_keeps_its_writes_to_itself(cluster: Cluster, table: str) -> None:
+    """The root scope is only for code outside every session: a thread's own unit of
+    work (``session(inherit=False)``) hands nothing to it."""
+
+    def job() -> None:
+        with cluster.session(inherit=False):
+            _insert(cluster, table, 16)
+            assert seen(cluster, table, 16)  # the job reads its own write
+
+    def body() -> bool:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(job).result()
+        return seen(cluster, table, 16)
+
+    assert not contextvars.Context().run(body)  # a paused replica served it: no token
+
+
+def _insert(cluster: Cluster, table: str, row_id: int) -> None:
+    with cluster.write() as conn:
+        conn.execute(f"INSERT INTO {table} VALUES ({row_id})")
 
 
 # -- defect 9: the monotonic floor rises when a read is served -----------------------------------

@@ -320,7 +320,10 @@ def test_eight_threads_see_their_own_writes_and_nothing_else(
     replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any
 ) -> None:
     """Threads 0-3 write and read back with replay paused (the primary must serve
-    them); threads 4-7 only read and must stay on replicas throughout."""
+    them); threads 4-7 only read and must stay on replicas throughout. Each thread is
+    a unit of work of its own (``session(inherit=False)``): outside every session,
+    threads share the process's root scope, and the readers would wait for the
+    writers' tokens."""
     lc = replica_cluster
     replica_only(lc, db)
     barrier = threading.Barrier(8)
@@ -330,7 +333,7 @@ def test_eight_threads_see_their_own_writes_and_nothing_else(
     def work(i: int) -> None:
         try:
             seen: list[tuple[str, int]] = []
-            with db.connection_context():
+            with db.session(inherit=False), db.connection_context():
                 for round_ in range(5):
                     barrier.wait(timeout=30)
                     if i < 4:
@@ -409,9 +412,9 @@ with Cluster(primary, replicas, max_lag=None, monitor_interval=0.1) as cluster:
             database = db
             table_name = table
 
-    def work(i):
+    def work(i):  # each greenlet a unit of work of its own
         seen = []
-        with db.connection_context():
+        with db.session(inherit=False), db.connection_context():
             for r in range(5):
                 gevent.sleep(0)  # let the other greenlets interleave
                 if i % 2 == 0:
@@ -423,7 +426,8 @@ with Cluster(primary, replicas, max_lag=None, monitor_interval=0.1) as cluster:
                     User.select().count()
                 port = db.execute_sql("SELECT inet_server_port()").fetchone()[0]
                 seen.append([got, port])
-        return {"seen": seen, "token": str(db.token) if db.token else None}
+            token = str(db.token) if db.token else None
+        return {"seen": seen, "token": token}
 
     jobs = [gevent.spawn(work, i) for i in range(8)]
     gevent.joinall(jobs, raise_error=True)

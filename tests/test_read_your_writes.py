@@ -3,7 +3,6 @@ by pausing replay (no timing luck: a paused replica *cannot* have the row)."""
 
 from __future__ import annotations
 
-import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -111,9 +110,10 @@ def test_write_then_read_sees_the_row_with_replay_paused(
                 assert row_id in rows
                 assert port == lc.port("primary")  # no replica has it
         assert cluster.counters().fallbacks["token"] == 5
-        # The sessions handed their writes back to this context's scope; a context
-        # that never wrote (another request, another thread) reads a replica.
-        port, rows = contextvars.Context().run(_read_rows, cluster, table)
+        # The sessions handed their writes back to this context's scope; a unit of
+        # work of its own that never wrote (another request, another job) reads a replica.
+        with cluster.session(inherit=False):
+            port, rows = _read_rows(cluster, table)
         assert port != lc.port("primary")
         assert rows == []
 
@@ -146,7 +146,7 @@ def test_the_token_string_carries_read_your_writes_across_threads(
         handed_over: list[str] = []
 
         def writer() -> None:
-            with cluster.session():
+            with cluster.session(inherit=False):  # a job of its own: hands the token on
                 insert(cluster, table, 42)
                 handed_over.append(str(cluster.token))
 
@@ -160,7 +160,7 @@ def test_the_token_string_carries_read_your_writes_across_threads(
                 with cluster.read() as conn:
                     results.append(port_and_rows(conn, table))
                 return
-            with cluster.session(token=Token.parse(text)), cluster.read() as conn:
+            with cluster.session(token=Token.parse(text), inherit=False), cluster.read() as conn:
                 results.append(port_and_rows(conn, table))
 
         for text in (handed_over[0], None):
@@ -283,8 +283,8 @@ def test_window_mode_by_user_id_across_scopes(replica_cluster: LocalCluster, tab
             insert(cluster, table, 1)
         ports: dict[str, int] = {}
 
-        def request(user: str) -> None:
-            with cluster.session(user_id=user):
+        def request(user: str) -> None:  # a request: a unit of work of its own
+            with cluster.session(user_id=user, inherit=False):
                 ports[user] = read_port(cluster)
 
         for user in ("alice", "bob"):

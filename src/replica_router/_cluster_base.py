@@ -40,7 +40,7 @@ from psycopg.conninfo import make_conninfo
 
 from . import consistency
 from .classify import Classifier
-from .consistency import Mark, Scope, Token, current_scope, peek_scope
+from .consistency import Mark, Scope, Token, current_scope
 from .dsn import check_distinct, parse_dsn, password_of, scrub, split_hosts
 from .errors import (
     ConfigurationError,
@@ -586,8 +586,7 @@ class ClusterBase:
     @property
     def token(self) -> Token | None:
         """The current scope's token for this cluster (hand it to the next request)."""
-        scope = peek_scope()
-        return None if scope is None else scope.token_for(self.system_identifier)
+        return current_scope().token_for(self.system_identifier)
 
     @contextlib.contextmanager
     def session(
@@ -672,11 +671,7 @@ class ClusterBase:
         max_lag_bytes: int | None = None,
         max_staleness: float | None = None,
     ) -> ReadPlan:
-        mark = None
-        if self._tracks_scope:
-            scope = peek_scope()
-            if scope is not None:
-                mark = scope.mark(self.system_identifier)
+        mark = current_scope().mark(self.system_identifier) if self._tracks_scope else None
         if mark is None and max_lag is None and max_lag_bytes is None and max_staleness is None:
             return self._rules.plan(None, 0.0)  # the shared default: nothing to compute
         now = time.monotonic()
@@ -693,8 +688,7 @@ class ClusterBase:
         """The snapshot and this cluster's mark in the current scope (identity-compared
         by routed connections to skip a decision when neither changed)."""
         topology = (self._monitor or self._require_monitor()).topology
-        scope = peek_scope()
-        return topology, None if scope is None else scope.mark(self.system_identifier)
+        return topology, current_scope().mark(self.system_identifier)
 
     def _read_attempt(
         self,

@@ -77,7 +77,7 @@ from .consistency import (
     POSITION_SQL,
     WROTE_COMMIT_POSITION_SQL,
     WROTE_SQL,
-    peek_scope,
+    current_scope,
 )
 from .session import (
     BEGINS,
@@ -254,14 +254,12 @@ class RoutedConnection(PsycopgSession):
             st = self._analyze(query)
             cluster = self._cluster
             monitor = cluster._monitor
-            scope = peek_scope()
             if (
                 st.intent is _READ
                 and not st.session
                 and monitor is not None
                 and monitor.topology is self._read_topology
-                and (None if scope is None else scope.mark(cluster.system_identifier))
-                is self._read_mark
+                and current_scope().mark(cluster.system_identifier) is self._read_mark
             ):
                 node_cursor = cursor._cur = link.conn.cursor(row_factory=self.row_factory,
                                                              binary=binary)  # fmt: skip

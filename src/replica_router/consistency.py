@@ -5,12 +5,15 @@ cluster it was made on (``system_identifier``): a replica whose replay position
 has reached the token has that commit. Tokens are short strings, so they can
 cross threads, processes and HTTP requests.
 
-A :class:`Scope` is what one unit of work (a request, a job, a thread) has
-written and read so far. Scopes live in a ``contextvars.ContextVar``: the
-current context *is* the default scope, ``session()`` opens a nested one, and
-asyncio tasks each see their own. A scope keeps one position per cluster
-(keyed by ``system_identifier``), so an application talking to two clusters
-never applies one cluster's LSN to the other.
+A :class:`Scope` is what one unit of work (a request, a job) has written and
+read so far. Scopes live in a ``contextvars.ContextVar``; ``session()`` opens
+one for a block. Code outside every ``session()`` shares one process-wide *root*
+scope, the same object in every thread, task and copied context: request state
+is created at the scope boundary, never by whichever context asks first, so a
+write made in ``asyncio.to_thread``, an executor or ``copy_context().run``
+reaches its caller. A scope keeps one position per cluster (keyed by
+``system_identifier``), so an application talking to two clusters never applies
+one cluster's LSN to the other.
 
 Everything here is pure except :func:`commit_and_capture` and its async twin,
 the one round trip that commits and learns the commit's position.
@@ -19,6 +22,7 @@ the one round trip that commits and learns the commit's position.
 from __future__ import annotations
 
 import contextvars
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -271,20 +275,34 @@ class Scope:
 
 
 _SCOPE: contextvars.ContextVar[Scope] = contextvars.ContextVar("replica_router.scope")
+# Code outside every session(): one scope for the whole process (see the module doc).
+_ROOT = Scope()
 
 
 def current_scope() -> Scope:
-    """The scope of the current context, created (and kept in the context) on first use."""
+    """The scope of the current ``session()``, else the process-wide root scope.
+
+    Nothing is created or set here: a context that asks first (a thread of
+    ``asyncio.to_thread``, a copied context) must not make a scope its caller
+    never sees.
+    """
     scope = _SCOPE.get(None)
-    if scope is None:
-        scope = Scope()
-        _SCOPE.set(scope)
-    return scope
+    return _ROOT if scope is None else scope
 
 
-def peek_scope() -> Scope | None:
-    """The current scope if one exists; the read hot path uses this to create nothing."""
-    return _SCOPE.get(None)
+# The read hot path's name for the same lookup (it creates nothing either).
+peek_scope = current_scope
+
+
+def _root_after_fork() -> None:
+    """In a forked child: the root keeps what the parent knew (the child goes on with
+    the parent's work, so it must read the parent's writes) under a fresh lock (a
+    thread of the parent may have held the old one at the fork)."""
+    _ROOT._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_root_after_fork)
 
 
 @contextmanager
