@@ -411,3 +411,36 @@ def test_a_write_under_manual_transactions_counts_once_autocommit_is_back(
     assert aliases_for(ran2, "rr_django_app_post") == {"default"}
     after = cluster.token
     assert after is not None and (before is None or after.lsn > before.lsn)
+
+
+def test_a_monotonic_read_never_goes_back_once_a_replica_served_it(
+    models, django_env: LocalCluster, settings_override
+) -> None:
+    """Defect 9 through Django: once a read saw the row on replica1, no later read of
+    the scope may be served by replica2, which has not replayed it."""
+    from replica_router.integrations.django import get_cluster
+
+    options = {"max_lag": None, "monitor_interval": 0.1, "read_your_writes": None,
+               "monotonic_reads": True}  # fmt: skip
+    with settings_override(OPTIONS=options):
+        get_cluster()
+        django_env.pause_replay("replica2")
+        try:
+            models.Post.objects.create(title="mono")  # no token: only the floor protects
+            django_env.wait_replicated()  # replica1 only: replica2 is paused
+            posts = models.Post.objects.filter(title="mono")
+            for _ in range(10):  # round robin: one of the first two lands on replica1
+                with recording() as ran:
+                    count = posts.count()
+                if aliases_for(ran, "rr_django_app_post") == {"replica1"}:
+                    assert count == 1
+                    break
+            else:
+                raise AssertionError("no read landed on replica1")
+            with recording() as ran:
+                later = [posts.count() for _ in range(4)]
+            assert later == [1, 1, 1, 1], f"a read went back in time: {ran}"
+        finally:
+            django_env.resume_replay("replica2")
+            models.Post.objects.filter(title="mono").delete()
+            django_env.wait_replicated()

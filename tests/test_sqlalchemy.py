@@ -467,3 +467,47 @@ def test_a_read_in_flight_on_a_hung_replica_fails_within_the_bound_then_reads_mo
         for _ in range(4):
             with Session() as session:
                 assert session.scalar(port_sql) in (lc.port("replica2"), lc.port("primary"))
+
+
+def test_a_monotonic_read_never_goes_back_once_a_session_read_it(
+    replica_cluster: LocalCluster, schema: None
+) -> None:
+    """Defect 9 through SQLAlchemy: once a session's read saw the row on replica1, no
+    later read of the scope may be served by replica2, which has not replayed it."""
+    lc = replica_cluster
+    with Cluster(
+        lc.primary_dsn,
+        lc.replica_dsns,
+        max_lag=None,
+        read_your_writes=None,
+        monotonic_reads=True,
+        **FAST,  # type: ignore[arg-type]
+    ) as cluster:
+        Session = sessionmaker(cluster)
+        query = text("SELECT inet_server_port(), count(*) FROM sa_notes WHERE body = 'mono'")
+        lc.pause_replay("replica2")
+        try:
+            lc.execute("primary", "INSERT INTO sa_notes (body) VALUES ('mono')")
+            lc.wait_replicated()  # replica1 only: replica2 is paused
+            held = None
+            for _ in range(10):  # round robin: one of the first two lands on replica1
+                session = Session()
+                port, count = session.execute(query).one()
+                if port == lc.port("replica1"):
+                    assert count == 1
+                    held = session
+                    break
+                session.close()
+            assert held is not None, "no session read landed on replica1"
+            try:
+                later = []
+                for _ in range(4):
+                    with Session() as session:
+                        later.append(tuple(session.execute(query).one()))
+            finally:
+                held.close()
+            assert all(count == 1 for _, count in later), f"a read went back in time: {later}"
+        finally:
+            lc.resume_replay("replica2")
+            lc.execute("primary", "DELETE FROM sa_notes WHERE body = 'mono'")
+            lc.wait_replicated()

@@ -146,3 +146,45 @@ def test_a_read_in_flight_on_a_hung_replica_fails_within_the_bound(
     outcome, after = run(main())
     assert isinstance(outcome, sa.exc.OperationalError), outcome
     assert after <= {lc.port("replica2"), lc.port("primary")}, after
+
+
+def test_a_monotonic_read_never_goes_back_once_an_async_session_read_it(
+    replica_cluster: LocalCluster, schema: None
+) -> None:
+    """Defect 9 through SQLAlchemy's asyncio sessions: the floor rises when a read is
+    served, so replica2 (paused, without the row) serves no later read of the scope."""
+    lc = replica_cluster
+    query = text("SELECT inet_server_port(), count(*) FROM sa_notes WHERE body = 'amono'")
+
+    async def main() -> list[tuple[int, int]]:
+        async with _cluster(lc, read_your_writes=None, monotonic_reads=True) as cluster:
+            Session = async_sessionmaker(cluster)
+            held = None
+            for _ in range(10):  # round robin: one of the first two lands on replica1
+                session = Session()
+                port, count = (await session.execute(query)).one()
+                if port == lc.port("replica1"):
+                    assert count == 1
+                    held = session
+                    break
+                await session.close()
+            assert held is not None, "no session read landed on replica1"
+            later = []
+            try:
+                for _ in range(4):
+                    async with Session() as session:
+                        later.append(tuple((await session.execute(query)).one()))
+            finally:
+                await held.close()
+            return later
+
+    lc.pause_replay("replica2")
+    try:
+        lc.execute("primary", "INSERT INTO sa_notes (body) VALUES ('amono')")
+        lc.wait_replicated()  # replica1 only: replica2 is paused
+        later = run(main())
+        assert all(count == 1 for _, count in later), f"a read went back in time: {later}"
+    finally:
+        lc.resume_replay("replica2")
+        lc.execute("primary", "DELETE FROM sa_notes WHERE body = 'amono'")
+        lc.wait_replicated()

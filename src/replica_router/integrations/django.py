@@ -40,7 +40,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -59,7 +59,7 @@ from django.http import HttpRequest, HttpResponseBase
 from .. import Cluster, Intent, consistency
 from .. import classify as default_classify
 from .._web import Incoming, TokenTransport, enter_scope
-from ..consistency import POSITION_SQL, Scope, Token, current_scope
+from ..consistency import NODE_POSITION_SQL, POSITION_SQL, Scope, Token, current_scope
 from ..errors import ConfigurationError, Error, PrimaryUnavailable, TokenError
 from ..lsn import parse_lsn
 from ..sources import ConnectionSource, Purpose, SourceFactory, pool_sources
@@ -444,6 +444,23 @@ def _capture(alias: str) -> None:
         current_scope().advance(Token(parse_lsn(position)))
 
 
+def _served(process: _Process, alias: str, conn: Any) -> None:
+    """Monotonic reads: a read ran on this (replica) alias; no later read of the scope
+    may go back before where its node stands now. One tiny query after the read, on
+    the driver's own cursor (no execute wrappers; in ``cluster.using()`` as the
+    statements are), only with ``monotonic_reads``; a failed measurement leaves the
+    floor as it was."""
+    cluster = process.cluster
+    hung = nullcontext() if alias in process.mirrors else cluster.using(alias, conn.connection)
+    try:
+        with hung, conn.wrap_database_errors, conn.connection.cursor() as cursor:
+            cursor.execute(NODE_POSITION_SQL)
+            row = cursor.fetchone()
+    except DatabaseError:
+        return
+    cluster.record_read(row[0] if row else None)
+
+
 def _committed(alias: str) -> None:
     """A write on ``alias`` (the primary) committed."""
     request = _REQUEST.get()
@@ -506,11 +523,14 @@ class _Guard:
             if _writes(classify, sql):
                 return self._on_primary(primary, sql, params, many, context)
             try:
-                return execute(sql, params, many, context)
+                result = execute(sql, params, many, context)
             except DatabaseError as exc:
                 if not _refused_as_write(exc):
                     raise
                 return self._on_primary(primary, sql, params, many, context, refused=exc)
+            if process is not None and process.cluster.monotonic_reads:
+                _served(process, self.alias, context["connection"])
+            return result
         result = execute(sql, params, many, context)
         if _writes(classify, sql):
             self.wrote(context["connection"])

@@ -39,6 +39,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import psycopg
 from sqlalchemy import event, util
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg, PGDialectAsync_psycopg
@@ -54,7 +55,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from ..classify import Classifier, Intent
 from ..cluster import AsyncCluster, Cluster, Lease
-from ..consistency import acommit_and_capture, commit_and_capture
+from ..consistency import NODE_POSITION_SQL, acommit_and_capture, commit_and_capture
 from ..errors import ConfigurationError, PrimaryUnavailable
 from ..routing import route_write
 from ..sources import Purpose
@@ -275,17 +276,38 @@ class _CaptureMixin:
     def _commit(self, conn: Any) -> int | None:
         return commit_and_capture(conn)
 
+    def _node_position(self, conn: Any) -> Any:
+        return conn.execute(NODE_POSITION_SQL).fetchone()
+
+    def _served(self, link: _NodeLink | None, context: Any) -> None:
+        """Monotonic reads: a read link's statement ran; no later read of the scope may
+        go back before where its node stands now (measured after the read, as the
+        routed connections do; one tiny query, only with ``monotonic_reads``). A failed
+        measurement leaves the floor as it was."""
+        if link is None or link.purpose != "read" or not link.cluster.monotonic_reads:
+            return
+        conn = _driver_of(context)
+        if conn is None:
+            return
+        try:
+            row = self._node_position(conn)
+        except psycopg.Error:
+            return
+        link.cluster.record_read(row[0] if row else None)
+
     def do_execute(self, cursor: Any, statement: Any, parameters: Any, context: Any = None) -> None:
         link = _link_of(self)
         if link is not None:
             link.guard(_driver_of(context))
         super().do_execute(cursor, statement, parameters, context)  # type: ignore[misc]
+        self._served(link, context)
 
     def do_execute_no_params(self, cursor: Any, statement: Any, context: Any = None) -> None:
         link = _link_of(self)
         if link is not None:
             link.guard(_driver_of(context))
         super().do_execute_no_params(cursor, statement, context)  # type: ignore[misc]
+        self._served(link, context)
 
     def do_executemany(
         self, cursor: Any, statement: Any, parameters: Any, context: Any = None
@@ -294,6 +316,7 @@ class _CaptureMixin:
         if link is not None:
             link.guard(_driver_of(context))
         super().do_executemany(cursor, statement, parameters, context)  # type: ignore[misc]
+        self._served(link, context)
 
 
 class RoutedPGDialect(_CaptureMixin, PGDialect_psycopg):
@@ -313,6 +336,14 @@ class RoutedPGDialectAsync(_CaptureMixin, PGDialectAsync_psycopg):
 
     def _commit(self, conn: Any) -> int | None:
         return util.await_only(acommit_and_capture(conn))
+
+    def _node_position(self, conn: Any) -> Any:
+        return util.await_only(_anode_position(conn))
+
+
+async def _anode_position(conn: psycopg.AsyncConnection[Any]) -> Any:
+    cursor = await conn.execute(NODE_POSITION_SQL)
+    return await cursor.fetchone()
 
 
 registry.register(f"postgresql.{_DIALECT}", __name__, "RoutedPGDialect")
