@@ -410,23 +410,52 @@ def stale_reads(h: History) -> list[str]:
     return out
 
 
+def discarded_rows(h: History) -> Callable[[str, float], int]:
+    """How many rows a read on ``node`` by ``moment`` could have seen that the cluster
+    then discarded with an old timeline's tail, as the servers report them: rows
+    ``node`` holds and the final primary does not, inserted on a timeline older than
+    the final primary's newest one, whose write was never acknowledged or was
+    acknowledged in the documented split-brain window (``doomed``). A read that saw
+    them cannot be followed by any read that does: no surviving node has them."""
+    final = {r.id for r in h.rows if r.node == h.final_primary}
+    newest = max((r.timeline for r in h.rows if r.node == h.final_primary), default=None)
+    writes = {op.ids[0]: op for op in h.ops if op.kind == "write" and op.ids}
+    tails: dict[str, list[float]] = collections.defaultdict(list)
+    for r in h.rows:
+        if r.id in final or newest is None or r.timeline >= newest:
+            continue
+        op = writes.get(r.id)
+        if op is not None and (not op.ok or doomed(h, op)):
+            tails[r.node].append(r.at)
+
+    def count(node: str, moment: float) -> int:
+        return sum(1 for at in tails.get(node, ()) if at <= moment)
+
+    return count
+
+
 def monotonic_regressions(h: History) -> list[str]:
-    """In a scope of a ``monotonic_reads=True`` cluster, no read sees less than an earlier one."""
+    """In a scope of a ``monotonic_reads=True`` cluster, no read sees less than an earlier
+    one, except by rows the earlier read's node held on a discarded timeline tail
+    (``discarded_rows``): the data it saw is gone, and nothing can read it again."""
     sequences: dict[tuple[int, int], list[Op]] = collections.defaultdict(list)
     for op in h.ops:
         if op.kind == "read-mono" and op.ok and op.seq is not None and op.value is not None:
             sequences[(op.client, op.seq)].append(op)
+    gone = discarded_rows(h)
     out = []
     for (client, seq), ops in sorted(sequences.items()):
         best: Op | None = None
         for op in sorted(ops, key=lambda o: o.step or 0):
             value = op.value or 0
             if best is not None and value < (best.value or 0):
-                out.append(
-                    f"client {client} sequence {seq} at {h.t(op.start)}: step {op.step} "
-                    f"({op.path}) read {value} rows on {h.node(op.port)} after step "
-                    f"{best.step} ({best.path}) read {best.value} on {h.node(best.port)}"
-                )
+                survived = (best.value or 0) - gone(h.node(best.port), best.end)
+                if value < survived:
+                    out.append(
+                        f"client {client} sequence {seq} at {h.t(op.start)}: step {op.step} "
+                        f"({op.path}) read {value} rows on {h.node(op.port)} after step "
+                        f"{best.step} ({best.path}) read {best.value} on {h.node(best.port)}"
+                    )
             if best is None or value >= (best.value or 0):
                 best = op
     return out

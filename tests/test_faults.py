@@ -125,6 +125,46 @@ def test_a_monotonic_sequence_that_goes_back_is_reported_once() -> None:
     assert len(found) == 1 and "step 2" in found[0] and "read 6 rows" in found[0]
 
 
+def test_a_monotonic_sequence_may_lose_only_rows_discarded_with_an_old_timeline() -> None:
+    """split-brain-promote: a read on the old primary saw writes it took after the
+    promotion (never acknowledged, or in the split-brain window) that the new timeline
+    never got; no surviving node has them, so a later read may see that many fewer.
+    Rows of acknowledged durable writes, or a read going back further, stay violations."""
+    epochs = [
+        Epoch("primary", 0.0, 10.0),
+        Epoch("primary", 10.0, 12.0, durable=False),
+        Epoch("replica1", 10.0),
+    ]
+
+    def mono(seq: int, step: int, value: int, port: int, at: float) -> Any:
+        return Op(0, "read-mono", "read()", at, at + 0.01, seq=seq, step=step, value=value,
+                  port=port)  # fmt: skip
+
+    def new(i: int) -> Any:  # on the new primary's timeline
+        return ServerRow(node="replica1", id=i, port=REPLICA1, timeline=2, at=10.8)
+
+    survivors = [*(row(i) for i in range(1, 5)), *(row(i, node="replica1") for i in range(1, 5))]
+    ops = [
+        *(write(i) for i in range(1, 5)),
+        write(5, start=10.5),  # acknowledged by the old primary in the split-brain window
+        write(6, start=10.6, error="x", error_mro=("x",)),  # committed there, never acknowledged
+        write(7, start=5.0),  # acknowledged while durable, then lost: not excused
+        write(8, port=REPLICA1, start=10.7),
+        mono(1, 0, 6, PRIMARY, 11.0),  # saw 1-4, 5, 6
+        mono(1, 1, 5, REPLICA1, 11.5),  # 1-4 and 8: only the discarded rows are missing
+        mono(2, 0, 6, PRIMARY, 11.0),
+        mono(2, 1, 3, REPLICA1, 11.5),  # fewer than the 4 that survived: went back
+        mono(3, 0, 6, PRIMARY, 10.55),  # of the discarded rows, only 5 existed by then
+        mono(3, 1, 4, REPLICA1, 11.5),
+    ]
+    rows = [*survivors, row(5, at=10.5), row(6, at=10.6), row(7, at=5.0), new(8)]
+    h = history(ops=ops, rows=rows, epochs=epochs, final_primary="replica1")
+    found = faults.monotonic_regressions(h)
+    assert [m.split(" at ")[0] for m in found] == ["client 0 sequence 2", "client 0 sequence 3"]
+    assert faults.discarded_rows(h)("primary", 11.0) == 2  # 5 and 6; 7 is a lost write
+    assert [m.split(" (")[0] for m in faults.lost_writes(h)] == ["client 0: write 7"]
+
+
 def test_rows_inserted_where_no_primary_epoch_covers_them_are_misplaced() -> None:
     epochs = [Epoch("primary", 0.0, 10.0), Epoch("replica1", 10.0)]
     rows = [
