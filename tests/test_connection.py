@@ -767,3 +767,200 @@ def test_a_failed_copy_leaves_the_connection_usable(
         with conn.transaction(), cur.copy(f"COPY {table} (id, v) FROM STDIN") as copy:
             copy.write_row((4, "d"))
     assert lc.execute("primary", f"SELECT array_agg(id ORDER BY id) FROM {table}") == [([3, 4],)]
+
+
+# -- conn.pipeline(), conn.info, conn.adapters (issue 12 item 3) ---------------------------
+
+
+def test_a_pipeline_reads_on_a_replica_until_its_first_write_then_stays_on_the_primary(
+    lc: LocalCluster, table: str, paused: Callable[[str], None]
+) -> None:
+    """Statements are queued (psycopg's pipeline mode) on one node at a time: the
+    reads on a replica, the first write moves the block to the primary, where a later
+    read sees it; the token advances once the block ends."""
+    for name in lc.replica_names:
+        paused(name)
+    with (
+        Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST) as cluster,  # type: ignore[arg-type]
+        cluster.session(),
+        cluster.connection() as conn,
+    ):
+        with conn.pipeline() as p:
+            before = conn.execute("SELECT inet_server_port()")
+            assert p.node in lc.replica_names
+            assert conn.info.pipeline_status == psycopg.pq.PipelineStatus.ON  # queued
+            conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+            assert p.node == "primary"
+            conn.cursor().executemany(f"INSERT INTO {table} VALUES (%s, %s)", [(2, "b"), (3, "c")])
+            seen = conn.execute(f"SELECT count(*) FROM {table}")  # a read after a write
+            assert p.node == "primary"
+            assert cluster.token is None  # nothing committed yet: the Sync is at the end
+        row = before.fetchone()
+        assert row is not None and row[0] in replica_ports(lc)
+        assert seen.fetchone() == (3,)
+        assert cluster.token is not None
+        # The replicas do not have the rows: the scope's reads now need the primary.
+        assert port_of(conn) == lc.port("primary")
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (3,)
+
+
+def parity_run(conn: Any, table: str, steps: list[str | None]) -> tuple[str | None, Any]:
+    """Run ``steps`` (SQL; None: ``sync()``) in ``conn.pipeline()``: (the error class
+    raised, the rows left in the table)."""
+    error = None
+    try:
+        with conn.pipeline() as p:
+            for step in steps:
+                if step is None:
+                    p.sync()
+                else:
+                    conn.execute(step.format(table=table))
+    except psycopg.Error as exc:
+        error = type(exc).__name__
+    rows = conn.execute(f"SELECT array_agg(id ORDER BY id) FROM {table}").fetchone()
+    conn.execute(f"DELETE FROM {table}")
+    return error, rows
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [  # a failure rolls back the implicit transaction up to the Sync; after it, aborted
+            "INSERT INTO {table} VALUES (1, 'a')",
+            "INSERT INTO {table} VALUES (1, 'dup')",
+            "INSERT INTO {table} VALUES (2, 'b')",
+        ],
+        [  # what a sync committed stays
+            "INSERT INTO {table} VALUES (1, 'a')",
+            None,
+            "INSERT INTO {table} VALUES (1, 'dup')",
+            "INSERT INTO {table} VALUES (2, 'b')",
+        ],
+        [  # a failed read before the first write: the write is never sent
+            "SELECT 1/0",
+            "INSERT INTO {table} VALUES (1, 'a')",
+        ],
+        [
+            "INSERT INTO {table} VALUES (1, 'a')",
+            None,
+            "INSERT INTO {table} VALUES (2, 'b')",
+        ],
+    ],
+)
+def test_pipeline_results_and_errors_are_psycopgs(
+    lc: LocalCluster, cluster: Cluster, table: str, steps: list[str | None]
+) -> None:
+    """The same steps on a plain psycopg connection to the primary and on a routed
+    connection: the same error, the same rows committed; the routed connection goes on."""
+    with psycopg.connect(lc.primary_dsn, autocommit=True) as plain:
+        expected = parity_run(plain, table, steps)
+    with cluster.connection() as conn:
+        assert parity_run(conn, table, steps) == expected
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_pipeline_in_a_transaction_runs_on_its_node_and_commits_with_it(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    with cluster.session(), cluster.connection() as conn:
+        with conn.transaction(), conn.pipeline():
+            for i in range(3):
+                conn.execute(f"INSERT INTO {table} VALUES (%s, 'x')", (i,))
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.ACTIVE
+        assert cluster.token is not None
+        # transaction() inside a pipeline is a sync point; a failure rolls it back
+        with (
+            pytest.raises(psycopg.errors.UniqueViolation),
+            conn.pipeline(),
+            conn.transaction(),
+        ):
+            conn.execute(f"INSERT INTO {table} VALUES (10, 'y')")
+            conn.execute(f"INSERT INTO {table} VALUES (0, 'dup')")
+        conn.autocommit = False  # the block's first statement opens the transaction
+        with conn.pipeline():
+            conn.execute(f"INSERT INTO {table} VALUES (20, 'z')")
+        conn.commit()
+    assert lc.execute("primary", f"SELECT array_agg(id ORDER BY id) FROM {table}") == [
+        ([0, 1, 2, 20],)
+    ]
+
+
+def test_info_tells_the_node_the_last_statement_ran_on(lc: LocalCluster, cluster: Cluster) -> None:
+    with cluster.connection() as conn:
+        with pytest.raises(psycopg.ProgrammingError, match="no node connection yet"):
+            conn.info  # noqa: B018
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert conn.info.port in replica_ports(lc)
+        assert (conn.info.backend_pid,) == pid
+        assert conn.info.server_version >= 130000
+        with conn.transaction():  # no write: the scope needs no primary afterwards
+            conn.execute("SELECT 1")
+            assert conn.info.port == lc.port("primary")
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        conn.execute("SELECT 1")
+        assert conn.info.port in replica_ports(lc)
+        assert "password" not in conn.info.dsn
+    with pytest.raises(psycopg.InterfaceError):
+        conn.info  # noqa: B018
+
+
+class _Upper(psycopg.adapt.Loader):
+    def load(self, data: Any) -> str:
+        return bytes(data).decode().upper()
+
+
+def test_adapters_apply_on_every_node_and_only_to_this_connection(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    """``conn.adapters`` registrations (a loader, a dumper, ``register_enum(info, conn)``)
+    apply to statements on a replica and on the primary, and never to the pooled node
+    connections' other users."""
+    import enum
+
+    from psycopg.types.enum import EnumInfo, register_enum
+
+    class Mood(enum.Enum):
+        happy = "happy"
+        sad = "sad"
+
+    class Point:
+        def __init__(self, x: int, y: int) -> None:
+            self.x, self.y = x, y
+
+    class PointDumper(psycopg.adapt.Dumper):
+        def dump(self, obj: Any) -> bytes:
+            return f"{obj.x}-{obj.y}".encode()
+
+    kind = f"mood_{uuid.uuid4().hex[:8]}"
+    lc.execute("primary", f"CREATE TYPE {kind} AS ENUM ('happy', 'sad')")
+    lc.wait_replicated()
+    try:
+        with cluster.write() as plain:
+            info = EnumInfo.fetch(plain, kind)
+        assert info is not None
+        with cluster.connection() as conn:
+            conn.adapters.register_loader("text", _Upper)
+            conn.adapters.register_dumper(Point, PointDumper)
+            register_enum(info, conn, Mood)
+            assert conn.execute("SELECT 'abc'::text, inet_server_port()").fetchone() == (
+                "ABC",
+                conn.info.port,
+            )
+            assert conn.info.port in replica_ports(lc)
+            assert conn.execute(f"SELECT 'sad'::{kind}").fetchone() == (Mood.sad,)
+            conn.execute(f"INSERT INTO {table} VALUES (1, %s) RETURNING v", (Point(3, 4),))
+            with conn.transaction():  # the primary
+                row = conn.execute(f"SELECT v, 'happy'::{kind} FROM {table}").fetchone()
+                assert row == ("3-4", Mood.happy)
+            cur = conn.cursor()
+            with cur.copy("COPY (SELECT 'x'::text) TO STDOUT") as copy:
+                copy.set_types(["text"])
+                assert list(copy.rows()) == [("X",)]
+        with cluster.read() as other, cluster.write() as primary:  # the pools' connections
+            for node in (other, primary):
+                assert node.execute(f"SELECT 'abc'::text, 'sad'::{kind}").fetchone() == (
+                    "abc",
+                    "sad",
+                )
+    finally:
+        lc.execute("primary", f"DROP TYPE IF EXISTS {kind}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -142,3 +143,52 @@ def test_uses_copy_names_the_copy_protocol_forms() -> None:
         "SELECT 1": False,
     }
     assert {sql: uses_copy(classifier.analyze(sql)) for sql in forms} == forms
+
+
+def test_async_pipeline_info_and_adapters(replica_cluster: LocalCluster, table: str) -> None:
+    """``conn.pipeline()``, ``conn.info`` and ``conn.adapters`` on the asyncio routed
+    connection: reads queued on a replica, the first write moves the block to the
+    primary (a later read sees it), the token advances at its end; an error aborts
+    the rest as in psycopg; a loader registered on the connection applies on every
+    node and not to the pools' connections."""
+    lc = replica_cluster
+    replicas = {lc.port(n) for n in lc.replica_names}
+
+    class Upper(psycopg.adapt.Loader):
+        def load(self, data: Any) -> str:
+            return bytes(data).decode().upper()
+
+    async def main() -> None:
+        cluster = AsyncCluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST)  # type: ignore[arg-type]
+        async with cluster, cluster.connection() as conn:
+            with pytest.raises(psycopg.ProgrammingError):
+                conn.info  # noqa: B018
+            with cluster.session():
+                async with conn.pipeline() as p:
+                    before = await conn.execute("SELECT inet_server_port()")
+                    assert conn.info.pipeline_status == psycopg.pq.PipelineStatus.ON
+                    assert conn.info.port in replicas and p.node != "primary"
+                    await conn.execute(f"INSERT INTO {table} (id) VALUES (1)")
+                    seen = await conn.execute(f"SELECT count(*) FROM {table}")
+                    assert p.node == "primary" and cluster.token is None
+                assert (await before.fetchone())[0] in replicas  # type: ignore[index]
+                assert await seen.fetchone() == (1,)
+                assert cluster.token is not None
+                with pytest.raises(psycopg.errors.UniqueViolation):
+                    async with conn.pipeline():
+                        await conn.execute(f"INSERT INTO {table} (id) VALUES (2)")
+                        await conn.execute(f"INSERT INTO {table} (id) VALUES (1)")
+                        await conn.execute(f"INSERT INTO {table} (id) VALUES (3)")
+                conn.adapters.register_loader("text", Upper)
+                cur = await conn.execute("SELECT 'abc'::text, inet_server_port()")
+                assert await cur.fetchone() == ("ABC", conn.info.port)
+                async with conn.transaction():
+                    cur = await conn.execute("SELECT 'def'::text")
+                    assert await cur.fetchone() == ("DEF",)
+                    assert conn.info.port == lc.port("primary")
+            async with cluster.read() as other:
+                cur = await other.execute("SELECT 'abc'::text")
+                assert await cur.fetchone() == ("abc",)
+
+    run(main())
+    assert lc.execute("primary", f"SELECT array_agg(id) FROM {table}") == [([1],)]

@@ -77,6 +77,26 @@ def test_a_pinned_routed_connection_never_writes_to_a_fenced_primary(
 
 
 @pytest.mark.destructive
+def test_a_pipeline_queued_on_a_primary_that_gets_fenced_commits_nothing_there(
+    lc: LocalCluster, cluster: Cluster
+) -> None:
+    """Design rule 2 inside ``conn.pipeline()``: the block's next statement after the
+    fencing fails with ``PrimaryUnavailable``, and what was queued on the old primary
+    since the last sync is rolled back there (its connection is closed), not
+    committed at the block's end; the connection's next write goes to the new one."""
+    with cluster.connection() as conn:
+        with pytest.raises(PrimaryUnavailable), conn.pipeline() as p:
+            conn.execute(f"INSERT INTO {TABLE} VALUES (1)")
+            assert p.node == "primary"
+            lc.promote("replica1")
+            wait_until(lambda: fenced_after_promotion(cluster), "the old primary to be fenced")
+            conn.execute(f"INSERT INTO {TABLE} VALUES (2)")
+        conn.execute(f"INSERT INTO {TABLE} VALUES (3)")
+    assert [rows_on(lc, "primary", i) for i in (1, 2, 3)] == [0, 0, 0]
+    assert rows_on(lc, "replica1", 3) == 1
+
+
+@pytest.mark.destructive
 def test_a_pinned_psycopg2_connection_never_writes_to_a_fenced_primary(
     lc: LocalCluster, cluster: Cluster
 ) -> None:

@@ -52,6 +52,8 @@ NAMES = {
     "AsyncIterator": "Iterator",
     "AsyncRoutedConnection": "RoutedConnection",
     "AsyncRoutedCursor": "RoutedCursor",
+    "AsyncRoutedPipeline": "RoutedPipeline",
+    "AsyncPipeline": "Pipeline",
     "AsyncRoutedTransaction": "RoutedTransaction",
     "AsyncSourceFactory": "SourceFactory",
     "_AsyncBlock": "_Block",

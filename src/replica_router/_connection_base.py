@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import psycopg
 from psycopg import sql
+from psycopg.adapt import AdaptersMap
 from psycopg.rows import RowFactory, tuple_row
 
 from .lsn import parse_lsn
@@ -80,6 +81,10 @@ def swallows(exc: BaseException | None, block: object) -> bool:
     return isinstance(exc, psycopg.Rollback) and exc.transaction in (None, block)
 
 
+_Conn = TypeVar("_Conn")
+_Cur = TypeVar("_Cur", psycopg.Cursor[Any], psycopg.AsyncCursor[Any])
+
+
 class PsycopgSession(RoutedSession):
     """:class:`RoutedSession` with psycopg's attributes and exceptions."""
 
@@ -95,6 +100,46 @@ class PsycopgSession(RoutedSession):
     ) -> None:
         super().__init__(cluster, autocommit=autocommit, read_only=read_only)
         self.row_factory: RowFactory[Any] = row_factory or tuple_row
+        self._adapters: AdaptersMap | None = None
+        self._pipeline: Any = None  # the open pipeline() block's object
+
+    @property
+    def adapters(self) -> AdaptersMap:
+        """psycopg's ``conn.adapters``: the dumpers, loaders and types of this routed
+        connection (based on the global ``psycopg.adapters``). What is registered here
+        (``register_dumper``, ``register_loader``, ``psycopg.types.*.register_*(info,
+        conn)``, ``set_json_loads(..., context=conn)``) applies to each statement on
+        every node it runs on, and never reaches the pooled node connections' other
+        users: each node cursor gets a copy, as psycopg's cursors take of theirs."""
+        if self._adapters is None:
+            self._adapters = AdaptersMap(psycopg.adapters)
+        return self._adapters
+
+    @property
+    def connection(self) -> Any:
+        """psycopg's adaptation context asks for it (``register_*(info, conn)`` read the
+        encoding from it): a node connection this routed connection holds, else None
+        (psycopg then assumes UTF-8, as for a context without a connection)."""
+        link = self._tx or self._last or self._writer or self._reader
+        return None if link is None else link.conn
+
+    @property
+    def info(self) -> psycopg.ConnectionInfo:
+        """psycopg's ``conn.info`` (server version, backend pid, host, port,
+        transaction status, parameters) of the node connection this routed connection
+        last ran a statement on: the open transaction's node while there is one.
+        Read it right away: the node connection goes back to its pool at ``close()``
+        or when routing moves on. Raises ``ProgrammingError`` before any statement."""
+        info: psycopg.ConnectionInfo = self._info_link().conn.info
+        return info
+
+    def _adapted(self, cursor: _Cur) -> _Cur:
+        """``cursor`` (on a node connection) with this connection's adapters, if any
+        were asked for (``adapters``); else psycopg's copy of its connection's."""
+        adapters = self._adapters
+        if adapters is not None:
+            cursor._adapters = AdaptersMap(adapters)  # what psycopg's cursor copies
+        return cursor
 
     @property
     def isolation_level(self) -> IsolationLevel | None:
@@ -115,10 +160,6 @@ class PsycopgSession(RoutedSession):
 
     def _closed_error(self) -> Exception:
         return ClosedError("the connection is closed")
-
-
-_Conn = TypeVar("_Conn")
-_Cur = TypeVar("_Cur", psycopg.Cursor[Any], psycopg.AsyncCursor[Any])
 
 
 class CursorBase(Generic[_Conn, _Cur]):

@@ -76,6 +76,7 @@ from .consistency import (
     WROTE_SQL,
     current_scope,
 )
+from .errors import PrimaryUnavailable
 from .session import (
     BEGINS,
     PINNING_EFFECTS,
@@ -104,6 +105,7 @@ __all__ = [
     "PIPELINE_SYNC_NO_WAIT",  # whether run_capturing() can be used with this psycopg
     "AsyncRoutedConnection",
     "AsyncRoutedCursor",
+    "AsyncRoutedPipeline",
     "AsyncRoutedTransaction",
     "run_capturing",
 ]
@@ -260,6 +262,8 @@ class AsyncRoutedConnection(PsycopgSession):
             ):
                 node_cursor = cursor._cur = link.conn.cursor(row_factory=self.row_factory,
                                                              binary=binary)  # fmt: skip
+                if self._adapters is not None:
+                    self._adapted(node_cursor)
                 try:
                     await node_cursor.execute(query, params, prepare=prepare)
                 except psycopg.OperationalError:
@@ -272,6 +276,7 @@ class AsyncRoutedConnection(PsycopgSession):
                     await self._cluster.learn_functions(refused_on=link.node)
                     await self._route(cursor, refused_read(st), query, params, prepare)
                     return cursor
+                self._last = link
                 if link.fresh:
                     link.fresh = False  # the lease was counted when it was routed
                 else:
@@ -292,16 +297,38 @@ class AsyncRoutedConnection(PsycopgSession):
     async def commit(self) -> None:
         """Commit the open transaction (capturing its position when it wrote)."""
         self._before_commit()
+        await self._sync_pipeline()
         await self._finish(commit=True)
 
     async def rollback(self) -> None:
         self._before_rollback()
+        await self._sync_pipeline()
         await self._finish(commit=False)
 
     async def close(self) -> None:
         """Roll back an open transaction and give the node connections back."""
+        pipeline = self._pipeline
+        if pipeline is not None and not self._closed:
+            self._pipeline = None
+            try:
+                await pipeline._sync_point()
+            except psycopg.Error as exc:
+                log.warning("closing: the pipeline's results were lost: %s", exc)
         for link in self._closing_links():
             await self._release(link)
+
+    def pipeline(self) -> AsyncRoutedPipeline:
+        """psycopg's ``conn.pipeline()``, routed: statements are queued without waiting
+        for their results, on one node at a time (see :class:`AsyncRoutedPipeline`)."""
+        self._check_open()
+        if self._pipeline is None:
+            return AsyncRoutedPipeline(self)
+        return cast(AsyncRoutedPipeline, self._pipeline)  # nested: the same block
+
+    async def _sync_pipeline(self) -> None:
+        """A transaction boundary inside a pipeline block: its queued statements first."""
+        if self._pipeline is not None:
+            await self._pipeline._sync_point()
 
     def notifies(
         self, *, timeout: float | None = None, stop_after: int | None = None
@@ -351,6 +378,12 @@ class AsyncRoutedConnection(PsycopgSession):
         how: bool | Many | None,
     ) -> None:
         st = await self._statement(query)
+        pipeline = self._pipeline
+        if pipeline is not None:
+            if pipelines_position(st):
+                await pipeline._execute(rc, st, query, params, how)
+                return
+            await pipeline._sync_point()  # it runs on its own, as outside the block
         if uses_copy(st):
             raise psycopg.ProgrammingError(
                 f"{st.reason} cannot be used with execute(); use cursor.copy() instead"
@@ -381,7 +414,7 @@ class AsyncRoutedConnection(PsycopgSession):
         """The classifier's verdict on the next statement, after what is due first."""
         if self._attention:
             self._check_open()
-            self._attention = False
+            self._attention = self._pipeline is not None  # its statements take _execute
             await self._cluster.learn_functions()  # once per cluster; then an attribute check
         st: Statement = self._analyze(query if type(query) is str else query_text(query))
         return st
@@ -394,6 +427,7 @@ class AsyncRoutedConnection(PsycopgSession):
         ``COPY ... FROM STDIN`` on the primary; in autocommit the token follows the
         primary once the COPY has ended (it commits then), in a transaction at COMMIT."""
         st = await self._statement(statement)
+        await self._sync_pipeline()  # COPY has no pipeline mode: it runs on its own
         autocommit_write = False
         if self._tx is not None:
             link = self._tx
@@ -793,6 +827,7 @@ class AsyncRoutedTransaction:
     async def __aenter__(self) -> AsyncRoutedTransaction:
         conn = self._conn
         conn._check_open()
+        await conn._sync_pipeline()
         if conn._tx is None:
             self._outer = True
             link = await conn._open_transaction()
@@ -815,12 +850,22 @@ class AsyncRoutedTransaction:
         conn = self._conn
         conn._blocks -= 1
         swallow = swallows(exc, self)
+        queued: psycopg.Error | None = None  # a statement the block queued in a pipeline failed
+        try:
+            await conn._sync_pipeline()
+        except psycopg.Error as error:
+            if exc_type is not None:
+                log.warning("error ignored ending %r after %r: %s", self, exc, error)
+            else:
+                queued = error
         link = conn._tx
         if link is None:  # lost, or ended by a COMMIT/ROLLBACK statement in the block
             if self._outer:
                 conn._tx_lost = None
+            if queued is not None:
+                raise queued
             return swallow
-        failed = exc_type is not None or self._force_rollback
+        failed = exc_type is not None or self._force_rollback or queued is not None
         try:
             if self._outer:
                 await conn._finish(commit=not failed)
@@ -831,13 +876,246 @@ class AsyncRoutedTransaction:
                 release = savepoint_sql("RELEASE SAVEPOINT", self._savepoint)
                 await conn._checked(link, link.conn.execute, release)
         except Exception as error:
-            if exc_type is None:
+            if exc_type is None and queued is None:
                 raise
-            log.warning("error ignored ending %r after %r: %s", self, exc, error)
+            log.warning("error ignored ending %r after %r: %s", self, exc or queued, error)
+        if queued is not None:
+            raise queued
         return swallow
 
     def __repr__(self) -> str:
         return f"<AsyncRoutedTransaction {'outer' if self._outer else self._savepoint}>"
+
+
+class AsyncRoutedPipeline:
+    """``async with conn.pipeline() as p:`` — psycopg's pipeline mode, routed.
+
+    Statements are queued on a node connection in psycopg's pipeline mode (sent
+    without waiting; results arrive when fetched, at ``sync()`` or at the end of the
+    block; an error aborts what follows it up to the next sync point), and routed
+    as outside the block, but **on one node at a time**, in order:
+
+    * in a transaction (open before, or opened by the block's first statement with
+      ``autocommit=False``): its node, as every statement of it;
+    * in autocommit: reads on the read node until the block's first statement that
+      is not a plain read; that one and **every later statement of the block** on
+      the primary, which has the block's writes (so a read queued after a write
+      sees it). Moving from the read node to the primary is a sync point: what was
+      queued there is waited for first, and its error, if any, is raised before the
+      write is sent (it is never sent then). When the block (or its primary part)
+      ends, the position after its last Sync comes back in the same round trip and
+      the scope's token advances to it.
+
+    Statements that cannot be queued (transaction control, session state, several
+    statements in one string, ``COPY``, ``CALL``/``DO``), ``commit()``,
+    ``rollback()``, ``transaction()`` and ``cursor.copy()`` are sync points: what
+    was queued is waited for, then they run as outside the block. A primary that
+    stops taking writes during the block (fenced, failed over) fails the next
+    statement with ``PrimaryUnavailable`` and its connection is closed, so what
+    was queued there since the last sync never commits.
+    """
+
+    __slots__ = ("_block", "_conn", "_link", "_node_pipeline", "_primary_part", "level")
+
+    def __init__(self, conn: AsyncRoutedConnection) -> None:
+        self._conn = conn
+        self._link: Link | None = None  # the node the block is queued on now
+        self._block: Any = None  # that node connection's pipeline() context manager
+        self._node_pipeline: psycopg.AsyncPipeline | None = None
+        self._primary_part = False  # autocommit statements queued on the primary
+        self.level = 0
+
+    @property
+    def connection(self) -> AsyncRoutedConnection:
+        return self._conn
+
+    @property
+    def node(self) -> str | None:
+        """The node the block's statements are queued on now (None: none yet)."""
+        return None if self._link is None else self._link.node
+
+    async def sync(self) -> None:
+        """psycopg's ``Pipeline.sync()``: send what is queued and wait for its results
+        (an autocommit part commits here); raises the first error among them."""
+        link, pipeline = self._link, self._node_pipeline
+        if link is not None and pipeline is not None:
+            await self._conn._checked(link, pipeline.sync)
+
+    async def __aenter__(self) -> AsyncRoutedPipeline:
+        conn = self._conn
+        conn._check_open()
+        if self.level:
+            await self.sync()  # nested, as psycopg: what the outer block queued first
+        else:
+            conn._pipeline = self
+            conn._attention = True  # the inlined read path does not know the block
+        self.level += 1
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.level -= 1
+        if self.level:
+            if exc is None:
+                await self.sync()
+            return
+        conn = self._conn
+        if conn._pipeline is self:
+            conn._pipeline = None
+        try:
+            await self._sync_point(exc)
+        except psycopg.Error as error:
+            if exc is None:
+                raise
+            log.warning("error ignored ending %r after %r: %s", self, exc, error)
+
+    async def _execute(
+        self,
+        rc: AsyncRoutedCursor,
+        st: Statement,
+        query: Any,
+        params: Any,
+        how: bool | Many | None,
+    ) -> None:
+        """Queue one statement on the node it goes to (one that ``pipelines_position``)."""
+        conn = self._conn
+        link = await self._link_for(st)
+        if conn._tx is link:
+            conn._note_statement(link, st)
+        cursor = rc._attach(link.conn)
+        try:
+            if isinstance(how, Many):
+                await cursor.executemany(query, params, returning=how.returning)
+            else:
+                await cursor.execute(query, params, prepare=how)
+        except psycopg.Error:
+            if link.conn.broken:
+                await self._end_block()
+                await conn._lost(link)
+            raise
+        conn._count(link, st)
+
+    async def _link_for(self, st: Statement) -> Link:
+        conn = self._conn
+        link = self._link
+        if link is not None:
+            if conn._tx is link:
+                return link
+            if conn._tx is None and conn._autocommit and link.role == "write":
+                await self._check_primary(link)
+                return link  # after the block's first write, everything on the primary
+            if conn._tx is None and conn._autocommit and conn._autocommit_read(st):
+                return link
+            await self._sync_point()
+        if conn._tx is not None:
+            link = conn._tx
+        elif not conn._autocommit:
+            link = await conn._open_transaction()  # BEGIN, then the block's statements
+        elif conn._autocommit_read(st):
+            link = await conn._read_link()
+        else:
+            link = await conn._write_link()
+            self._primary_part = True
+        if link.gen != conn._settings_gen:
+            await conn._sync_settings(link)
+        block = link.conn.pipeline()
+        self._node_pipeline = await block.__aenter__()
+        self._block, self._link = block, link
+        return link
+
+    async def _check_primary(self, link: Link) -> None:
+        """Fencing at every use: a primary that stopped taking writes gets nothing more,
+        and what was queued on it since the last sync must not commit."""
+        conn = self._conn
+        try:
+            if conn._keeps_writer(link, conn._cluster._require_monitor().topology):
+                return
+        except Exception:
+            await self._close_node(link)
+            raise
+        await self._close_node(link)
+        raise PrimaryUnavailable(
+            f"{link.node} stopped taking writes during the pipeline (fenced, failed over "
+            "or removed): its connection was closed, so what was queued on it since the "
+            "last sync was not committed"
+        )
+
+    async def _close_node(self, link: Link) -> None:
+        await link.conn.close()  # first: the server rolls the queued statements back
+        await self._end_block()
+        self._conn._forget(link)
+        await self._conn._cluster._checkin(link.lease)  # the pool replaces it
+
+    async def _end_block(self) -> None:
+        """Leave a node pipeline whose connection is closed or broken. Explicitly: a
+        dropped psycopg ``pipeline()`` block is finalized by the garbage collector,
+        which syncs it (committing what was queued) if the connection still works."""
+        block = self._block
+        self._drop()
+        if block is not None:
+            with contextlib.suppress(psycopg.Error):
+                await block.__aexit__(None, None, None)
+
+    def _drop(self) -> None:
+        """Forget the node pipeline (the caller holds its block: see ``_end_block``)."""
+        self._link = self._block = self._node_pipeline = None
+        self._primary_part = False
+
+    async def _sync_point(self, exc: BaseException | None = None) -> None:
+        """Leave the node the block is queued on: wait for its results (an autocommit
+        part commits), note the write or the read, and raise the first error."""
+        link, block, pipeline = self._link, self._block, self._node_pipeline
+        if link is None or block is None or pipeline is None:
+            return
+        primary_part = self._primary_part
+        self._drop()
+        conn = self._conn
+        cluster = conn._cluster
+        wanted = conn._position_wanted() if primary_part else None
+        measure = primary_part and (wanted or cluster._monotonic)
+        position: psycopg.AsyncCursor[Any] | None = None
+        error: psycopg.Error | None = None
+        try:
+            if measure and PIPELINE_SYNC_NO_WAIT:
+                queue_sync(pipeline)  # the queued statements commit at this Sync
+                position = link.conn.cursor(row_factory=tuple_row)
+                await position.execute(POSITION_SQL)  # answered after it, in the same trip
+            await block.__aexit__(None if exc is None else type(exc), exc, None)
+        except psycopg.Error as failed:
+            error = failed
+        if link.conn.broken:
+            await conn._lost(link)
+            if error is not None:
+                raise error
+            return
+        if primary_part and (wanted is not None or cluster._monotonic):
+            # The position after the last Sync covers whatever the part committed (an
+            # error rolls back only its own implicit transaction).
+            at = None
+            if position is not None:
+                with contextlib.suppress(psycopg.Error):
+                    at = lsn_of(position)
+            if at is None and measure:
+                with contextlib.suppress(psycopg.Error):
+                    cursor = link.conn.cursor(row_factory=tuple_row)
+                    await cursor.execute(POSITION_SQL)
+                    at = lsn_of(cursor)
+            if wanted is not None:
+                cluster._note_write(at if wanted else None)
+            if cluster._monotonic:
+                cluster._raise_floor(at)
+        elif link.role == "read" and cluster._monotonic and error is None:
+            await conn._note_read(link)
+        if error is not None:
+            raise error
+
+    def __repr__(self) -> str:
+        where = f" on {self._link.node}" if self._link is not None else ""
+        return f"<AsyncRoutedPipeline level {self.level}{where}>"
 
 
 class AsyncRoutedCursor(CursorBase[AsyncRoutedConnection, psycopg.AsyncCursor[Any]]):
@@ -851,7 +1129,8 @@ class AsyncRoutedCursor(CursorBase[AsyncRoutedConnection, psycopg.AsyncCursor[An
 
     def _attach(self, conn: psycopg.AsyncConnection[Any]) -> psycopg.AsyncCursor[Any]:
         # The previous node cursor holds only a client-side result: dropping it frees it.
-        self._cur = cursor = conn.cursor(row_factory=self._row_factory, binary=self._binary)
+        cursor = conn.cursor(row_factory=self._row_factory, binary=self._binary)
+        self._cur = cursor = self._conn._adapted(cursor)
         return cursor
 
     async def execute(

@@ -337,6 +337,7 @@ class RoutedSession:
         self._attention = True
         self._reader: Link | None = None
         self._writer: Link | None = None
+        self._last: Link | None = None  # the link the last statement ran on (``info``)
         self._read_topology: Topology | None = None
         self._read_mark: object = None  # the scope's mark it was validated for
         self._write_topology: Topology | None = None
@@ -567,12 +568,27 @@ class RoutedSession:
             link.dirty = True
 
     def _forget(self, link: Link) -> None:
+        if link is self._last:
+            self._last = None
         if link is self._reader:
             self._reader = None
         if link is self._writer:
             self._writer = None
         if link is self._tx:
             self._tx = None
+
+    def _info_link(self) -> Link:
+        """The link ``info`` describes: the open transaction's, else the one the last
+        statement ran on, else a held one (the primary's first)."""
+        if self._closed:
+            raise self._closed_error()
+        link = self._tx or self._last or self._writer or self._reader
+        if link is None:
+            raise self._errors.ProgrammingError(
+                "no node connection yet: info describes the node the last statement ran "
+                "on (run one first, or use cluster.read() / cluster.write() for one node)"
+            )
+        return link
 
     def _links(self) -> list[Link]:
         links: list[Link] = []
@@ -601,6 +617,7 @@ class RoutedSession:
             monitor.mark_suspect(node, "a routed connection's link broke")
 
     def _count(self, link: Link, st: Statement) -> None:
+        self._last = link
         if link.fresh:
             link.fresh = False  # the lease was counted when it was routed
             return
