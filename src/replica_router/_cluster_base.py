@@ -251,25 +251,30 @@ class _InUse:
         self._cluster = cluster
         self._node = node
         self._conn = conn
-        self._added = False
+        self._added: set[Any] | None = None  # the set it was added to (per statement: lean)
 
     def __enter__(self) -> None:
-        cluster, node = self._cluster, self._node
-        out = cluster._out.get(node)
+        out = self._cluster._out.get(self._node)
         if out is None:
-            if node not in cluster.node_names:
-                raise ConfigurationError(
-                    f"using: no node named {node!r} (nodes: {', '.join(cluster.node_names)})"
-                )
-            out = cluster._out.setdefault(node, set())
-        if self._conn not in out:  # nested: the outermost block takes it out again
-            out.add(self._conn)
-            self._added = True
+            out = self._first_use()
+        conn = self._conn
+        if conn not in out:  # nested: the outermost block takes it out again
+            out.add(conn)
+            self._added = out
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._added:
-            self._added = False
-            self._cluster._untrack(self._node, self._conn)
+        out = self._added
+        if out is not None:
+            self._added = None
+            out.discard(self._conn)
+
+    def _first_use(self) -> set[Any]:
+        cluster, node = self._cluster, self._node
+        if node not in cluster.node_names:
+            raise ConfigurationError(
+                f"using: no node named {node!r} (nodes: {', '.join(cluster.node_names)})"
+            )
+        return cluster._out.setdefault(node, set())
 
 
 class ClusterBase:
