@@ -116,6 +116,33 @@ def test_a_pinned_psycopg2_connection_never_writes_to_a_fenced_primary(
 
 
 @pytest.mark.destructive
+def test_a_psycopg2_connection_writes_to_the_new_primary_after_a_failover(
+    lc: LocalCluster, cluster: Cluster
+) -> None:
+    """Design rule 2, psycopg2 adapter: the routed connection's own libpq connection
+    (to the primary it was made on, its write link) never runs another statement once
+    that node is fenced; the next write goes to the new primary, inside a transaction
+    too (psycopg2's default mode)."""
+    conn = routed.connect(cluster, autocommit=True)
+    try:
+        cur = conn.cursor()
+        cur.execute(f"INSERT INTO {TABLE} VALUES (1)")
+        assert conn.nodes["write"] == "primary" and conn.info.port == lc.port("primary")
+        lc.promote("replica1")
+        wait_until(lambda: fenced_after_promotion(cluster), "the old primary to be fenced")
+        cur.execute(f"INSERT INTO {TABLE} VALUES (2) RETURNING inet_server_port()")
+        assert cur.fetchone() == (lc.port("replica1"),)
+        conn.autocommit = False
+        cur.execute(f"INSERT INTO {TABLE} VALUES (3)")
+        conn.commit()
+        assert conn.nodes["write"] == "replica1"
+    finally:
+        conn.close()
+    assert [rows_on(lc, "primary", i) for i in (2, 3)] == [0, 0], "a write on the dead timeline"
+    assert [rows_on(lc, "replica1", i) for i in (2, 3)] == [1, 1]
+
+
+@pytest.mark.destructive
 def test_a_reopened_cluster_still_fences_the_old_primary(
     lc: LocalCluster, cluster: Cluster
 ) -> None:

@@ -3,9 +3,11 @@ written for psycopg2 uses works on it, each statement on the right node."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -362,3 +364,22 @@ def test_peewee_on_psycopg2_through_the_connection_factory(
         assert cluster.token is not None
         assert [i.name for i in Item.select()] == ["peewee"]
         db.close()
+
+
+def test_a_connection_dropped_without_close_gives_its_nodes_back(
+    lc: LocalCluster, cluster: Cluster, items: str
+) -> None:
+    """As psycopg2 closes a connection that is garbage collected: what it held no longer
+    counts as in use, and nothing the cluster keeps holds it alive."""
+    conn = routed.connect(cluster, autocommit=True)
+    cur = conn.cursor()
+    cur.execute(f"INSERT INTO {items} (name) VALUES ('w')")  # the write link: its own
+    with cluster.session(inherit=False):
+        assert port(cur) in replica_ports(lc)  # a read link from the idle lists
+    assert cluster.in_use("primary") == 1 and sum(cluster.in_use(n) for n in lc.replica_names) == 1
+    gone = weakref.ref(conn)
+    del conn, cur
+    gc.collect()
+    assert gone() is None
+    assert cluster.in_use("primary") == 0
+    assert all(cluster.in_use(n) == 0 for n in lc.replica_names)

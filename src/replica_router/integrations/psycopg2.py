@@ -300,15 +300,19 @@ def _broken(conn: Any) -> bool:
 
 
 class _Socket:
-    """The routed connection's own socket, for the cluster to shut down if its node hangs."""
+    """The routed connection's own socket, for the cluster to shut down if its node hangs
+    (a weak reference: what the cluster holds never keeps a dropped connection alive)."""
 
     __slots__ = ("__weakref__", "_conn")
 
     def __init__(self, conn: Any) -> None:
-        self._conn = conn
+        self._conn = weakref.ref(conn)
 
     def fileno(self) -> int:
-        return int(_Connection.fileno(self._conn))
+        conn = self._conn()
+        if conn is None:
+            raise psycopg2.InterfaceError("connection already closed")
+        return int(_Connection.fileno(conn))
 
 
 class _Home:
@@ -565,6 +569,20 @@ class RoutedConnection(RoutedSession, psycopg2.extensions.connection):  # type: 
             self._release(link)
         if not _broken(self):
             _Connection.close(self)
+
+    def __del__(self) -> None:
+        """Dropped without ``close()``: the node connections it held are closed, not
+        given back (no I/O here), and no longer count as in use."""
+        if self.__dict__.get("_closed", True):
+            return
+        self._closed = True
+        for link in self._links():
+            with contextlib.suppress(Exception):
+                lease = link.lease
+                assert isinstance(lease, _Lease)
+                lease.held.end()
+                if lease.conn is not self:
+                    lease.conn.close()
 
     def __enter__(self) -> RoutedConnection:
         self._check_open()
