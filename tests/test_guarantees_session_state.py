@@ -290,3 +290,32 @@ def test_psycopg_prepared_statements_survive_the_reset(lc: LocalCluster) -> None
             with cluster.read() as conn:
                 for _ in range(7):  # past psycopg's prepare_threshold (5)
                     assert conn.execute("SELECT 42").fetchone() == (42,)
+
+
+def backend_activity(lc: LocalCluster, node: str, pid: int) -> tuple[str, Any]:
+    row = lc.execute(node, f"SELECT query, query_start FROM pg_stat_activity WHERE pid = {pid}")
+    assert row, f"backend {pid} is gone"
+    return row[0][0], row[0][1]
+
+
+@pytest.mark.parametrize("purpose", ["read", "write"])
+def test_the_reset_is_sent_on_return_and_the_next_checkout_sends_nothing(
+    lc: LocalCluster, purpose: str
+) -> None:
+    """Hot paths: the reset goes out when a connection comes back, not when it is
+    handed out again; the next checkout reads its answer and sends nothing, so it
+    costs no round trip (the user's query is the first thing the server sees)."""
+    node = "replica1" if purpose == "read" else "primary"
+    replicas = [lc.dsn("replica1")] if purpose == "read" else []
+    with one_connection_cluster(lc, replicas) as cluster:
+        block = cluster.read if purpose == "read" else cluster.write
+        with block() as conn:
+            pid = conn.info.backend_pid
+            conn.execute("SELECT 'the user''s last query'")
+        query, returned_at = wait_until(
+            lambda: (a := backend_activity(lc, node, pid))[0] == "DISCARD ALL" and a,
+            what="the reset to reach the server",
+        )
+        with block() as conn:
+            assert conn.info.backend_pid == pid
+            assert backend_activity(lc, node, pid) == ("DISCARD ALL", returned_at)

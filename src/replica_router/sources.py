@@ -17,19 +17,31 @@ read went to a replica or fell back to the primary, instead of succeeding only
 when the replicas happen to lag. It is set at connect time through libpq
 ``options``, so it costs no round trip per checkout.
 
-A connection handed back carries nothing to its next user: when a pooled
-connection is checked out *again*, its check is ``DISCARD ALL`` instead of the
-empty query (role, session authorization, ``search_path`` and every other GUC,
+A connection handed back carries nothing to its next user: ``DISCARD ALL`` resets
+the server side (role, session authorization, ``search_path`` and every other GUC,
 prepared statements, temp tables, LISTEN, advisory locks; psycopg's own
-prepared-statement cache is cleared with it), and its ``autocommit`` and
-``row_factory`` are put back. (``isolation_level``, ``read_only`` and ``deferrable``
-are left as they are: SQLAlchemy sets an engine's isolation level on a connection
-once, when it first sees it.) It is the same single round trip the check costs
-anyway, made when the connection is handed out rather than in a pool worker when it
-comes back, so a checkout costs what it did. Values given at connect time survive
-it (``RESET ALL`` goes back to them): the read pools' ``default_transaction_read_only``
-stays on, ``connect_kwargs={"options": ...}`` stays, and a pool's ``configure``
-callback is run again after it.
+prepared-statement cache is told), and ``autocommit`` and ``row_factory`` are put
+back. (``isolation_level``, ``read_only`` and ``deferrable`` are left as they are:
+SQLAlchemy sets an engine's isolation level on a connection once, when it first sees
+it.) Values given at connect time survive it (``RESET ALL`` goes back to them): the
+read pools' ``default_transaction_read_only`` stays on, ``connect_kwargs={"options":
+...}`` stays, and a pool's ``configure`` callback is run again after it.
+
+The reset costs the checkout no round trip of its own. It is *sent* when the
+connection comes back, without waiting, and the connection is parked beside its pool;
+the next checkout takes the newest parked one and reads the answer, which has
+usually arrived meanwhile (then it is one ``recv``). That answer is also the proof
+the connection works, so there is no other check. A connection parked longer than a
+second goes back into the pool (where ``max_idle`` and ``max_lifetime`` apply), reset
+and known alive at that moment; handed out again within half a second, it is checked
+by polling its socket (a server that went away sends FIN or RST, a terminated backend
+its FATAL error, and an idle healthy connection has nothing to read: HikariCP's 500
+ms), later with the empty query. A connection that comes back in a transaction, or
+while a checkout waits on the pool, takes the old path (reset at checkout, or reset
+at once and handed to the waiter). A hung server cannot be told from a slow one
+without waiting: a checkout in the moment between a node freezing and the monitor
+noticing gets a connection whose first query fails when the monitor abandons it
+(design rule 10), where a checkout round trip would have moved on.
 
 The check on checkout is done here, not by psycopg_pool: after a failed check
 psycopg_pool backs off about a second before it tries again, but a failed check
@@ -39,17 +51,23 @@ once (and mark this one suspect).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import math
 import os
+import select
 import socket
+import threading
+import time
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, Protocol, TypeAlias, TypeVar
 
 import psycopg
 from psycopg import conninfo
+from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
@@ -104,7 +122,7 @@ _INSTEAD = {
 _READ_ONLY_OPTION = "-c default_transaction_read_only=on"
 # Everything a session can carry, back to what the connection started with (see the
 # module docstring). Never prepared: it deallocates the statement it would run as.
-_RESET_SQL = "DISCARD ALL"
+_RESET_SQL = b"DISCARD ALL"
 
 
 class ConnectionSource(Protocol):
@@ -271,73 +289,219 @@ def _split(settings: Mapping[str, Any], default_check: Any) -> tuple[dict[str, A
     return pool_settings, check
 
 
-class _Reset:
-    """Which of a pool's connections have been handed out, and how to make one as
-    new again: the server side with ``DISCARD ALL``, the client side from the
-    connect arguments (one object per pool; the decision, not the I/O)."""
+# A connection handed back waits this long for its next user with its reset on the
+# way; then it goes back into the pool, where max_idle and max_lifetime apply.
+_PARKED_FOR = 1.0
+# A connection reset (or checked) this recently, whose socket shows nothing, is handed
+# out without a round trip (HikariCP skips its check within 500 ms of a use).
+_ALIVE_WINDOW = 0.5
 
-    __slots__ = ("autocommit", "configure", "handed_out", "row_factory")
+
+class _Reset:
+    """Where each of a pool's connections stands, and how to make one as new again:
+    the server side with ``DISCARD ALL``, the client side from the connect arguments
+    (one object per pool; the bookkeeping, not the I/O).
+
+    A connection is *fresh* (never handed out: the pool's own check is enough),
+    *sent* (handed back, its ``DISCARD ALL`` on the way: the answer is read at the
+    next checkout), *clean* (reset and known alive at a time: checked by polling its
+    socket) or *dirty* (handed back in a transaction or an error: reset at checkout).
+    """
+
+    __slots__ = (
+        "autocommit",
+        "clean",
+        "configure",
+        "ending",
+        "handed_out",
+        "row_factory",
+        "sent",
+    )
 
     def __init__(self, connect_kwargs: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
         self.autocommit = bool(connect_kwargs.get("autocommit", False))
         self.row_factory = connect_kwargs.get("row_factory", tuple_row)
         self.configure = settings.get("configure")
         self.handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.sent: set[Any] = set()
+        self.clean: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self.ending: weakref.WeakSet[Any] = weakref.WeakSet()
 
-    def needed(self, conn: Any) -> bool:
-        """True when ``conn`` served someone before (then it must be reset); marks it."""
+    def fresh(self, conn: Any) -> bool:
+        """True when ``conn`` never served anyone; marks it as handed out."""
         if conn in self.handed_out:
-            return True
+            return False
         self.handed_out.add(conn)
-        return False
+        self._listen(conn)
+        return True
+
+    def settled(self, conn: Any) -> bool:
+        """Whether an idle ``conn`` looks alive without a round trip: its socket has
+        nothing to read (a server going away sends FIN or RST) and the server did not
+        say it is ending the session (a backend terminated while idle sends its FATAL
+        error before it closes the socket, so that message may be all there is yet)."""
+        conn.pgconn.is_busy()  # parses what arrived: an error while idle is a notice
+        return conn not in self.ending and _quiet(conn)
+
+    def _listen(self, conn: Any) -> None:
+        ref = weakref.ref(conn)
+
+        def heard(diag: psycopg.errors.Diagnostic) -> None:
+            if diag.severity_nonlocalized in ("FATAL", "PANIC") and (c := ref()) is not None:
+                self.ending.add(c)
+
+        conn.add_notice_handler(heard)
 
     def client_side(self, conn: Any) -> None:
         """Put back what psycopg keeps on the connection object (no round trip)."""
-        conn.autocommit = True  # DISCARD ALL runs outside a transaction block
+        _forget_prepared(conn)
         conn.row_factory = self.row_factory
 
 
 def _forget_prepared(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
-    """DISCARD ALL deallocated psycopg's automatically prepared statements too. psycopg
-    clears its cache when it sees a DISCARD ALL, but only the first time that text runs
-    on the connection, so its cache is told here (it then sends one DEALLOCATE ALL with
-    the next query, only if it had prepared anything)."""
+    """``DISCARD ALL`` deallocated psycopg's automatically prepared statements too; tell
+    its cache, without the ``DEALLOCATE ALL`` it would otherwise send with the next
+    query (the server has nothing left to deallocate)."""
     prepared = getattr(conn, "_prepared", None)
     if prepared is not None:
         prepared.clear()
+        prepared._to_flush.clear()
+
+
+def _send_reset(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Send ``DISCARD ALL`` on an idle connection without waiting for the answer
+    (False, nothing sent, when it is not idle and healthy)."""
+    pgconn = conn.pgconn
+    if conn.closed or pgconn.transaction_status != TransactionStatus.IDLE:
+        return False
+    try:
+        pgconn.send_query(_RESET_SQL)
+        while pgconn.flush():  # a few bytes: sent at once unless the socket is full
+            if not _wait_socket(pgconn.socket, _HUNG_PEER_SECONDS, write=True):
+                return False
+    except psycopg.Error:
+        return False
+    return True
+
+
+def _wait_socket(fd: int, timeout: float, *, write: bool = False) -> bool:
+    """Whether ``fd`` became readable (or writable) within ``timeout`` seconds."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT if write else select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+    ready = select.select([], [fd], [], timeout) if write else select.select([fd], [], [], timeout)
+    return bool(ready[0] or ready[1])
+
+
+def _answer_ready(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Read what arrived; True when the reset's answer is complete (raises if broken)."""
+    pgconn = conn.pgconn
+    pgconn.consume_input()
+    return not pgconn.is_busy()
+
+
+def _take_answer(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+    """The reset's answer, which has arrived: raise unless it succeeded."""
+    pgconn = conn.pgconn
+    result = pgconn.get_result()
+    while pgconn.get_result() is not None:
+        pass
+    if result is None or result.status != ExecStatus.COMMAND_OK:
+        message = (result.error_message if result is not None else b"") or b"no answer"
+        why = message.decode(errors="replace").strip()
+        raise psycopg.OperationalError(f"session reset failed: {why}")
+
+
+def _quiet(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an idle connection's socket has nothing to read. A server that went away
+    or is ending the session (FIN, RST, a termination message) makes it readable; then
+    only a round trip tells whether the connection still works."""
+    return not _wait_socket(conn.pgconn.socket, 0)
+
+
+def _lifetime_over(conn: Any, now: float) -> bool:
+    """psycopg_pool replaces a connection past ``max_lifetime`` when it comes back: let
+    it see that one instead of keeping it parked."""
+    expire_at = getattr(conn, "_expire_at", None)
+    return isinstance(expire_at, float) and expire_at <= now
 
 
 def reset_session(conn: psycopg.Connection[Any], reset: _Reset) -> None:
     """Make ``conn`` as new for its next user (one round trip; raises if it is dead)."""
+    if not _send_reset(conn):
+        conn.rollback()  # handed back in a transaction (the pool rolls back only INTRANS)
+        if not _send_reset(conn):
+            raise psycopg.OperationalError("session reset failed: the connection is not idle")
+    finish_reset(conn, reset, _HUNG_PEER_SECONDS)
+
+
+def finish_reset(conn: psycopg.Connection[Any], reset: _Reset, timeout: float) -> None:
+    """Read the answer to a reset sent before (at once if it arrived), then put back
+    the client side; raises if the connection is dead or no answer came in ``timeout``."""
+    reset.sent.discard(conn)
+    if not _answer_ready(conn):
+        deadline = time.monotonic() + timeout
+        while not _answer_ready(conn):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not _wait_socket(conn.pgconn.socket, remaining):
+                raise psycopg.OperationalError("no answer to the session reset in time")
+    _take_answer(conn)
+    if not reset.settled(conn):
+        ConnectionPool.check_connection(conn)
     reset.client_side(conn)
-    try:
-        conn.execute(_RESET_SQL, prepare=False)
-        _forget_prepared(conn)
-    finally:
-        with contextlib.suppress(Exception):
-            conn.autocommit = reset.autocommit
+    if conn.autocommit != reset.autocommit:
+        conn.autocommit = reset.autocommit
     if reset.configure is not None:
         reset.configure(conn)
 
 
+async def _await_socket(fd: int, timeout: float) -> bool:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(True))
+    try:
+        return await asyncio.wait_for(ready, timeout)
+    except asyncio.TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+
+
 async def areset_session(conn: psycopg.AsyncConnection[Any], reset: _Reset) -> None:
     """:func:`reset_session` for an async connection."""
-    await conn.set_autocommit(True)
-    conn.row_factory = reset.row_factory
-    try:
-        await conn.execute(_RESET_SQL, prepare=False)
-        _forget_prepared(conn)
-    finally:
-        with contextlib.suppress(Exception):
-            await conn.set_autocommit(reset.autocommit)
+    if not _send_reset(conn):
+        await conn.rollback()
+        if not _send_reset(conn):
+            raise psycopg.OperationalError("session reset failed: the connection is not idle")
+    await afinish_reset(conn, reset, _HUNG_PEER_SECONDS)
+
+
+async def afinish_reset(conn: psycopg.AsyncConnection[Any], reset: _Reset, timeout: float) -> None:
+    """:func:`finish_reset` for an async connection."""
+    reset.sent.discard(conn)
+    if not _answer_ready(conn):
+        deadline = time.monotonic() + timeout
+        while not _answer_ready(conn):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await _await_socket(conn.pgconn.socket, remaining):
+                raise psycopg.OperationalError("no answer to the session reset in time")
+    _take_answer(conn)
+    if not reset.settled(conn):
+        await AsyncConnectionPool.check_connection(conn)
+    reset.client_side(conn)
+    if conn.autocommit != reset.autocommit:
+        await conn.set_autocommit(reset.autocommit)
     if reset.configure is not None:
         await reset.configure(conn)
 
 
 class PoolSource:
-    """A ``psycopg_pool.ConnectionPool`` for one node and purpose."""
+    """A ``psycopg_pool.ConnectionPool`` for one node and purpose, with the connections
+    handed back most recently parked beside it while their reset is on the way (see
+    the module docstring): the next checkout takes the newest of them."""
 
-    __slots__ = ("_check", "_reset", "pool")
+    __slots__ = ("_asking", "_check", "_lock", "_parked", "_reset", "pool")
 
     def __init__(
         self,
@@ -348,6 +512,9 @@ class PoolSource:
     ) -> None:
         pool_settings, self._check = _split(settings, ConnectionPool.check_connection)
         self._reset = _Reset(connect_kwargs, pool_settings)
+        self._parked: deque[tuple[psycopg.Connection[Any], float]] = deque()
+        self._asking = 0  # checkouts waiting on the pool: a connection handed back goes there
+        self._lock = threading.Lock()
         self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             spec.dsn,
             kwargs=dict(connect_kwargs),
@@ -361,31 +528,82 @@ class PoolSource:
 
     def close(self, timeout: float = 5.0) -> None:
         self.pool.close(timeout=timeout)
+        self._unpark(0.0, math.inf)
 
     def getconn(self, timeout: float) -> psycopg.Connection[Any]:
-        return self.pool.getconn(timeout=timeout)
+        try:
+            return self._parked.pop()[0]
+        except IndexError:
+            pass
+        with self._lock:
+            self._asking += 1
+        try:
+            return self.pool.getconn(timeout=timeout)
+        finally:
+            with self._lock:
+                self._asking -= 1
 
     def putconn(self, conn: psycopg.Connection[Any]) -> None:
-        self.pool.putconn(conn)
+        now = time.monotonic()
+        pool = self.pool
+        if self._asking or pool.closed or _lifetime_over(conn, now):
+            self._hand_back(conn)
+        elif _send_reset(conn):
+            self._reset.sent.add(conn)
+            self._parked.append((conn, now))
+            if pool.closed:  # closed meanwhile: nobody else would close it
+                self._unpark(0.0, math.inf)
+        else:
+            pool.putconn(conn)  # in a transaction or broken: the pool sees to it
+        self._unpark(_PARKED_FOR, now)
 
     def check(self, conn: psycopg.Connection[Any]) -> None:
-        """The checkout check; a connection handed out before is reset by it."""
-        check = self._check
-        if self._reset.needed(conn):
-            reset_session(conn, self._reset)  # also proves the connection works
-            if check is ConnectionPool.check_connection:
-                return
-        if check is not None:
+        """The checkout check: a parked connection's reset answer proves it alive, as
+        does a reset at checkout; a clean one reset within the window whose socket is
+        quiet needs nothing more; a fresh one gets the pool's usual check."""
+        reset, check = self._reset, self._check
+        if conn in reset.sent:
+            finish_reset(conn, reset, _HUNG_PEER_SECONDS)
+            proven = True
+        elif reset.fresh(conn):
+            proven = False
+        elif (since := reset.clean.pop(conn, None)) is None:
+            reset_session(conn, reset)  # handed back in a transaction or an error
+            proven = True
+        else:
+            proven = time.monotonic() - since < _ALIVE_WINDOW and reset.settled(conn)
+        if check is not None and not (proven and check is ConnectionPool.check_connection):
             check(conn)
+
+    def _hand_back(self, conn: psycopg.Connection[Any]) -> None:
+        """Into the pool, reset if it can be (one round trip, for a waiting checkout)."""
+        reset = self._reset
+        try:
+            if conn in reset.sent or (not self.pool.closed and _send_reset(conn)):
+                finish_reset(conn, reset, _HUNG_PEER_SECONDS)
+                reset.clean[conn] = time.monotonic()
+        except psycopg.Error:
+            pass  # closed: the pool replaces it
+        self.pool.putconn(conn)
+
+    def _unpark(self, older_than: float, now: float) -> None:
+        """Hand back into the pool what has been parked longer than ``older_than``."""
+        parked = self._parked
+        while parked and now - parked[0][1] > older_than:
+            try:
+                conn, _ = parked.popleft()
+            except IndexError:
+                return
+            self._hand_back(conn)
 
     def __repr__(self) -> str:
         return f"<PoolSource {self.pool.name}>"
 
 
 class AsyncPoolSource:
-    """A ``psycopg_pool.AsyncConnectionPool`` for one node and purpose."""
+    """:class:`PoolSource` on a ``psycopg_pool.AsyncConnectionPool``."""
 
-    __slots__ = ("_check", "_reset", "pool")
+    __slots__ = ("_asking", "_check", "_parked", "_reset", "pool")
 
     def __init__(
         self,
@@ -396,6 +614,8 @@ class AsyncPoolSource:
     ) -> None:
         pool_settings, self._check = _split(settings, AsyncConnectionPool.check_connection)
         self._reset = _Reset(connect_kwargs, pool_settings)
+        self._parked: deque[tuple[psycopg.AsyncConnection[Any], float]] = deque()
+        self._asking = 0  # checkouts waiting on the pool: a connection handed back goes there
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             spec.dsn,
             kwargs=dict(connect_kwargs),
@@ -409,22 +629,71 @@ class AsyncPoolSource:
 
     async def close(self, timeout: float = 5.0) -> None:
         await self.pool.close(timeout=timeout)
+        await self._unpark(0.0, math.inf)
 
     async def getconn(self, timeout: float) -> psycopg.AsyncConnection[Any]:
-        return await self.pool.getconn(timeout=timeout)
+        try:
+            return self._parked.pop()[0]
+        except IndexError:
+            pass
+        self._asking += 1
+        try:
+            return await self.pool.getconn(timeout=timeout)
+        finally:
+            self._asking -= 1
 
     async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        await self.pool.putconn(conn)
+        now = time.monotonic()
+        pool = self.pool
+        if self._asking or pool.closed or _lifetime_over(conn, now):
+            await self._hand_back(conn)
+        elif _send_reset(conn):
+            self._reset.sent.add(conn)
+            self._parked.append((conn, now))
+            if pool.closed:  # closed meanwhile: nobody else would close it
+                await self._unpark(0.0, math.inf)
+        else:
+            await pool.putconn(conn)  # in a transaction or broken: the pool sees to it
+        await self._unpark(_PARKED_FOR, now)
 
     async def check(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """The checkout check; a connection handed out before is reset by it."""
-        check = self._check
-        if self._reset.needed(conn):
-            await areset_session(conn, self._reset)
-            if check is AsyncConnectionPool.check_connection:
-                return
-        if check is not None:
+        """The checkout check: a parked connection's reset answer proves it alive, as
+        does a reset at checkout; a clean one reset within the window whose socket is
+        quiet needs nothing more; a fresh one gets the pool's usual check."""
+        reset, check = self._reset, self._check
+        if conn in reset.sent:
+            await afinish_reset(conn, reset, _HUNG_PEER_SECONDS)
+            proven = True
+        elif reset.fresh(conn):
+            proven = False
+        elif (since := reset.clean.pop(conn, None)) is None:
+            await areset_session(conn, reset)  # handed back in a transaction or an error
+            proven = True
+        else:
+            proven = time.monotonic() - since < _ALIVE_WINDOW and reset.settled(conn)
+        if check is not None and not (proven and check is AsyncConnectionPool.check_connection):
             await check(conn)
+
+    async def _hand_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Into the pool, reset if it can be (one round trip, for a waiting checkout)."""
+        reset = self._reset
+        try:
+            if conn in reset.sent or (not self.pool.closed and _send_reset(conn)):
+                await afinish_reset(conn, reset, _HUNG_PEER_SECONDS)
+                reset.clean[conn] = time.monotonic()
+        except psycopg.Error:
+            pass  # closed: the pool replaces it
+        await self.pool.putconn(conn)
+
+    async def _unpark(self, older_than: float, now: float) -> None:
+        """Hand back into the pool what has been parked longer than ``older_than``."""
+        parked = self._parked
+        while parked and now - parked[0][1] > older_than:
+            try:
+                conn, _ = parked.popleft()
+            except IndexError:
+                return
+            await self._hand_back(conn)
 
     def __repr__(self) -> str:
         return f"<AsyncPoolSource {self.pool.name}>"
