@@ -312,7 +312,7 @@ def test_the_reset_is_sent_on_return_and_the_next_checkout_sends_nothing(
         with block() as conn:
             pid = conn.info.backend_pid
             conn.execute("SELECT 'the user''s last query'")
-        query, returned_at = wait_until(
+        _, returned_at = wait_until(
             lambda: (a := backend_activity(lc, node, pid))[0] == "DISCARD ALL" and a,
             what="the reset to reach the server",
         )
