@@ -61,17 +61,19 @@ def test_reads_and_writes_after_their_pooled_backends_are_terminated(
     lc = replica_cluster
     nodes = {"primary": lc.primary_dsn, "replica1": lc.dsn("replica1")}
     kill = (
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-        "WHERE application_name = 'guar_terminate'"
+        "SELECT array_agg(pid) FILTER (WHERE pg_terminate_backend(pid)) "
+        "FROM pg_stat_activity WHERE application_name = 'guar_terminate'"
     )
-    left = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'guar_terminate'"
 
     def terminate(node: str) -> None:
         """End every pooled backend on ``node`` and wait until they are gone: a backend
         sends its termination message before it leaves pg_stat_activity, so from then
         on the client can tell (a kill racing a checkout is a kill racing the query)."""
-        assert lc.execute(node, kill)[0][0] >= 1
-        wait_until(lambda: lc.execute(node, left)[0][0] == 0, what=f"{node}'s backends gone")
+        [(pids,)] = lc.execute(node, kill)
+        assert pids, "no pooled backend to terminate"
+        listed = ",".join(map(str, pids))
+        gone = f"SELECT count(*) FROM pg_stat_activity WHERE pid IN ({listed})"
+        wait_until(lambda: lc.execute(node, gone)[0][0] == 0, what=f"{node}'s backends gone")
 
     settings: dict[str, Any] = {
         "max_lag": None,
