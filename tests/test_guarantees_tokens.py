@@ -105,6 +105,33 @@ def test_a_write_block_that_commits_then_raises_still_advances_the_token(
     assert seen(cluster, table, 3)
 
 
+def end_backend(lc: LocalCluster, pid: int) -> None:
+    """Terminate one backend and wait until it is gone."""
+    assert lc.execute("primary", f"SELECT pg_terminate_backend({pid})") == [(True,)]
+    gone = f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+    for _ in range(500):
+        if lc.execute("primary", gone) == [(0,)]:
+            return
+    raise AssertionError(f"backend {pid} still there")
+
+
+@pytest.mark.usefixtures("paused")
+def test_a_write_block_whose_connection_dies_after_its_commit_still_advances_the_token(
+    lc: LocalCluster, cluster: Cluster, table: str
+) -> None:
+    """Rule 1: the block committed on its own and its connection then died, so the
+    position cannot be asked there; any position read on the primary after the commit
+    covers it (asked on another connection), and a read in the scope sees the row."""
+    with cluster.session(inherit=False):
+        with cluster.write() as conn:
+            conn.execute(f"INSERT INTO {table} VALUES (5)")
+            conn.commit()
+            end_backend(lc, conn.info.backend_pid)
+        assert committed(lc, table, 5)
+        assert cluster.token is not None
+        assert seen(cluster, table, 5)
+
+
 @pytest.mark.usefixtures("paused")
 def test_a_commit_inside_an_async_write_block_advances_the_token(
     lc: LocalCluster, table: str

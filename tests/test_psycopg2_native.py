@@ -220,7 +220,9 @@ def test_typecasters_registered_on_the_connection_apply_to_replica_reads(
     value = uuid.uuid4()
     cur = conn.cursor()
     cur.execute("SELECT %s::text::uuid, inet_server_port()", (str(value),))
-    assert cur.fetchone()[0] == str(value)  # psycopg2's default: a string
+    uuid_oid = 2950
+    if uuid_oid not in psycopg2.extensions.string_types:  # e.g. Django registers it globally
+        assert cur.fetchone()[0] == str(value)  # psycopg2's default: a string
     psycopg2.extras.register_uuid(conn_or_curs=conn)
     cur = conn.cursor()
     cur.execute(

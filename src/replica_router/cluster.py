@@ -63,7 +63,7 @@ from ._cluster_base import (
 from .cluster_async import AsyncCluster as AsyncCluster  # noqa: PLC0414
 from .connection import RoutedConnection
 from .consistency import commit_and_capture
-from .errors import Error, NodeUnavailable
+from .errors import Error, NodeUnavailable, PrimaryUnavailable
 from .routing import (
     CATCH_UP,
     USE,
@@ -559,17 +559,48 @@ class Cluster(ClusterBase):
             # The block may have committed on its own before it ended or raised
             # (conn.commit(), conn.transaction(), autocommit statements): only the
             # server knows, and its current position covers whatever it did.
-            # Asked in autocommit (switching is client-side only), so that no
-            # transaction is left open on a connection going back to its pool.
-            with contextlib.suppress(psycopg.Error):
-                conn.set_autocommit(True)
-                cursor = conn.execute(consistency.POSITION_SQL)
-                row = cursor.fetchone()
-                self._note_write(position_of(row[0] if row else None))
-            with contextlib.suppress(psycopg.Error):
-                conn.set_autocommit(False)
+            try:
+                position = self._position_now(conn)
+            except psycopg.Error:
+                # The connection broke after the block's own statements: any position
+                # read on the node from now on covers a commit they made.
+                position = self._position_elsewhere(lease.node, error)
+            self._note_write(position)
         finally:
             self._checkin(lease)
+
+    @staticmethod
+    def _position_now(conn: psycopg.Connection[Any]) -> int | None:
+        """The node's WAL position, asked in autocommit (switching is client-side
+        only), so that no transaction is left open on a connection going back."""
+        conn.set_autocommit(True)
+        try:
+            cursor = conn.execute(consistency.POSITION_SQL)
+            row = cursor.fetchone()
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                conn.set_autocommit(False)
+        return position_of(row[0] if row else None)
+
+    def _position_elsewhere(self, node: str, error: BaseException | None) -> int | None:
+        """:meth:`_position_now` on another connection to ``node``. When none answers and
+        the block ended without an error, it may have committed where no token can
+        follow it: the caller gets an error instead of a silent stale read."""
+        try:
+            lease = self._checkout(node, "write")
+            try:
+                return self._position_now(lease.conn)
+            finally:
+                self._checkin(lease)
+        except (NodeUnavailableError, psycopg.Error) as exc:
+            if error is not None:
+                return None  # the block's own error goes on
+            cause = exc.message if isinstance(exc, NodeUnavailableError) else str(exc).strip()
+            raise PrimaryUnavailable(
+                f"{node}: the write block's connection broke after its statements and no"
+                f" other connection answered, so whether and where it committed is unknown"
+                f" ({self._scrub(node, cause)})"
+            ) from None
 
     def _capture_commit(self, conn: psycopg.Connection[Any]) -> int | None:
         """COMMIT ``conn`` (on the primary) and advance the current scope past it."""

@@ -59,7 +59,7 @@ from ._cluster_base import (
 )
 from .connection_async import AsyncRoutedConnection
 from .consistency import acommit_and_capture
-from .errors import Error, NodeUnavailable
+from .errors import Error, NodeUnavailable, PrimaryUnavailable
 from .routing import (
     CATCH_UP,
     USE,
@@ -571,17 +571,48 @@ class AsyncCluster(ClusterBase):
             # The block may have committed on its own before it ended or raised
             # (conn.commit(), conn.transaction(), autocommit statements): only the
             # server knows, and its current position covers whatever it did.
-            # Asked in autocommit (switching is client-side only), so that no
-            # transaction is left open on a connection going back to its pool.
-            with contextlib.suppress(psycopg.Error):
-                await conn.set_autocommit(True)
-                cursor = await conn.execute(consistency.POSITION_SQL)
-                row = await cursor.fetchone()
-                self._note_write(position_of(row[0] if row else None))
-            with contextlib.suppress(psycopg.Error):
-                await conn.set_autocommit(False)
+            try:
+                position = await self._position_now(conn)
+            except psycopg.Error:
+                # The connection broke after the block's own statements: any position
+                # read on the node from now on covers a commit they made.
+                position = await self._position_elsewhere(lease.node, error)
+            self._note_write(position)
         finally:
             await self._checkin(lease)
+
+    @staticmethod
+    async def _position_now(conn: psycopg.AsyncConnection[Any]) -> int | None:
+        """The node's WAL position, asked in autocommit (switching is client-side
+        only), so that no transaction is left open on a connection going back."""
+        await conn.set_autocommit(True)
+        try:
+            cursor = await conn.execute(consistency.POSITION_SQL)
+            row = await cursor.fetchone()
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                await conn.set_autocommit(False)
+        return position_of(row[0] if row else None)
+
+    async def _position_elsewhere(self, node: str, error: BaseException | None) -> int | None:
+        """:meth:`_position_now` on another connection to ``node``. When none answers and
+        the block ended without an error, it may have committed where no token can
+        follow it: the caller gets an error instead of a silent stale read."""
+        try:
+            lease = await self._checkout(node, "write")
+            try:
+                return await self._position_now(lease.conn)
+            finally:
+                await self._checkin(lease)
+        except (NodeUnavailableError, psycopg.Error) as exc:
+            if error is not None:
+                return None  # the block's own error goes on
+            cause = exc.message if isinstance(exc, NodeUnavailableError) else str(exc).strip()
+            raise PrimaryUnavailable(
+                f"{node}: the write block's connection broke after its statements and no"
+                f" other connection answered, so whether and where it committed is unknown"
+                f" ({self._scrub(node, cause)})"
+            ) from None
 
     async def _capture_commit(self, conn: psycopg.AsyncConnection[Any]) -> int | None:
         """COMMIT ``conn`` (on the primary) and advance the current scope past it."""
