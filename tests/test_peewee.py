@@ -320,10 +320,9 @@ def test_eight_threads_see_their_own_writes_and_nothing_else(
     replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any
 ) -> None:
     """Threads 0-3 write and read back with replay paused (the primary must serve
-    them); threads 4-7 only read and must stay on replicas throughout. Each thread is
-    a unit of work of its own (``session(inherit=False)``): outside every session,
-    threads share the process's root scope, and the readers would wait for the
-    writers' tokens."""
+    them); threads 4-7 only read and must stay on replicas throughout. Each thread's
+    ``connection_context()`` is a unit of work of its own: outside it, threads share
+    the process's root scope."""
     lc = replica_cluster
     replica_only(lc, db)
     barrier = threading.Barrier(8)
@@ -333,7 +332,7 @@ def test_eight_threads_see_their_own_writes_and_nothing_else(
     def work(i: int) -> None:
         try:
             seen: list[tuple[str, int]] = []
-            with db.session(inherit=False), db.connection_context():
+            with db.connection_context():
                 for round_ in range(5):
                     barrier.wait(timeout=30)
                     if i < 4:
@@ -366,6 +365,30 @@ def test_eight_threads_see_their_own_writes_and_nothing_else(
             assert token is None  # nobody else's write leaked into its scope
     db.close()
     assert all(db.cluster.in_use(n) == 0 for n in lc.node_names)
+
+
+def test_a_connection_contexts_writes_reach_its_to_thread_and_the_code_after_it(
+    replica_cluster: LocalCluster, db: RoutedPostgresqlDatabase, user: Any
+) -> None:
+    """The unit of work of ``connection_context()`` is one scope object: a write in
+    ``asyncio.to_thread`` inside it is read back in the block, and after the block the
+    enclosing (root) scope still reads it (replay paused: only the primary has it)."""
+    lc = replica_cluster
+    replica_only(lc, db)
+
+    async def main() -> tuple[int, int]:
+        with db.connection_context():
+            made = await asyncio.to_thread(user.create, name="in-a-thread")
+            assert user.get_by_id(made.id).name == "in-a-thread"
+            inside = port(db)
+        return made.id, inside
+
+    with replay_paused(lc):
+        made_id, inside = asyncio.run(main())
+        assert inside == lc.port("primary")
+        with db.connection_context():
+            pass  # another unit of work starts without it
+        assert user.get_by_id(made_id).name == "in-a-thread"  # the root has its position
 
 
 def test_asyncio_tasks_and_copied_contexts_never_share_links(
@@ -412,9 +435,9 @@ with Cluster(primary, replicas, max_lag=None, monitor_interval=0.1) as cluster:
             database = db
             table_name = table
 
-    def work(i):  # each greenlet a unit of work of its own
+    def work(i):  # each greenlet's connection_context() a unit of work of its own
         seen = []
-        with db.session(inherit=False), db.connection_context():
+        with db.connection_context():
             for r in range(5):
                 gevent.sleep(0)  # let the other greenlets interleave
                 if i % 2 == 0:

@@ -50,6 +50,7 @@ __all__ = [
     "current_scope",
     "peek_scope",
     "session",
+    "unit_of_work",
 ]
 
 _MAX_U64 = 0xFFFFFFFFFFFFFFFF
@@ -303,6 +304,24 @@ def _root_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_root_after_fork)
+
+
+@contextmanager
+def unit_of_work() -> Iterator[Scope]:
+    """A framework's natural boundary (Peewee's ``connection_context()``) as a unit of
+    work for code outside every session: it starts empty, so another thread's writes
+    do not steer its reads, and hands what it learned to the root scope on exit, so
+    code after it still reads its writes. Inside a session it is that session."""
+    if _SCOPE.get(None) is not None:
+        yield current_scope()
+        return
+    scope = Scope()
+    reset = _SCOPE.set(scope)
+    try:
+        yield scope
+    finally:
+        _SCOPE.reset(reset)
+        _ROOT.absorb(scope)
 
 
 @contextmanager

@@ -63,7 +63,7 @@ from psycopg.pq import TransactionStatus
 
 from ..classify import Intent
 from ..connection import PIPELINE_SYNC_NO_WAIT, run_capturing
-from ..consistency import NODE_POSITION_SQL, POSITION_SQL, commit_and_capture
+from ..consistency import NODE_POSITION_SQL, POSITION_SQL, commit_and_capture, unit_of_work
 from ..errors import NodeUnavailable, NoReplicaAvailable, PrimaryUnavailable
 from ..lsn import parse_lsn
 from ..routing import route_write
@@ -322,6 +322,27 @@ def _server_hung_up(conn: psycopg.Connection[Any]) -> bool:
     return bool(readable)
 
 
+class _ConnectionContext(peewee.ConnectionContext):
+    """``connection_context()`` inside a consistency unit of work."""
+
+    __slots__ = ("_unit",)
+
+    def __enter__(self) -> None:
+        self._unit = unit_of_work()
+        self._unit.__enter__()
+        try:
+            super().__enter__()
+        except BaseException as exc:
+            self._unit.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            super().__exit__(*exc_info)
+        finally:
+            self._unit.__exit__(*exc_info)
+
+
 class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
     """A Peewee database over a :class:`~replica_router.Cluster` (see the module doc).
 
@@ -404,6 +425,13 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         links.reset()
         links.closed = False
         return True
+
+    def connection_context(self) -> _ConnectionContext:
+        """Peewee's ``connection_context()``, also a unit of work of its own outside every
+        session (``consistency.unit_of_work``): a thread's block reads its own writes
+        and is not steered by other threads' (their positions reach the root scope when
+        their blocks end)."""
+        return _ConnectionContext(self)
 
     def close(self) -> bool:
         """Give both links back to their pools; True if the scope was open."""
