@@ -603,6 +603,32 @@ def test_results_stay_readable_after_the_next_statement_went_elsewhere(
         assert write.fetchall() == [(1,)]
 
 
+def test_an_autocommit_write_hands_its_results_to_the_cursor_prepared_or_not(
+    cluster: Cluster, table: str
+) -> None:
+    # The position is read in the statement's round trip, written on libpq: the
+    # statement sent unprepared, prepared, or prepared by psycopg once used enough.
+    with cluster.session(), cluster.connection() as conn:
+        tokens = []
+        for i, prepare in enumerate((False, None, None, None, None, None, None, True)):
+            cur = conn.execute(
+                f"INSERT INTO {table} VALUES (%s, 'a'), (%s, 'b') RETURNING id",
+                (2 * i, 2 * i + 1), prepare=prepare,
+            )  # fmt: skip
+            assert cur.fetchall() == [(2 * i,), (2 * i + 1,)]
+            assert (cur.rowcount, cur.statusmessage) == (2, "INSERT 0 2")
+            assert cur.description is not None and cur.description[0].name == "id"
+            tokens.append(cluster.token)
+        assert all(t is not None for t in tokens)
+        lsns = [t.lsn for t in tokens]  # type: ignore[union-attr]
+        assert lsns == sorted(set(lsns))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(f"INSERT INTO {table} VALUES (0, 'c')")
+        cur = conn.execute(f"UPDATE {table} SET v = 'z' WHERE id < 0")
+        assert (cur.rowcount, cur.statusmessage) == (0, "UPDATE 0")
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (16,)
+
+
 def test_attributes_cannot_change_inside_a_transaction(cluster: Cluster) -> None:
     with cluster.connection() as conn:
         assert conn.autocommit and conn.read_only is None

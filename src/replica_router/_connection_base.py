@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import psycopg
 from psycopg import sql
 from psycopg.adapt import AdaptersMap
+from psycopg.generators import fetch_many as _fetch_many
+from psycopg.generators import send as _send
 from psycopg.rows import RowFactory, tuple_row
 
 from .lsn import parse_lsn
@@ -63,6 +65,17 @@ def lsn_of(cursor: Any) -> int | None:
 PIPELINE_SYNC_NO_WAIT: bool = psycopg.Pipeline.is_supported() and callable(
     getattr(psycopg.Pipeline, "_enqueue_sync", None)
 )
+
+
+def exchange_gen(pgconn: Any, groups: int) -> Any:
+    """A psycopg generator (run it with ``conn.wait()``): flush what was sent on
+    ``pgconn`` in pipeline mode, then read ``groups`` groups of results (one per
+    query, one per Sync), once the server answers them all: one round trip."""
+    yield from _send(pgconn)
+    out = []
+    for _ in range(groups):
+        out.append((yield from _fetch_many(pgconn)))
+    return out
 
 
 def queue_sync(pipeline: Any) -> None:

@@ -52,7 +52,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import psycopg
+from psycopg._preparing import Prepare
 from psycopg.abc import Params, Query
+from psycopg.adapt import Transformer
 from psycopg.errors import ReadOnlySqlTransaction
 from psycopg.pq import TransactionStatus
 from psycopg.rows import RowFactory, tuple_row
@@ -62,6 +64,7 @@ from ._connection_base import (
     CursorBase,
     Many,
     PsycopgSession,
+    exchange_gen,
     lsn_of,
     query_text,
     queue_sync,
@@ -77,6 +80,7 @@ from .consistency import (
     current_scope,
 )
 from .errors import PrimaryUnavailable
+from .lsn import parse_lsn
 from .session import (
     BEGINS,
     PINNING_EFFECTS,
@@ -122,7 +126,7 @@ async def run_capturing(
     wrote: bool,
 ) -> tuple[bool, int | None]:
     """Run one autocommit statement on ``cursor`` (an idle autocommit connection to the
-    primary) and read the WAL position after its commit, in one round trip: psycopg's
+    primary) and read the WAL position after its commit, in one round trip: libpq's
     pipeline mode sends the statement, a Sync (which ends its implicit transaction:
     the commit), the position query and a second Sync, and waits once. Read inside the
     statement's own transaction, the position would be before its commit record; read
@@ -130,22 +134,88 @@ async def run_capturing(
     write), the server is asked too whether the statement's transaction was assigned a
     transaction id, inside that transaction, before the Sync. Returns (wrote,
     position); raises the statement's error (the position query after the Sync runs
-    anyway). Only where :data:`PIPELINE_SYNC_NO_WAIT` and ``pipelines_position(st)``
+    anyway). Results go to ``cursor`` as its ``execute()`` would hand them. Only
+    where :data:`PIPELINE_SYNC_NO_WAIT` and ``pipelines_position(st)``
     hold; the framework integrations use it too."""
     conn = cursor.connection
-    asked = None if wrote else conn.cursor(row_factory=tuple_row)
-    position = conn.cursor(row_factory=tuple_row)
-    async with conn.pipeline() as pipeline:
-        await cursor.execute(query, params, prepare=prepare)
-        if asked is not None:
-            await asked.execute(WROTE_SQL)
-        queue_sync(pipeline)
-        await position.execute(POSITION_SQL)
-    if asked is not None:
-        wrote = await asked.fetchone() == (True,)
-    return wrote, lsn_of(position)
+    if cursor.closed:
+        raise psycopg.InterfaceError("the cursor is closed")
+    # What psycopg's execute() does before sending (its cursor's own steps), so that
+    # the results can be handed to the cursor as execute() would hand them.
+    cursor._reset()
+    if cursor._last_query is not query:
+        cursor._last_query = None
+        cursor._tx = Transformer(cursor)
+    pgq = cursor._convert_query(query, params)
+    prep, name = cursor._get_prepared(pgq, prepare)  # psycopg's own preparing
+    # Written on libpq directly: psycopg's Pipeline costs client time of its own (a
+    # poll and a send per queued command, its result queue) about the round trip's.
+    async with conn.lock:
+        pgconn = conn.pgconn
+        pgconn.enter_pipeline_mode()
+        try:
+            fmt = cursor.format
+            if prep is _NO:
+                pgconn.send_query_params(
+                    pgq.query, pgq.params, param_formats=pgq.formats,
+                    param_types=pgq.types, result_format=fmt,
+                )  # fmt: skip
+            else:
+                if prep is _SHOULD:
+                    pgconn.send_prepare(name, pgq.query, param_types=pgq.types)
+                pgconn.send_query_prepared(
+                    name, pgq.params, param_formats=pgq.formats, result_format=fmt
+                )
+            key = conn._prepared.maybe_add_to_cache(pgq, prep, name)
+            if not wrote:
+                pgconn.send_query_params(_WROTE_QUERY, None)
+            pgconn.pipeline_sync()  # ends the statement's implicit transaction: commits
+            pgconn.send_query_params(_POSITION_QUERY, None)
+            pgconn.pipeline_sync()
+            groups = await conn.wait(exchange_gen(pgconn, (prep is _SHOULD) + (4 if wrote else 5)))
+        finally:
+            try:
+                pgconn.exit_pipeline_mode()
+            except psycopg.OperationalError:
+                pgconn.finish()  # interrupted with results pending: unusable
+                raise
+        if prep is _SHOULD:
+            (prepared,) = groups.pop(0)
+            if prepared.status == _FATAL_ERROR:
+                raise psycopg.errors.error_from_result(prepared, encoding=conn.pgconn._encoding)
+        results = groups[0]
+        if key is not None:
+            conn._prepared.validate(key, prep, name, results)
+        cursor._query = pgq
+        cursor._last_query = query
+        cursor._check_results(results)  # the statement's error, raised as psycopg does
+        cursor._set_results(results)
+        if conn._prepared._to_flush:  # e.g. DEALLOCATE a statement out of the cache
+            await conn.wait(conn._prepared.maintain_gen(conn))
+    if not wrote:
+        wrote = _first_value(groups[1]) == b"t"
+    return wrote, _first_lsn(groups[-2])
 
 
+def _first_value(results: list[Any]) -> bytes | None:
+    result = results[0] if results else None
+    if result is None or result.status != _TUPLES_OK or not result.ntuples:
+        return None
+    value: bytes | None = result.get_value(0, 0)
+    return value
+
+
+def _first_lsn(results: list[Any]) -> int | None:
+    value = _first_value(results)
+    return None if value is None else parse_lsn(value.decode())
+
+
+_WROTE_QUERY: Final = WROTE_SQL.encode()
+_POSITION_QUERY: Final = POSITION_SQL.encode()
+_TUPLES_OK: Final = psycopg.pq.ExecStatus.TUPLES_OK
+_FATAL_ERROR: Final = psycopg.pq.ExecStatus.FATAL_ERROR
+_NO: Final = Prepare.NO
+_SHOULD: Final = Prepare.SHOULD
 _IDLE: Final = TransactionStatus.IDLE
 _INTRANS: Final = TransactionStatus.INTRANS
 _INERROR: Final = TransactionStatus.INERROR
@@ -601,7 +671,7 @@ class AsyncRoutedConnection(PsycopgSession):
         wrote: bool,
     ) -> tuple[bool, int | None]:
         """Run one autocommit statement on the primary and read the position after its
-        commit, in one round trip: psycopg's pipeline mode sends the statement, a Sync
+        commit, in one round trip: libpq's pipeline mode sends the statement, a Sync
         (which ends its implicit transaction: the commit), the position query and a
         second Sync, and waits once. Read inside the statement's own transaction, the
         position would be before its commit record; read after the Sync it is at or
