@@ -228,16 +228,21 @@ class Traffic:
         # Through RoutedConnections (one per read, so the policy spreads them), which
         # run a read whose node died under it once more elsewhere: with cluster.read()
         # a query in flight when its server is killed fails (it was sent; the router
-        # cannot know what the user's block had done).
-        while not self.stop.is_set():
-            try:
-                with self.cluster.connection() as conn:
-                    node = self._node(conn.execute("SELECT inet_server_port()").fetchone())
-            except psycopg.Error as exc:
-                self.read_errors.append(exc)
-            else:
-                self.reads[node] = self.reads.get(node, 0) + 1
-            time.sleep(0.002)
+        # cannot know what the user's block had done). The reader is another user: a
+        # unit of work of its own, not bound by the writer's token (outside every
+        # session the two threads would share the process's root scope, and a read
+        # after a write not yet replayed has no node while the primary is down).
+        with self.cluster.session(inherit=False):
+            while not self.stop.is_set():
+                try:
+                    with self.cluster.connection() as conn:
+                        row = conn.execute("SELECT inet_server_port()").fetchone()
+                        node = self._node(row)
+                except psycopg.Error as exc:
+                    self.read_errors.append(exc)
+                else:
+                    self.reads[node] = self.reads.get(node, 0) + 1
+                time.sleep(0.002)
 
     def _node(self, row: tuple[Any, ...] | None) -> str:
         assert row is not None
