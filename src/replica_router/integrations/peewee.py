@@ -43,6 +43,9 @@ The rules (``docs/peewee.md`` has the reasons):
   fails). A read whose connection turns out dead runs again on a fresh one.
 """
 
+# The I/O seam (RoutedPostgresqlDatabase._resolve) also carries calls that return None.
+# mypy: disable-error-code="func-returns-value"
+
 from __future__ import annotations
 
 import asyncio
@@ -53,7 +56,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import peewee
 import psycopg
@@ -77,7 +80,9 @@ if TYPE_CHECKING:
 
 __all__ = ["RoutedPostgresqlDatabase", "check_connections", "use_primary"]
 
-try:  # greenlets (gevent, eventlet, pwasyncio's bridge) are units of their own
+T = TypeVar("T")
+
+try:  # greenlets (gevent, eventlet) are units of their own; in a loop, the task is
     from greenlet import getcurrent as _current_flow  # type: ignore[import-untyped]
 except ImportError:  # pragma: no cover - greenlet is not installed
     _current_flow = threading.get_ident
@@ -164,6 +169,7 @@ class _Links:
     __slots__ = (
         "closed",
         "commit_callbacks",
+        "contexts",
         "ctx",
         "dirty",
         "owner",
@@ -181,6 +187,7 @@ class _Links:
         self.writer: Lease[psycopg.Connection[Any]] | None = None
         self.dirty = False  # the primary link carries session state: DISCARD ALL on return
         self.pinned = False  # session state lives on the primary: everything goes there
+        self.contexts: list[Any] = []  # `async with db:` blocks open (the asyncio twin)
         self.reset()
 
     def reset(self) -> None:
@@ -305,8 +312,12 @@ def _peewee_errors() -> Iterator[None]:
         raise peewee.OperationalError(exc, *exc.args) from exc
 
 
-def _lsn(cursor: psycopg.Cursor[Any]) -> int | None:
-    row = cursor.fetchone()
+def _as_is(done: T) -> T:
+    """A sync call's result: already there (the sync side of the I/O seam)."""
+    return done
+
+
+def _lsn(row: tuple[Any, ...] | None) -> int | None:
     return None if row is None or row[0] is None else parse_lsn(str(row[0]))
 
 
@@ -360,6 +371,15 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
     _log_query: Callable[[str, Any], None]
     _notify_hooks: Callable[[str, Any, float, Exception | None], None]
 
+    # The I/O seam. Every driver and cluster call below goes through ``_resolve``:
+    # here the result itself; the asyncio twin (``peewee_asyncio``) runs these same
+    # rules over psycopg's AsyncConnection from Peewee's greenlet bridge, and its
+    # ``_resolve`` awaits what those calls return.
+    _resolve = staticmethod(_as_is)
+    _run_capturing: Callable[..., Any] = staticmethod(run_capturing)
+    _commit_and_capture: Callable[[Any], Any] = staticmethod(commit_and_capture)
+    _limits_type: type[Any] = _NodeLimits  # playhouse.pool's limits: threads wait on a Condition
+
     def __init__(
         self,
         cluster: Cluster,
@@ -373,7 +393,7 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         operations: Mapping[str, str] | None = None,
     ) -> None:
         self.cluster = cluster
-        self._limits = _NodeLimits(max_connections, timeout)
+        self._limits = self._limits_type(max_connections, timeout)
         self._stale_timeout = stale_timeout
         self._born: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = (
             weakref.WeakKeyDictionary()
@@ -401,9 +421,12 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         if links is None or links.owner is not owner:
             # A new unit of work, or a context copied from another one (a task
             # created by a task, asyncio.to_thread): never share its links.
-            links = _Links(owner, self._release_lease)
+            links = self._new_links(owner)
             self._links_var.set(links)
         return links
+
+    def _new_links(self, owner: object) -> _Links:
+        return _Links(owner, self._release_lease)
 
     # -- Peewee's connection management -------------------------------------------------
 
@@ -545,10 +568,10 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         for _attempt in range(_READ_ATTEMPTS):
             held = links.reader
             if on_primary:
-                node = route_write(cluster.topology) or cluster.route_write()
+                node = route_write(cluster.topology) or self._resolve(cluster.route_write())
             else:
-                node = cluster.route_read(prefer=None if held is None else held.node,
-                                          exclude=exclude)  # fmt: skip
+                node = self._resolve(cluster.route_read(
+                    prefer=None if held is None else held.node, exclude=exclude))  # fmt: skip
             if held is not None and held.node != node:
                 links.reader = None
                 self._give_back(held)
@@ -561,7 +584,7 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
                     continue
             cursor = held.conn.cursor()
             try:
-                cursor.execute(sql, params)
+                self._resolve(cursor.execute(sql, params))
             except ReadOnlySqlTransaction:
                 return self._write(links, sql, params)  # the server says it writes
             except SerializationFailure:
@@ -609,13 +632,13 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
                 and PIPELINE_SYNC_NO_WAIT
                 and conn.pgconn.transaction_status == _IDLE
             ):
-                _, position = run_capturing(cursor, sql, params, wrote=True)
+                _, position = self._resolve(self._run_capturing(cursor, sql, params, wrote=True))
                 self.cluster.record_write(position)  # at or past the statement's commit
                 return cursor
-            cursor.execute(sql, params)
+            self._resolve(cursor.execute(sql, params))
             if session or conn.pgconn.transaction_status != _IDLE:
                 return cursor  # in a transaction: its COMMIT captures the position
-            position = _lsn(conn.execute(POSITION_SQL))
+            position = self._position(conn, POSITION_SQL)
         except psycopg.Error:
             if conn.broken:
                 links.writer = None
@@ -624,11 +647,15 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         self.cluster.record_write(position)  # it committed: the token advances past it
         return cursor
 
+    def _position(self, conn: psycopg.Connection[Any], sql: str) -> int | None:
+        """The WAL position ``sql`` reads on ``conn``."""
+        return _lsn(self._resolve(self._resolve(conn.execute(sql)).fetchone()))
+
     def _note_read(self, conn: psycopg.Connection[Any]) -> None:
         """The position the node that served a read stands at, for monotonic reads (as
         the psycopg2 adapter does); a failure to measure it leaves the floor as it was."""
         try:
-            position = _lsn(conn.execute(NODE_POSITION_SQL))
+            position = self._position(conn, NODE_POSITION_SQL)
         except psycopg.Error:
             return
         self.cluster.record_read(position)
@@ -654,10 +681,10 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
                     f"{lease.node} is no longer the primary (fenced, demoted or removed): "
                     "the transaction on it was rolled back and must be run again"
                 )
-        node = cluster.route_write()
+        node = self._resolve(cluster.route_write())
         lease = self._take(node, "write")
         try:
-            lease.conn.autocommit = True  # Peewee's mode: transactions say BEGIN
+            self._resolve(lease.conn.set_autocommit(True))  # Peewee's mode: transactions say BEGIN
         except BaseException:
             self._give_back(lease)
             raise
@@ -674,7 +701,7 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
             level = self._adapter.isolation_level_str(isolation_level)
             stmt = f"BEGIN TRANSACTION ISOLATION LEVEL {level}"
         with _peewee_errors():
-            self._writer(links).conn.execute(stmt)
+            self._resolve(self._writer(links).conn.execute(stmt))
 
     def commit(self) -> None:
         """COMMIT on the primary, capturing its WAL position in the same round trip."""
@@ -693,7 +720,7 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
             )
         with _peewee_errors():
             try:
-                position = commit_and_capture(lease.conn)
+                position = self._resolve(self._commit_and_capture(lease.conn))
             except psycopg.Error:
                 if lease.conn.broken:
                     links.writer = None
@@ -711,7 +738,7 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
             return
         with _peewee_errors():
             try:
-                lease.conn.rollback()
+                self._resolve(lease.conn.rollback())
             except psycopg.Error:
                 if lease.conn.broken:
                     links.writer = None
@@ -722,15 +749,16 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
 
     def _take(self, node: str, purpose: Any) -> Lease[psycopg.Connection[Any]]:
         """A checked connection to ``node`` from the cluster's pool, within the limits."""
-        self._limits.take(node)
+        resolve = self._resolve
+        resolve(self._limits.take(node))
         try:
-            lease = self.cluster.checkout(node, purpose)
+            lease = resolve(self.cluster.checkout(node, purpose))
             for _ in range(_STALE_TRIES):
                 if not self._is_stale(lease.conn):
                     break
-                lease.conn.close()  # the pool replaces a closed connection
-                self.cluster.checkin(lease)
-                lease = self.cluster.checkout(node, purpose)
+                resolve(lease.conn.close())  # the pool replaces a closed connection
+                resolve(self.cluster.checkin(lease))
+                lease = resolve(self.cluster.checkout(node, purpose))
         except BaseException:
             self._limits.give(node)
             raise
@@ -744,9 +772,9 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
             return False
         born = self._born.get(conn)
         if born is None:  # the server knows when this backend started
-            row = conn.execute(_AGE_SQL).fetchone()
+            row = self._resolve(self._resolve(conn.execute(_AGE_SQL)).fetchone())
             if not conn.autocommit:
-                conn.rollback()  # a write connection: leave no transaction open
+                self._resolve(conn.rollback())  # a write connection: leave no transaction open
             born = time.monotonic() - (float(row[0]) if row and row[0] is not None else 0.0)
             self._born[conn] = born
         return time.monotonic() - born > timeout
@@ -758,23 +786,24 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         open transaction must not commit; a link whose unit of work vanished).
         """
         conn = lease.conn
+        resolve = self._resolve
         try:
             if broken:
-                conn.close()
+                resolve(conn.close())
             elif not conn.closed and not conn.broken:
                 if conn.pgconn.transaction_status != _IDLE:
-                    conn.rollback()
+                    resolve(conn.rollback())
                 if dirty:
-                    conn.execute("DISCARD ALL")
+                    resolve(conn.execute("DISCARD ALL"))
                 if lease.purpose == "write":
-                    conn.autocommit = False
+                    resolve(conn.set_autocommit(False))
                 if self._is_stale(conn):
-                    conn.close()
+                    resolve(conn.close())
         except psycopg.Error:
-            conn.close()
+            resolve(conn.close())
         finally:
             try:
-                self.cluster.checkin(lease)
+                resolve(self.cluster.checkin(lease))
             finally:
                 self._limits.give(lease.node)
 
@@ -819,15 +848,15 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
 
     def check_connections(self, timeout: float | None = None) -> dict[str, bool]:
         """``{node: healthy}``: one entry per node, the primary included."""
-        return self.cluster.check_connections(timeout)
+        return self._resolve(self.cluster.check_connections(timeout))
 
     def add_replica(self, dsn: str, name: str | None = None) -> str:
         """Add a replica at run time (reads may go to it once the monitor has probed it)."""
-        return self.cluster.add_replica(dsn, name=name)
+        return self._resolve(self.cluster.add_replica(dsn, name=name))
 
     def remove_replica(self, name: str, timeout: float = 5.0) -> None:
         """Stop reading from ``name``; links held to it are swapped at their next read."""
-        self.cluster.remove_replica(name, timeout=timeout)
+        self._resolve(self.cluster.remove_replica(name, timeout=timeout))
 
     def status(self) -> list[NodeStatus]:
         """The cluster's status table: role, health, lag and traffic per node."""
