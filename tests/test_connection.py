@@ -20,6 +20,8 @@ from helpers import FAST, port_of, replica_ports, scratch_table, wait_until
 from replica_router import Cluster, Intent
 from replica_router._connection_base import query_text
 from replica_router.classify import Statement
+from replica_router.connection import run_capturing
+from replica_router.lsn import parse_lsn
 from replica_router.sandbox import LocalCluster
 from replica_router.session import (
     ROUTE_BEGIN_READ,
@@ -627,6 +629,27 @@ def test_an_autocommit_write_hands_its_results_to_the_cursor_prepared_or_not(
         cur = conn.execute(f"UPDATE {table} SET v = 'z' WHERE id < 0")
         assert (cur.rowcount, cur.statusmessage) == (0, "UPDATE 0")
         assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (16,)
+
+
+@pytest.mark.parametrize("threshold", [5, None])
+def test_the_position_query_is_prepared_and_asked_again_when_the_server_lost_it(
+    lc: LocalCluster, table: str, threshold: int | None
+) -> None:
+    """After an autocommit write, the position query is a prepared statement (planned
+    once per connection), unless preparing is off (a pooler in transaction mode); one
+    the server no longer has fails, and the position is asked for again, unprepared."""
+    with psycopg.connect(lc.primary_dsn, autocommit=True, prepare_threshold=threshold) as conn:
+        cursor = conn.cursor()
+        _, first = run_capturing(cursor, f"INSERT INTO {table} VALUES (1, 'a')", None, wrote=True)
+        statements = [s for (s,) in conn.execute("SELECT statement FROM pg_prepared_statements")]
+        assert any("pg_current_wal_insert_lsn" in s for s in statements) == (threshold is not None)
+        conn.pgconn.exec_(b"DEALLOCATE ALL")  # behind psycopg's back: its cache still names it
+        _, second = run_capturing(cursor, f"INSERT INTO {table} VALUES (2, 'b')", None, wrote=True)
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+        assert row is not None
+        assert first is not None and second is not None
+        assert first < second <= parse_lsn(row[0])
+        assert cursor.rowcount == 1
 
 
 def test_attributes_cannot_change_inside_a_transaction(cluster: Cluster) -> None:

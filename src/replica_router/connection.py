@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import psycopg
 from psycopg._preparing import Prepare
+from psycopg._queries import PostgresQuery
 from psycopg.abc import Params, Query
 from psycopg.adapt import Transformer
 from psycopg.errors import ReadOnlySqlTransaction
@@ -150,7 +151,12 @@ def run_capturing(
         cursor._last_query = None
         cursor._tx = Transformer(cursor)
     pgq = cursor._convert_query(query, params)
-    prep, name = cursor._get_prepared(pgq, prepare)  # psycopg's own preparing
+    prepared = conn._prepared  # psycopg's own cache: told of resets, DISCARD ALL, eviction
+    prep, name = prepared.get(pgq, prepare)
+    # The position query is prepared at once (it runs after every such write; parsing
+    # and planning it each time was half its cost), unless preparing is off
+    # (prepare_threshold=None: PgBouncer in transaction mode).
+    at_prep, at_name = prepared.get(_POSITION_PGQ, True)
     # Written on libpq directly: psycopg's Pipeline costs client time of its own (a
     # poll and a send per queued command, its result queue) about the round trip's.
     with conn.lock:
@@ -169,13 +175,20 @@ def run_capturing(
                 pgconn.send_query_prepared(
                     name, pgq.params, param_formats=pgq.formats, result_format=fmt
                 )
-            key = conn._prepared.maybe_add_to_cache(pgq, prep, name)
+            key = prepared.maybe_add_to_cache(pgq, prep, name)
             if not wrote:
                 pgconn.send_query_params(_WROTE_QUERY, None)
             pgconn.pipeline_sync()  # ends the statement's implicit transaction: commits
-            pgconn.send_query_params(_POSITION_QUERY, None)
+            if at_prep is _NO:
+                pgconn.send_query_params(_POSITION_PGQ.query, None)
+            else:
+                if at_prep is _SHOULD:
+                    pgconn.send_prepare(at_name, _POSITION_PGQ.query)
+                pgconn.send_query_prepared(at_name, None)
+            at_key = prepared.maybe_add_to_cache(_POSITION_PGQ, at_prep, at_name)
             pgconn.pipeline_sync()
-            groups = conn.wait(exchange_gen(pgconn, (prep is _SHOULD) + (4 if wrote else 5)))
+            expected = (prep is _SHOULD) + (at_prep is _SHOULD) + (4 if wrote else 5)
+            groups = conn.wait(exchange_gen(pgconn, expected))
         finally:
             try:
                 pgconn.exit_pipeline_mode()
@@ -183,21 +196,28 @@ def run_capturing(
                 pgconn.finish()  # interrupted with results pending: unusable
                 raise
         if prep is _SHOULD:
-            (prepared,) = groups.pop(0)
-            if prepared.status == _FATAL_ERROR:
-                raise psycopg.errors.error_from_result(prepared, encoding=conn.pgconn._encoding)
+            (made,) = groups.pop(0)
+            if made.status == _FATAL_ERROR:
+                raise psycopg.errors.error_from_result(made, encoding=conn.pgconn._encoding)
         results = groups[0]
         if key is not None:
-            conn._prepared.validate(key, prep, name, results)
+            prepared.validate(key, prep, name, results)
+        if at_key is not None:
+            prepared.validate(at_key, at_prep, at_name, groups[-2])
         cursor._query = pgq
         cursor._last_query = query
         cursor._check_results(results)  # the statement's error, raised as psycopg does
         cursor._set_results(results)
-        if conn._prepared._to_flush:  # e.g. DEALLOCATE a statement out of the cache
-            conn.wait(conn._prepared.maintain_gen(conn))
+        if prepared._to_flush:  # e.g. DEALLOCATE a statement out of the cache
+            conn.wait(prepared.maintain_gen(conn))
     if not wrote:
         wrote = _first_value(groups[1]) == b"t"
-    return wrote, _first_lsn(groups[-2])
+    position = _first_lsn(groups[-2])
+    if position is None:  # the position query failed (its prepared statement gone?)
+        asked = conn.cursor(row_factory=tuple_row)
+        asked.execute(POSITION_SQL, prepare=False)  # still after the commit
+        position = lsn_of(asked)
+    return wrote, position
 
 
 def _first_value(results: list[Any]) -> bytes | None:
@@ -214,7 +234,16 @@ def _first_lsn(results: list[Any]) -> int | None:
 
 
 _WROTE_QUERY: Final = WROTE_SQL.encode()
-_POSITION_QUERY: Final = POSITION_SQL.encode()
+
+
+def _converted(query: str) -> PostgresQuery:
+    """``query`` (no parameters) as psycopg's prepared-statement cache keys it."""
+    pgq = PostgresQuery(Transformer())
+    pgq.convert(query, None)
+    return pgq
+
+
+_POSITION_PGQ: Final = _converted(POSITION_SQL)
 _TUPLES_OK: Final = psycopg.pq.ExecStatus.TUPLES_OK
 _FATAL_ERROR: Final = psycopg.pq.ExecStatus.FATAL_ERROR
 _NO: Final = Prepare.NO
