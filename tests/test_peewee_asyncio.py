@@ -266,3 +266,69 @@ def test_add_and_remove_replicas_at_run_time(replica_cluster: LocalCluster, tabl
         await eventually(lambda: any(s.name == removed and s.healthy for s in db.status()))
 
     on_cluster(lc, table, body)
+
+
+def on_fresh_cluster(
+    lc: LocalCluster, body: Callable[[AsyncRoutedPostgresqlDatabase], Any]
+) -> None:
+    async def main() -> None:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, max_lag=None, **FAST) as cluster:
+            db = AsyncRoutedPostgresqlDatabase(cluster)
+            try:
+                await body(db)
+            finally:
+                await db.close_pool()
+
+    run(main())
+
+
+@pytest.mark.slow
+@pytest.mark.destructive
+def test_after_a_replica_restart_no_stale_socket_error_reaches_the_caller(
+    make_replica_cluster: Any,
+) -> None:
+    lc = make_replica_cluster(replicas=1)
+    replica, primary = lc.port("replica1"), lc.port("primary")
+
+    async def body(db: AsyncRoutedPostgresqlDatabase) -> None:
+        async with db:
+            await until_a_replica_reads(lc, db)
+            lc.stop("replica1", mode="immediate")
+            lc.start("replica1")
+            for _ in range(5):  # the held link and the pool's idle ones are all dead
+                assert await port(db) in {replica, primary}
+            await until_a_replica_reads(lc, db)
+        assert db.cluster.in_use("replica1") == 0
+
+    on_fresh_cluster(lc, body)
+
+
+@pytest.mark.slow
+@pytest.mark.destructive
+def test_a_held_link_to_a_demoted_primary_never_runs_another_statement(
+    make_replica_cluster: Any,
+) -> None:
+    lc = make_replica_cluster(replicas=1)
+    table = "pwa_fence"
+    lc.execute("primary", f"CREATE TABLE {table} (id serial PRIMARY KEY, name text)")
+    lc.wait_replicated()
+
+    async def body(db: AsyncRoutedPostgresqlDatabase) -> None:
+        meta = type("Meta", (), {"database": db, "table_name": table})
+        user = type("User", (AsyncModel,), {"Meta": meta, "name": peewee.TextField()})
+        async with db:
+            await user.acreate(name="before")  # holds a link to the old primary
+            lc.wait_replicated()
+            with pytest.raises(peewee.OperationalError, match="no longer the primary"):
+                async with db.atomic():
+                    await user.acreate(name="lost")
+                    lc.promote("replica1")  # the old primary keeps running: split brain
+                    await eventually(lambda: db.cluster.topology.primary == "replica1", "follow")
+            await user.acreate(name="after")  # outside a transaction: the new primary
+
+    on_fresh_cluster(lc, body)
+    assert lc.execute("primary", f"SELECT name FROM {table} ORDER BY id") == [("before",)]
+    assert lc.execute("replica1", f"SELECT name FROM {table} ORDER BY id") == [
+        ("before",),
+        ("after",),
+    ]
