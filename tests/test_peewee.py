@@ -29,6 +29,7 @@ from helpers import (
     hung_mid_flight,
     replay_paused,
     replica_ports,
+    scratch_table,
     wait_until,
 )
 from replica_router import Cluster, PrimaryUnavailable
@@ -181,6 +182,33 @@ def test_an_autocommit_create_token_is_at_or_past_its_commit_record(
         with db.session(str(token), inherit=False):  # the next request, with the token
             assert port(db) == lc.port("primary")
             assert user.get_by_id(made.id).name == "Ada"
+
+
+@pytest.mark.parametrize("mode", ["lsn", "window", None])
+def test_a_write_reads_its_position_only_where_read_your_writes_uses_it(
+    replica_cluster: LocalCluster, mode: str | None
+) -> None:
+    """The position query after an autocommit write (prepared on the primary link at
+    its first use) is sent only in ``lsn`` mode: elsewhere no token is made of it."""
+    lc = replica_cluster
+    with (
+        scratch_table(lc, "pw", "id serial PRIMARY KEY, name text") as table,
+        Cluster(lc.primary_dsn, lc.replica_dsns, read_your_writes=mode, **FAST) as cluster,  # type: ignore[arg-type]
+    ):
+        database = RoutedPostgresqlDatabase(cluster)
+        model = _model(database, table)
+        try:
+            with database.connection_context(), cluster.session(inherit=False):
+                model.create(name="a")
+                model.insert(name="b").execute()
+                prepared = database.connection().execute(
+                    "SELECT statement FROM pg_prepared_statements"
+                )
+                sent = any("wal_insert_lsn" in s for (s,) in prepared)
+                assert sent == (mode == "lsn")
+                assert (cluster.token is not None) == (mode == "lsn")
+        finally:
+            database.close()
 
 
 def test_replica_reads_raise_the_monotonic_floor(replica_cluster: LocalCluster) -> None:

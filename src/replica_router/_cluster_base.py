@@ -505,6 +505,12 @@ class ClusterBase:
         return self._in_use.get(name, 0)
 
     @property
+    def read_your_writes(self) -> Literal["lsn", "window"] | None:
+        """The read-your-writes mode: ``"lsn"`` (commits' WAL positions are the token),
+        ``"window"`` (a time after each write) or None (off: no position is read)."""
+        return self._ryw
+
+    @property
     def monotonic_reads(self) -> bool:
         """Whether reads of a scope never go back in time (see :meth:`record_read`)."""
         return self._monotonic

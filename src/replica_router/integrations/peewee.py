@@ -625,9 +625,11 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
         lease = self._writer(links)
         conn = lease.conn
         cursor = conn.cursor()
+        wanted = self.cluster.read_your_writes == "lsn"  # else no position is used
         try:
             if (
                 one_trip
+                and wanted
                 and not session
                 and PIPELINE_SYNC_NO_WAIT
                 and conn.pgconn.transaction_status == _IDLE
@@ -638,7 +640,7 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
             self._resolve(cursor.execute(sql, params))
             if session or conn.pgconn.transaction_status != _IDLE:
                 return cursor  # in a transaction: its COMMIT captures the position
-            position = self._position(conn, POSITION_SQL)
+            position = self._position(conn, POSITION_SQL) if wanted else None
         except psycopg.Error:
             if conn.broken:
                 links.writer = None
