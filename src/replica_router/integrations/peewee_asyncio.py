@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -106,30 +106,10 @@ class AsyncRoutedPostgresqlDatabase(AsyncDatabaseMixin, RoutedPostgresqlDatabase
     _commit_and_capture = staticmethod(acommit_and_capture)
     _limits_type = _AsyncNodeLimits
 
-    def __init__(
-        self,
-        cluster: AsyncCluster,
-        *,
-        max_connections: int | None = 20,
-        stale_timeout: float | None = None,
-        timeout: float | None = None,
-        isolation_level: Any = None,
-        autoconnect: bool = True,
-        field_types: Mapping[str, str] | None = None,
-        operations: Mapping[str, str] | None = None,
-    ) -> None:
-        # Not pwasyncio's own __init__: the cluster owns the pools.
-        RoutedPostgresqlDatabase.__init__(
-            self,
-            cluster,  # type: ignore[arg-type]
-            max_connections=max_connections,
-            stale_timeout=stale_timeout,
-            timeout=timeout,
-            isolation_level=isolation_level,
-            autoconnect=autoconnect,
-            field_types=field_types,
-            operations=operations,
-        )
+    def __init__(self, cluster: AsyncCluster, **options: Any) -> None:
+        """``options`` are :class:`~.peewee.RoutedPostgresqlDatabase`'s (``max_connections``,
+        ``stale_timeout``, ``timeout``, ...); not pwasyncio's own: the cluster owns the pools."""
+        RoutedPostgresqlDatabase.__init__(self, cluster, **options)  # type: ignore[arg-type]
         self._pool = None
         self._closing = False
         self._releasing: set[asyncio.Task[Any]] = set()
