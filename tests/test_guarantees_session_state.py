@@ -6,6 +6,8 @@ Pools of one connection make "the next user gets the same connection" certain.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from helpers import FAST, port_of, run, wait_until
-from replica_router import AsyncCluster, Cluster
+from replica_router import AsyncCluster, Cluster, sources
 from replica_router.integrations import psycopg2 as routed
 from replica_router.sandbox import LocalCluster
 
@@ -319,3 +321,90 @@ def test_the_reset_is_sent_on_return_and_the_next_checkout_sends_nothing(
         with block() as conn:
             assert conn.info.backend_pid == pid
             assert backend_activity(lc, node, pid) == ("DISCARD ALL", returned_at)
+
+
+def test_a_waiting_async_checkout_gets_the_connection_with_its_reset_on_the_way(
+    lc: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hot paths, under contention: a checkout waiting for the only connection gets it
+    straight from the block that hands it back, the reset sent and not waited for by the
+    returning task; the waiting checkout reads the reset's answer, so the session is
+    still reset before its first query."""
+    readers: list[str] = []
+    finish = sources.afinish_reset
+
+    async def recording(conn: Any, reset: Any, timeout: float) -> None:
+        task = asyncio.current_task()
+        readers.append(task.get_name() if task is not None else "")
+        await finish(conn, reset, timeout)
+
+    monkeypatch.setattr(sources, "afinish_reset", recording)
+
+    async def main() -> tuple[int, int, Any, list[str]]:
+        async with AsyncCluster(
+            lc.primary_dsn,
+            [lc.dsn("replica1")],
+            max_lag=None,
+            pool_kwargs={"primary": ONE, "replica": ONE},
+            **FAST,  # type: ignore[arg-type]
+        ) as cluster:
+            source: Any = cluster._sources[("replica1", "read")]
+
+            async def waiter() -> tuple[int, Any]:
+                async with cluster.read() as conn:
+                    cur = await conn.execute("SELECT current_setting('search_path')")
+                    return conn.info.backend_pid, await cur.fetchone()
+
+            async with cluster.read() as conn:
+                first = conn.info.backend_pid
+                await conn.execute("SET search_path = pg_catalog")
+                waiting = asyncio.create_task(waiter(), name="waiter")
+                while not (source._asking or getattr(source, "_waiting", None)):
+                    await asyncio.sleep(0.001)  # poll: the waiter is queued for a connection
+                readers.clear()
+            second, path = await waiting
+            return first, second, path, list(readers)  # before close reads the last reset
+
+    first, second, path, readers = run(main())
+    assert second == first  # the same connection, handed over
+    assert path == ('"$user", public',)  # reset before the waiter's first query
+    assert readers == ["waiter"]  # the answer read by the waiting checkout, not the returner
+
+
+def test_a_waiting_async_checkout_cancelled_as_it_is_handed_a_connection_passes_it_on(
+    lc: LocalCluster,
+) -> None:
+    """The connection handed to a checkout whose task is cancelled before it resumes
+    is not lost: the next checkout gets it, reset."""
+
+    async def main() -> tuple[int, int, Any]:
+        async with AsyncCluster(
+            lc.primary_dsn,
+            [lc.dsn("replica1")],
+            max_lag=None,
+            pool_kwargs={"primary": ONE, "replica": ONE},
+            checkout_timeout=2.0,
+            **FAST,  # type: ignore[arg-type]
+        ) as cluster:
+            source: Any = cluster._sources[("replica1", "read")]
+
+            async def waiter() -> None:
+                async with cluster.read():
+                    pass
+
+            async with cluster.read() as conn:
+                first = conn.info.backend_pid
+                await conn.execute("SET search_path = pg_catalog")
+                waiting = asyncio.create_task(waiter())
+                while not (source._asking or getattr(source, "_waiting", None)):
+                    await asyncio.sleep(0.001)  # poll: the waiter is queued for a connection
+            waiting.cancel()  # handed the connection, not yet resumed
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            async with cluster.read() as conn:
+                cur = await conn.execute("SELECT current_setting('search_path')")
+                return first, conn.info.backend_pid, await cur.fetchone()
+
+    first, again, path = run(main())
+    assert again == first  # the replica's only connection, not a fallback to the primary
+    assert path == ('"$user", public',)

@@ -601,9 +601,18 @@ class PoolSource:
 
 
 class AsyncPoolSource:
-    """:class:`PoolSource` on a ``psycopg_pool.AsyncConnectionPool``."""
+    """:class:`PoolSource` on a ``psycopg_pool.AsyncConnectionPool``.
 
-    __slots__ = ("_asking", "_check", "_parked", "_reset", "pool")
+    When every connection of the pool is out with this source's users (handed out or
+    parked), a checkout does not queue on the pool: it waits here, and a connection
+    handed back goes straight to the oldest such waiter with its reset on the way, as
+    a parked one would (the waiter reads the answer). Queued on the pool, it would get
+    the connection only after the returning task had waited for the reset's answer
+    (the pool takes back only idle connections): one round trip per checkout under
+    contention, and the event-loop hand-offs of the pool's own queue.
+    """
+
+    __slots__ = ("_asking", "_check", "_out", "_parked", "_reset", "_waiting", "pool")
 
     def __init__(
         self,
@@ -616,6 +625,9 @@ class AsyncPoolSource:
         self._reset = _Reset(connect_kwargs, pool_settings)
         self._parked: deque[tuple[psycopg.AsyncConnection[Any], float]] = deque()
         self._asking = 0  # checkouts waiting on the pool: a connection handed back goes there
+        self._out = 0  # connections taken from the pool and not given back to it
+        # Checkouts waiting here for a connection handed back (None: ask the pool).
+        self._waiting: deque[asyncio.Future[psycopg.AsyncConnection[Any] | None]] = deque()
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             spec.dsn,
             kwargs=dict(connect_kwargs),
@@ -629,6 +641,7 @@ class AsyncPoolSource:
 
     async def close(self, timeout: float = 5.0) -> None:
         await self.pool.close(timeout=timeout)
+        self._wake_all()
         await self._unpark(0.0, math.inf)
 
     async def getconn(self, timeout: float) -> psycopg.AsyncConnection[Any]:
@@ -636,24 +649,34 @@ class AsyncPoolSource:
             return self._parked.pop()[0]
         except IndexError:
             pass
+        pool = self.pool
+        if self._out >= pool.max_size and not pool.closed:
+            deadline = time.monotonic() + timeout
+            handed = await self._handed(timeout)
+            if handed is not None:
+                return handed
+            timeout = max(0.0, deadline - time.monotonic())  # told to ask the pool
         self._asking += 1
         try:
-            return await self.pool.getconn(timeout=timeout)
+            conn = await pool.getconn(timeout=timeout)
         finally:
             self._asking -= 1
+        self._out += 1
+        return conn
 
     async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
         now = time.monotonic()
         pool = self.pool
-        if self._asking or pool.closed or _lifetime_over(conn, now):
+        if pool.closed or _lifetime_over(conn, now) or (self._asking and not self._waiting):
             await self._hand_back(conn)
         elif _send_reset(conn):
             self._reset.sent.add(conn)
-            self._parked.append((conn, now))
-            if pool.closed:  # closed meanwhile: nobody else would close it
-                await self._unpark(0.0, math.inf)
+            if not self._give(conn):
+                self._parked.append((conn, now))
+                if pool.closed:  # closed meanwhile: nobody else would close it
+                    await self._unpark(0.0, math.inf)
         else:
-            await pool.putconn(conn)  # in a transaction or broken: the pool sees to it
+            await self._to_pool(conn)  # in a transaction or broken: the pool sees to it
         await self._unpark(_PARKED_FOR, now)
 
     async def check(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -674,6 +697,47 @@ class AsyncPoolSource:
         if check is not None and not (proven and check is AsyncConnectionPool.check_connection):
             await check(conn)
 
+    async def _handed(self, timeout: float) -> psycopg.AsyncConnection[Any] | None:
+        """Wait up to ``timeout`` for a connection handed back by another checkout
+        (None: one went back into the pool, ask it); raises ``PoolTimeout``."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[psycopg.AsyncConnection[Any] | None] = loop.create_future()
+        self._waiting.append(waiter)
+        timer = loop.call_later(timeout, _expire, waiter, timeout)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            # Cancelled just after a connection was handed to us: pass it on.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                conn = waiter.result()
+                if conn is not None and not self._give(conn):
+                    self._parked.append((conn, time.monotonic()))
+            raise
+        finally:
+            timer.cancel()
+
+    def _give(self, conn: psycopg.AsyncConnection[Any] | None) -> bool:
+        """Hand ``conn`` to the oldest checkout waiting here, if any still waits."""
+        waiting = self._waiting
+        while waiting:
+            waiter = waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
+
+    def _wake_all(self) -> None:
+        while self._give(None):
+            pass
+
+    async def _to_pool(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Give ``conn`` back to the pool; a checkout waiting here then asks the pool."""
+        self._out -= 1
+        try:
+            await self.pool.putconn(conn)
+        finally:
+            self._give(None)
+
     async def _hand_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Into the pool, reset if it can be (one round trip, for a waiting checkout)."""
         reset = self._reset
@@ -683,7 +747,7 @@ class AsyncPoolSource:
                 reset.clean[conn] = time.monotonic()
         except psycopg.Error:
             pass  # closed: the pool replaces it
-        await self.pool.putconn(conn)
+        await self._to_pool(conn)
 
     async def _unpark(self, older_than: float, now: float) -> None:
         """Hand back into the pool what has been parked longer than ``older_than``."""
@@ -697,6 +761,11 @@ class AsyncPoolSource:
 
     def __repr__(self) -> str:
         return f"<AsyncPoolSource {self.pool.name}>"
+
+
+def _expire(waiter: asyncio.Future[Any], timeout: float) -> None:
+    if not waiter.done():
+        waiter.set_exception(PoolTimeout(f"no connection handed back within {timeout:g} s"))
 
 
 def pool_sources(
