@@ -249,6 +249,7 @@ _FATAL_ERROR: Final = psycopg.pq.ExecStatus.FATAL_ERROR
 _NO: Final = Prepare.NO
 _SHOULD: Final = Prepare.SHOULD
 _IDLE: Final = TransactionStatus.IDLE
+_PIPELINE_OFF: Final = psycopg.pq.PipelineStatus.OFF
 _INTRANS: Final = TransactionStatus.INTRANS
 _INERROR: Final = TransactionStatus.INERROR
 _READ: Final = Intent.READ
@@ -276,6 +277,7 @@ class _Cluster(Protocol):
     def _acquire_write(self) -> Lease[psycopg.Connection[Any]]: ...
     def _checkin(self, lease: Lease[psycopg.Connection[Any]]) -> None: ...
     def _capture_commit(self, conn: psycopg.Connection[Any]) -> int | None: ...
+    def _position_elsewhere(self, node: str, error: BaseException | None) -> int | None: ...
     def learn_functions(self, *, refused_on: str | None = None) -> None: ...
 
 
@@ -1189,6 +1191,24 @@ class RoutedPipeline:
             error = failed
         if link.conn.broken:
             conn._lost(link)
+            if error is not None:
+                raise error
+            return
+        if link.conn.pgconn.pipeline_status != _PIPELINE_OFF:
+            # psycopg stopped reading at the error and left the rest of the block's
+            # results on the connection, still in pipeline mode: the next statement
+            # there would read them as its own. Closed; the position, if one is owed,
+            # comes from another connection to the node (any read after the Sync
+            # covers what the part committed).
+            link.conn.close()
+            conn._forget(link)
+            cluster._checkin(link.lease)
+            if primary_part and (wanted is not None or cluster._monotonic):
+                at = cluster._position_elsewhere(link.node, error)
+                if wanted is not None:
+                    cluster._note_write(at if wanted else None)
+                if cluster._monotonic:
+                    cluster._raise_floor(at)
             if error is not None:
                 raise error
             return

@@ -246,6 +246,7 @@ _FATAL_ERROR: Final = psycopg.pq.ExecStatus.FATAL_ERROR
 _NO: Final = Prepare.NO
 _SHOULD: Final = Prepare.SHOULD
 _IDLE: Final = TransactionStatus.IDLE
+_PIPELINE_OFF: Final = psycopg.pq.PipelineStatus.OFF
 _INTRANS: Final = TransactionStatus.INTRANS
 _INERROR: Final = TransactionStatus.INERROR
 _READ: Final = Intent.READ
@@ -273,6 +274,7 @@ class _Cluster(Protocol):
     async def _acquire_write(self) -> Lease[psycopg.AsyncConnection[Any]]: ...
     async def _checkin(self, lease: Lease[psycopg.AsyncConnection[Any]]) -> None: ...
     async def _capture_commit(self, conn: psycopg.AsyncConnection[Any]) -> int | None: ...
+    async def _position_elsewhere(self, node: str, error: BaseException | None) -> int | None: ...
     async def learn_functions(self, *, refused_on: str | None = None) -> None: ...
 
 
@@ -1188,6 +1190,24 @@ class AsyncRoutedPipeline:
             error = failed
         if link.conn.broken:
             await conn._lost(link)
+            if error is not None:
+                raise error
+            return
+        if link.conn.pgconn.pipeline_status != _PIPELINE_OFF:
+            # psycopg stopped reading at the error and left the rest of the block's
+            # results on the connection, still in pipeline mode: the next statement
+            # there would read them as its own. Closed; the position, if one is owed,
+            # comes from another connection to the node (any read after the Sync
+            # covers what the part committed).
+            await link.conn.close()
+            conn._forget(link)
+            await cluster._checkin(link.lease)
+            if primary_part and (wanted is not None or cluster._monotonic):
+                at = await cluster._position_elsewhere(link.node, error)
+                if wanted is not None:
+                    cluster._note_write(at if wanted else None)
+                if cluster._monotonic:
+                    cluster._raise_floor(at)
             if error is not None:
                 raise error
             return
