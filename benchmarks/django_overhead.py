@@ -19,6 +19,10 @@ backends to CPU 1; rounds interleaved; each figure is the median of the per-roun
 ratios with its interquartile range, for wall time and for this thread's CPU time
 (``thread_time``: the client's own work, which the machine's load moves less).
 
+Last, the integration's own client work per request with the server taken out
+(``own_work``, best of 9: the middleware, ``db_for_read``, the execute wrapper),
+which a busy machine moves far less than the per-round ratios.
+
 ``--replicas 1`` runs the same with one replica: with two, ``routed`` reads from
 either replica from one request to the next, while ``static`` always reads from
 ``replica1`` (warmer caches, one backend).
@@ -33,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+import timeit
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +58,53 @@ class StaticRouter:
 
     def db_for_write(self, model: Any, **hints: Any) -> str:
         return "default"
+
+
+def own_work(model: Any) -> dict[str, float]:
+    """Best-of-9 client seconds of the integration's own parts of one request, the
+    server taken out (statements are not run): the middleware around a view that
+    does nothing, Django's ``router.db_for_read`` in that request's state, and the
+    execute wrapper around a statement on a replica alias (the ``plain`` side has
+    that wrapper too, on ``default``). Interleaved, so a busy moment hits each."""
+    from django.db import connections, router
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+
+    from replica_router.integrations import django as ours
+
+    request, response = RequestFactory().get("/"), HttpResponse()
+
+    def view(request: Any) -> HttpResponse:
+        return response
+
+    def read(request: Any) -> HttpResponse:
+        router.db_for_read(model)
+        return response
+
+    middleware, reading = ours.ConsistencyMiddleware(view), ours.ConsistencyMiddleware(read)
+    conn = connections["replica1"]
+    conn.ensure_connection()
+    guard, context = ours._Guard("replica1"), {"connection": conn, "cursor": None}
+    sql = str(model.objects.order_by("-id")[:10].query)
+
+    def execute(sql: Any, params: Any, many: bool, context: Any) -> None:
+        return None
+
+    parts: dict[str, Any] = {
+        "view alone": lambda: view(request),
+        "middleware": lambda: middleware(request),
+        "+ db_for_read": lambda: reading(request),
+        "wrapper": lambda: guard(execute, sql, (), False, context),
+    }
+    best = dict.fromkeys(parts, float("inf"))
+    for _ in range(9):
+        for name, call in parts.items():
+            best[name] = min(best[name], timeit.timeit(call, number=2000) / 2000)
+    return {
+        "middleware": best["middleware"] - best["view alone"],
+        "db_for_read": best["+ db_for_read"] - best["middleware"],
+        "execute wrapper": best["wrapper"],
+    }
 
 
 def main() -> None:
@@ -117,6 +169,7 @@ def main() -> None:
                 wall, cpu = run(name)
                 walls[name].append(wall)
                 cpus[name].append(cpu)
+        work = own_work(Post)
         connections.close_all()
         cluster.close()
 
@@ -137,6 +190,10 @@ def main() -> None:
               f"{cell(walls[name], walls['plain']):>22} {cell(walls[name], walls['static']):>22} "
               f"{statistics.median(cpus[name]) * 1e6:>8.1f} us "
               f"{cell(cpus[name], cpus['plain']):>22}")  # fmt: skip
+    print(
+        "the integration's own client work per request, server taken out (best of 9): "
+        + ", ".join(f"{name} {seconds * 1e6:.1f} us" for name, seconds in work.items())
+    )
 
 
 if __name__ == "__main__":

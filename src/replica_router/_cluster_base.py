@@ -40,6 +40,7 @@ from psycopg.conninfo import make_conninfo
 
 from . import consistency
 from .classify import Classifier
+from .consistency import _EMPTY as _EMPTY_MARK
 from .consistency import Mark, Scope, Token, current_scope
 from .dsn import check_distinct, parse_dsn, password_of, scrub, split_hosts
 from .errors import (
@@ -683,6 +684,8 @@ class ClusterBase:
         max_staleness: float | None = None,
     ) -> ReadPlan:
         mark = current_scope().mark(self.system_identifier) if self._tracks_scope else None
+        if mark is _EMPTY_MARK:  # a scope that knows nothing yet (a fresh request's)
+            mark = None
         if mark is None and max_lag is None and max_lag_bytes is None and max_staleness is None:
             return self._rules.plan(None, 0.0)  # the shared default: nothing to compute
         now = time.monotonic()

@@ -40,7 +40,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -82,6 +82,7 @@ _CLUSTER_KWARGS = frozenset(inspect.signature(Cluster.__init__).parameters) - {"
 _TOKEN_KWARGS = frozenset(inspect.signature(TokenTransport).parameters) | {"signed"}
 _LIBPQ_KEYWORDS = frozenset(o.keyword.decode() for o in psycopg.pq.Conninfo.get_defaults())
 _SIGNING_SALT = "replica_router.token"
+_NOT_A_NODE = nullcontext()  # a mirror alias, or before the cluster opened
 _READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction: a replica refused a write
 
 
@@ -513,28 +514,36 @@ class _Guard:
         # Never opens the cluster: statements run while the test runner makes the
         # test databases, before the aliases point where they will.
         process = _current()
+        hung: AbstractContextManager[None] = _NOT_A_NODE
         if process is not None:
-            primary, classify = process.primary(), process.cluster.classifier.classify
-            if self.alias not in process.mirrors:  # a node of the cluster: abandoned if it hangs
-                execute = _abandoned_if_hung(process.cluster, self.alias, execute)
+            cluster = process.cluster
+            primary, classify = process.primary(), cluster.classifier.classify
+            if self.alias not in process.mirrors:
+                # A node of the cluster: while the statement runs, its connection is one
+                # the monitor abandons if the node hangs (SIGSTOP, a stalled host): its
+                # socket is shut down and the statement fails within the bound (design
+                # rule 10), as the cluster's own connections do, instead of waiting for
+                # the node to wake up. A context manager, not a wrapper made per statement.
+                hung = cluster.using(self.alias, context["connection"].connection)
         else:
             primary, classify = _settings().primary, default_classify
-        if self.alias != primary:
+        with hung:
+            if self.alias != primary:
+                if _writes(classify, sql):
+                    return self._on_primary(primary, sql, params, many, context)
+                try:
+                    result = execute(sql, params, many, context)
+                except DatabaseError as exc:
+                    if not _refused_as_write(exc):
+                        raise
+                    return self._on_primary(primary, sql, params, many, context, refused=exc)
+                if process is not None and process.cluster.monotonic_reads:
+                    _served(process, self.alias, context["connection"])
+                return result
+            result = execute(sql, params, many, context)
             if _writes(classify, sql):
-                return self._on_primary(primary, sql, params, many, context)
-            try:
-                result = execute(sql, params, many, context)
-            except DatabaseError as exc:
-                if not _refused_as_write(exc):
-                    raise
-                return self._on_primary(primary, sql, params, many, context, refused=exc)
-            if process is not None and process.cluster.monotonic_reads:
-                _served(process, self.alias, context["connection"])
+                self.wrote(context["connection"])
             return result
-        result = execute(sql, params, many, context)
-        if _writes(classify, sql):
-            self.wrote(context["connection"])
-        return result
 
     def wrote(self, conn: Any) -> None:
         """A write ran on this (primary) connection: it counts once it commits."""
@@ -588,21 +597,6 @@ class _Guard:
         wrapper.cursor.close()
         wrapper.cursor = primary_cursor.cursor
         return None
-
-
-def _abandoned_if_hung(
-    cluster: Cluster, alias: str, execute: Callable[..., Any]
-) -> Callable[..., Any]:
-    """``execute`` with the alias's driver connection in ``cluster.using()`` while it
-    runs: if the node hangs (SIGSTOP, a stalled host), the monitor shuts its socket
-    down and the statement fails within the bound (design rule 10), as the cluster's
-    own connections do, instead of waiting for the node to wake up."""
-
-    def run(sql: Any, params: Any, many: bool, context: dict[str, Any]) -> Any:
-        with cluster.using(alias, context["connection"].connection):
-            return execute(sql, params, many, context)
-
-    return run
 
 
 def _install(conn: Any) -> _Guard | None:
@@ -696,15 +690,6 @@ class ReplicaRouter:
 # -- the middleware ---------------------------------------------------------------------
 
 
-def _enter(stack: ExitStack, cluster: Cluster, incoming: Incoming) -> tuple[Scope, Incoming]:
-    """The request's own root scope. Without a token (most requests) it is the plain
-    independent scope ``enter_scope`` would open through ``cluster.session``,
-    without that layer's work (no token to check, no user to look up)."""
-    if incoming.token is None:
-        return stack.enter_context(consistency.session(inherit=False)), incoming
-    return enter_scope(stack, cluster, incoming)
-
-
 class ConsistencyMiddleware:
     """Read-your-writes across requests: the token travels in a cookie and/or a
     header (``MIDDLEWARE`` entry; sync and async).
@@ -738,14 +723,23 @@ class ConsistencyMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        cluster = get_cluster()
+        cluster = (_current() or _start()).cluster
         incoming = self._incoming(request)
-        reset = _REQUEST.set(_Request())
+        state = _Request()
+        reset = _REQUEST.set(state)
         try:
+            if incoming.token is None:
+                # Most requests: the plain independent scope enter_scope would open
+                # through cluster.session, without that layer's work (no token to
+                # check, no user to look up) nor an ExitStack.
+                with consistency.session(inherit=False) as scope:
+                    response = self.get_response(request)
+                    self._finish(request, response, incoming, scope, state=state, cluster=cluster)
+                    return response
             with ExitStack() as stack:
-                scope, incoming = _enter(stack, cluster, incoming)
+                scope, incoming = enter_scope(stack, cluster, incoming)
                 response = self.get_response(request)
-                self._finish(request, response, incoming, scope)
+                self._finish(request, response, incoming, scope, state=state, cluster=cluster)
                 return response
         finally:
             _REQUEST.reset(reset)
@@ -757,16 +751,19 @@ class ConsistencyMiddleware:
         else:  # the first request: opening the cluster waits for a probe round
             cluster = await sync_to_async(get_cluster, thread_sensitive=False)()
         incoming = self._incoming(request)
-        reset = _REQUEST.set(_Request())
+        state = _Request()
+        reset = _REQUEST.set(state)
         try:
             with ExitStack() as stack:
-                scope, incoming = _enter(stack, cluster, incoming)
+                if incoming.token is None:  # as in __call__
+                    scope = stack.enter_context(consistency.session(inherit=False))
+                else:
+                    scope, incoming = enter_scope(stack, cluster, incoming)
                 response = await self.get_response(request)
-                state = _REQUEST.get()
-                if state is not None and state.wrote_on is not None:  # a query: in a thread
+                if state.wrote_on is not None:  # a query: in a thread
                     await sync_to_async(_capture)(state.wrote_on)
                     state.wrote_on = None
-                self._finish(request, response, incoming, scope)
+                self._finish(request, response, incoming, scope, state=state, cluster=cluster)
                 return response
         finally:
             _REQUEST.reset(reset)
@@ -787,15 +784,21 @@ class ConsistencyMiddleware:
             return Incoming(None, clear_cookie=True)
 
     def _finish(
-        self, request: HttpRequest, response: HttpResponseBase, incoming: Incoming, scope: Scope
+        self,
+        request: HttpRequest,
+        response: HttpResponseBase,
+        incoming: Incoming,
+        scope: Scope,
+        *,
+        state: _Request,
+        cluster: Cluster,
     ) -> None:
         """Learn the position of the request's writes, and hand the token on."""
-        state = _REQUEST.get()
-        if state is not None and state.wrote_on is not None:
+        if state.wrote_on is not None:
             _capture(state.wrote_on)
             state.wrote_on = None
         transport = self.transport
-        token = scope.token_for(get_cluster().system_identifier)
+        token = scope.token_for(cluster.system_identifier)
         if token is None or token == incoming.token:
             if incoming.clear_cookie:
                 response.delete_cookie(transport.cookie_name, path=transport.path)
