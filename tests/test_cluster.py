@@ -94,6 +94,27 @@ def test_write_commits_on_exit_and_rolls_back_on_error(
     assert rows == [(1,), (4,)]
 
 
+def test_a_connection_handed_back_keeps_none_of_its_transaction_settings(
+    replica_cluster: LocalCluster,
+) -> None:
+    """psycopg keeps isolation level, read only, deferrable and the cursor class on the
+    connection object: the next user of the pooled connection gets the defaults."""
+    lc = replica_cluster
+    one = {"primary": {"min_size": 1, "max_size": 1}}
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST, pool_kwargs=one) as cluster:
+        with cluster.write() as conn:
+            conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+            conn.read_only = True
+            conn.deferrable = True
+            conn.cursor_factory = psycopg.ClientCursor
+            backend = conn.info.backend_pid
+        with cluster.write() as conn:
+            assert conn.info.backend_pid == backend  # the same connection, reused
+            assert (conn.isolation_level, conn.read_only, conn.deferrable) == (None, None, None)
+            assert conn.execute("SHOW transaction_read_only").fetchone() == ("off",)
+            assert not isinstance(conn.cursor(), psycopg.ClientCursor)
+
+
 def test_a_write_inside_read_fails_the_same_way_on_replica_and_primary(
     replica_cluster: LocalCluster, table: str
 ) -> None:

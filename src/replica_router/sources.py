@@ -312,6 +312,7 @@ class _Reset:
         "autocommit",
         "clean",
         "configure",
+        "cursor_factory",
         "ending",
         "handed_out",
         "row_factory",
@@ -321,6 +322,7 @@ class _Reset:
     def __init__(self, connect_kwargs: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
         self.autocommit = bool(connect_kwargs.get("autocommit", False))
         self.row_factory = connect_kwargs.get("row_factory", tuple_row)
+        self.cursor_factory = connect_kwargs.get("cursor_factory")
         self.configure = settings.get("configure")
         self.handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
         self.sent: set[Any] = set()
@@ -356,6 +358,16 @@ class _Reset:
         """Put back what psycopg keeps on the connection object (no round trip)."""
         _forget_prepared(conn)
         conn.row_factory = self.row_factory
+        conn.cursor_factory = self.cursor_factory or (
+            psycopg.AsyncCursor if isinstance(conn, psycopg.AsyncConnection) else psycopg.Cursor
+        )
+        if (
+            conn._isolation_level is not None
+            or conn._read_only is not None
+            or (conn._deferrable is not None)
+        ):  # the characteristics psycopg's BEGIN gives a transaction: its defaults
+            conn._isolation_level = conn._read_only = conn._deferrable = None
+            conn._begin_statement = b""
 
 
 def _forget_prepared(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
