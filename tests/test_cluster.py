@@ -94,6 +94,18 @@ def test_write_commits_on_exit_and_rolls_back_on_error(
     assert rows == [(1,), (4,)]
 
 
+def _round_trips(conn: psycopg.Connection[Any], block: Callable[[], object], path: Any) -> int:
+    """How many times the server said it was ready for a query while ``block`` ran on
+    ``conn`` (libpq's protocol trace): one per round trip."""
+    with open(path, "w") as trace:
+        conn.pgconn.trace(trace.fileno())
+        try:
+            block()
+        finally:
+            conn.pgconn.untrace()
+    return sum("\tReadyForQuery\t" in line for line in path.read_text().splitlines())
+
+
 def test_a_connection_handed_back_keeps_none_of_its_transaction_settings(
     replica_cluster: LocalCluster,
 ) -> None:
@@ -113,6 +125,45 @@ def test_a_connection_handed_back_keeps_none_of_its_transaction_settings(
             assert (conn.isolation_level, conn.read_only, conn.deferrable) == (None, None, None)
             assert conn.execute("SHOW transaction_read_only").fetchone() == ("off",)
             assert not isinstance(conn.cursor(), psycopg.ClientCursor)
+
+
+def test_a_write_blocks_first_statement_goes_with_its_begin(
+    replica_cluster: LocalCluster, table: str, tmp_path: Any
+) -> None:
+    """BEGIN and the block's first statement in one round trip (the transaction's
+    settings included); later statements, errors and psycopg's own paths as psycopg."""
+    lc = replica_cluster
+    trace = tmp_path / "trace"
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:
+        with cluster.write() as conn:
+            insert = f"INSERT INTO {table} VALUES (%s, 'a') RETURNING id"
+            assert _round_trips(conn, lambda: conn.execute(insert, (1,)), trace) == 1
+            assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            assert _round_trips(conn, lambda: conn.execute(insert, (2,)), trace) == 1
+            assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (2,)
+        with cluster.write() as conn:
+            conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+            conn.read_only = True
+            row = conn.execute("SHOW transaction_isolation").fetchone()
+            assert row == ("serializable",)
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute(f"INSERT INTO {table} VALUES (3, 'b')")
+        with cluster.write() as conn:  # an error in the first statement: as psycopg's
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                conn.execute(f"INSERT INTO {table} VALUES (1, 'dup')")
+            assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.INERROR
+        with cluster.write() as conn, pytest.raises(psycopg.errors.ActiveSqlTransaction):
+            conn.execute("VACUUM")  # psycopg's BEGIN came first here too
+        with cluster.write() as conn:
+            cur = conn.cursor(binary=True)
+            cur.execute(insert, (4,))
+            assert cur.fetchone() == (4,)
+            conn.cursor().executemany(f"INSERT INTO {table} VALUES (%s, 'm')", [(5,), (6,)])
+        with cluster.write() as conn:
+            assert type(conn.cursor()).__name__ == "BeginningCursor"
+        assert type(conn.cursor()) is psycopg.Cursor  # given back as the pool made it
+    rows = lc.execute("primary", f"SELECT id FROM {table} ORDER BY id")
+    assert rows == [(1,), (2,), (4,), (5,), (6,)]
 
 
 def test_a_write_inside_read_fails_the_same_way_on_replica_and_primary(

@@ -184,3 +184,30 @@ def test_primary_down_and_replica_killed(fresh_replica_cluster: LocalCluster) ->
             assert time.monotonic() - started < 2.0
 
     run(main())
+
+
+def test_a_write_blocks_first_statement_goes_with_its_begin(
+    replica_cluster: LocalCluster, table: str, tmp_path: Any
+) -> None:
+    """As the sync twin: BEGIN and the first statement in one round trip (libpq's
+    protocol trace counts the server's ReadyForQuery), the transaction's settings kept."""
+    lc = replica_cluster
+    trace = tmp_path / "trace"
+
+    async def main() -> None:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, **FAST) as cluster:
+            async with cluster.write() as conn:
+                with open(trace, "w") as out:
+                    conn.pgconn.trace(out.fileno())
+                    cur = await conn.execute(f"INSERT INTO {table} VALUES (%s) RETURNING id", (1,))
+                    conn.pgconn.untrace()
+                assert await cur.fetchone() == (1,)
+                assert trace.read_text().count("\tReadyForQuery\t") == 1
+                assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            async with cluster.write() as conn:
+                await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+                cur = await conn.execute("SHOW transaction_isolation")
+                assert await cur.fetchone() == ("repeatable read",)
+
+    run(main())
+    assert lc.execute("primary", f"SELECT id FROM {table}") == [(1,)]

@@ -44,6 +44,7 @@ REEXPORTS = {
 }
 NAMES = {
     "AbstractAsyncContextManager": "AbstractContextManager",
+    "AsyncBeginningCursor": "BeginningCursor",
     "AsyncCluster": "Cluster",
     "AsyncConnection": "Connection",
     "AsyncConnectionSource": "ConnectionSource",

@@ -61,7 +61,7 @@ from ._cluster_base import (
     position_of,
 )
 from .cluster_async import AsyncCluster as AsyncCluster  # noqa: PLC0414
-from .connection import RoutedConnection
+from .connection import BeginningCursor, RoutedConnection
 from .consistency import commit_and_capture
 from .errors import Error, NodeUnavailable, PrimaryUnavailable
 from .routing import (
@@ -548,6 +548,8 @@ class Cluster(ClusterBase):
         self, lease: Lease[psycopg.Connection[Any]], error: BaseException | None
     ) -> None:
         conn = lease.conn
+        if conn.cursor_factory is BeginningCursor:
+            conn.cursor_factory = psycopg.Cursor
         try:
             status = conn.pgconn.transaction_status
             if error is None and status == TransactionStatus.INTRANS:
@@ -666,9 +668,14 @@ class _Block:
 
     def __enter__(self) -> psycopg.Connection[Any]:
         cluster = self._cluster
-        acquired = cluster._acquire_write() if self._write else cluster._acquire_read(*self._args)
-        self._lease = lease = acquired
-        return lease.conn
+        if not self._write:
+            self._lease = lease = cluster._acquire_read(*self._args)
+            return lease.conn
+        self._lease = lease = cluster._acquire_write()
+        conn = lease.conn
+        if conn.cursor_factory is psycopg.Cursor:  # not one the user configured
+            conn.cursor_factory = BeginningCursor  # BEGIN goes with the first statement
+        return conn
 
     def __exit__(
         self,

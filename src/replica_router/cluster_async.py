@@ -57,7 +57,7 @@ from ._cluster_base import (
     node_status,
     position_of,
 )
-from .connection_async import AsyncRoutedConnection
+from .connection_async import AsyncBeginningCursor, AsyncRoutedConnection
 from .consistency import acommit_and_capture
 from .errors import Error, NodeUnavailable, PrimaryUnavailable
 from .routing import (
@@ -560,6 +560,8 @@ class AsyncCluster(ClusterBase):
         self, lease: Lease[psycopg.AsyncConnection[Any]], error: BaseException | None
     ) -> None:
         conn = lease.conn
+        if conn.cursor_factory is AsyncBeginningCursor:
+            conn.cursor_factory = psycopg.AsyncCursor
         try:
             status = conn.pgconn.transaction_status
             if error is None and status == TransactionStatus.INTRANS:
@@ -678,9 +680,14 @@ class _AsyncBlock:
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
         cluster = self._cluster
-        acquired = cluster._acquire_write() if self._write else cluster._acquire_read(*self._args)
-        self._lease = lease = await acquired
-        return lease.conn
+        if not self._write:
+            self._lease = lease = await cluster._acquire_read(*self._args)
+            return lease.conn
+        self._lease = lease = await cluster._acquire_write()
+        conn = lease.conn
+        if conn.cursor_factory is psycopg.AsyncCursor:  # not one the user configured
+            conn.cursor_factory = AsyncBeginningCursor  # BEGIN goes with the first statement
+        return conn
 
     async def __aexit__(
         self,

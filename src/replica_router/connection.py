@@ -51,7 +51,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, cast
 
 import psycopg
 from psycopg._preparing import Prepare
@@ -142,40 +142,17 @@ def run_capturing(
     where :data:`PIPELINE_SYNC_NO_WAIT` and ``pipelines_position(st)``
     hold; the framework integrations use it too."""
     conn = cursor.connection
-    if cursor.closed:
-        raise psycopg.InterfaceError("the cursor is closed")
-    # What psycopg's execute() does before sending (its cursor's own steps), so that
-    # the results can be handed to the cursor as execute() would hand them.
-    cursor._reset()
-    if cursor._last_query is not query:
-        cursor._last_query = None
-        cursor._tx = Transformer(cursor)
-    pgq = cursor._convert_query(query, params)
-    prepared = conn._prepared  # psycopg's own cache: told of resets, DISCARD ALL, eviction
-    prep, name = prepared.get(pgq, prepare)
+    statement = _prepare_cursor(cursor, query, params, prepare)
+    prepared = conn._prepared
     # The position query is prepared at once (it runs after every such write; parsing
     # and planning it each time was half its cost), unless preparing is off
     # (prepare_threshold=None: PgBouncer in transaction mode).
     at_prep, at_name = prepared.get(_POSITION_PGQ, True)
-    # Written on libpq directly: psycopg's Pipeline costs client time of its own (a
-    # poll and a send per queued command, its result queue) about the round trip's.
     with conn.lock:
         pgconn = conn.pgconn
         pgconn.enter_pipeline_mode()
         try:
-            fmt = cursor.format
-            if prep is _NO:
-                pgconn.send_query_params(
-                    pgq.query, pgq.params, param_formats=pgq.formats,
-                    param_types=pgq.types, result_format=fmt,
-                )  # fmt: skip
-            else:
-                if prep is _SHOULD:
-                    pgconn.send_prepare(name, pgq.query, param_types=pgq.types)
-                pgconn.send_query_prepared(
-                    name, pgq.params, param_formats=pgq.formats, result_format=fmt
-                )
-            key = prepared.maybe_add_to_cache(pgq, prep, name)
+            key = _send_statement(cursor, statement)
             if not wrote:
                 pgconn.send_query_params(_WROTE_QUERY, None)
             pgconn.pipeline_sync()  # ends the statement's implicit transaction: commits
@@ -187,29 +164,13 @@ def run_capturing(
                 pgconn.send_query_prepared(at_name, None)
             at_key = prepared.maybe_add_to_cache(_POSITION_PGQ, at_prep, at_name)
             pgconn.pipeline_sync()
-            expected = (prep is _SHOULD) + (at_prep is _SHOULD) + (4 if wrote else 5)
+            expected = (statement.prep is _SHOULD) + (at_prep is _SHOULD) + (4 if wrote else 5)
             groups = conn.wait(exchange_gen(pgconn, expected))
         finally:
-            try:
-                pgconn.exit_pipeline_mode()
-            except psycopg.OperationalError:
-                pgconn.finish()  # interrupted with results pending: unusable
-                raise
-        if prep is _SHOULD:
-            (made,) = groups.pop(0)
-            if made.status == _FATAL_ERROR:
-                raise psycopg.errors.error_from_result(made, encoding=conn.pgconn._encoding)
-        results = groups[0]
-        if key is not None:
-            prepared.validate(key, prep, name, results)
+            _leave_pipeline(pgconn)
         if at_key is not None:
             prepared.validate(at_key, at_prep, at_name, groups[-2])
-        cursor._query = pgq
-        cursor._last_query = query
-        cursor._check_results(results)  # the statement's error, raised as psycopg does
-        cursor._set_results(results)
-        if prepared._to_flush:  # e.g. DEALLOCATE a statement out of the cache
-            conn.wait(prepared.maintain_gen(conn))
+        _hand_over(cursor, query, statement, key, groups)
     if not wrote:
         wrote = _first_value(groups[1]) == b"t"
     position = _first_lsn(groups[-2])
@@ -218,6 +179,134 @@ def run_capturing(
         asked.execute(POSITION_SQL, prepare=False)  # still after the commit
         position = lsn_of(asked)
     return wrote, position
+
+
+def run_beginning(
+    cursor: psycopg.Cursor[Any], query: Any, params: Any, prepare: bool | None = None
+) -> None:
+    """Run the first statement of a transaction with the ``BEGIN`` psycopg would send
+    before it (its isolation level, read only, deferrable), in one round trip: libpq's
+    pipeline mode sends both and a Sync, which leaves an explicit transaction open.
+    psycopg waits for its BEGIN on its own. The connection must be idle, not in
+    autocommit and not in a pipeline; results and errors as ``execute()``'s."""
+    conn = cursor.connection
+    statement = _prepare_cursor(cursor, query, params, prepare)
+    with conn.lock:
+        pgconn = conn.pgconn
+        pgconn.enter_pipeline_mode()
+        try:
+            pgconn.send_query_params(conn._get_tx_start_command(), None)
+            key = _send_statement(cursor, statement)
+            pgconn.pipeline_sync()
+            groups = conn.wait(exchange_gen(pgconn, (statement.prep is _SHOULD) + 3))
+        finally:
+            _leave_pipeline(pgconn)
+        (began,) = groups.pop(0)
+        if began.status == _FATAL_ERROR:
+            raise psycopg.errors.error_from_result(began, encoding=pgconn._encoding)
+        _hand_over(cursor, query, statement, key, groups)
+
+
+class _Statement(NamedTuple):
+    """A statement converted for sending, and what psycopg's cache says of it."""
+
+    pgq: PostgresQuery
+    prep: Prepare
+    name: bytes
+
+
+def _prepare_cursor(
+    cursor: psycopg.Cursor[Any] | psycopg.Cursor[Any], query: Any, params: Any,
+    prepare: bool | None,
+) -> _Statement:  # fmt: skip
+    """What psycopg's ``execute()`` does before sending (its cursor's own steps), so
+    that the results can be handed to the cursor as ``execute()`` would hand them."""
+    if cursor.closed:
+        raise psycopg.InterfaceError("the cursor is closed")
+    cursor._reset()
+    if cursor._last_query is not query:
+        cursor._last_query = None
+        cursor._tx = Transformer(cursor)
+    pgq = cursor._convert_query(query, params)
+    prep, name = cursor.connection._prepared.get(pgq, prepare)  # psycopg's own cache
+    return _Statement(pgq, prep, name)
+
+
+def _send_statement(
+    cursor: psycopg.Cursor[Any] | psycopg.Cursor[Any], statement: _Statement
+) -> Any:
+    """Send the statement in pipeline mode, prepared as psycopg's cache says (written
+    on libpq: psycopg's Pipeline costs client time of its own, a poll and a send per
+    queued command and its result queue, about a round trip's); the cache's key."""
+    pgq, prep, name = statement
+    pgconn = cursor.connection.pgconn
+    if prep is _NO:
+        pgconn.send_query_params(
+            pgq.query, pgq.params, param_formats=pgq.formats,
+            param_types=pgq.types, result_format=cursor.format,
+        )  # fmt: skip
+    else:
+        if prep is _SHOULD:
+            pgconn.send_prepare(name, pgq.query, param_types=pgq.types)
+        pgconn.send_query_prepared(
+            name, pgq.params, param_formats=pgq.formats, result_format=cursor.format
+        )
+    return cursor.connection._prepared.maybe_add_to_cache(pgq, prep, name)
+
+
+def _leave_pipeline(pgconn: Any) -> None:
+    try:
+        pgconn.exit_pipeline_mode()
+    except psycopg.OperationalError:
+        pgconn.finish()  # interrupted with results pending: unusable
+        raise
+
+
+def _hand_over(
+    cursor: psycopg.Cursor[Any], query: Any, statement: _Statement, key: Any,
+    groups: list[Any],
+) -> None:  # fmt: skip
+    """The statement's results (``groups[0]``, after its prepare's) to the cursor, as
+    ``execute()`` hands them: its error raised, psycopg's cache kept current."""
+    conn = cursor.connection
+    prepared = conn._prepared
+    pgq, prep, name = statement
+    if prep is _SHOULD:
+        (made,) = groups.pop(0)
+        if made.status == _FATAL_ERROR:
+            raise psycopg.errors.error_from_result(made, encoding=conn.pgconn._encoding)
+    results = groups[0]
+    if key is not None:
+        prepared.validate(key, prep, name, results)
+    cursor._query = pgq
+    cursor._last_query = query
+    cursor._check_results(results)  # the statement's error, raised as psycopg does
+    cursor._set_results(results)
+    if prepared._to_flush:  # e.g. DEALLOCATE a statement out of the cache
+        conn.wait(prepared.maintain_gen(conn))
+
+
+class BeginningCursor(psycopg.Cursor[Any]):
+    """The cursor of a ``write()`` block's connection: a statement that starts the
+    transaction goes with its BEGIN in one round trip (:func:`run_beginning`);
+    anything else as psycopg runs it."""
+
+    def execute(
+        self, query: Any, params: Any = None, *, prepare: bool | None = None,
+        binary: bool | None = None,
+    ) -> BeginningCursor:  # fmt: skip
+        conn = self._conn
+        if (
+            binary is None
+            and not conn._autocommit
+            and conn._pipeline is None
+            and conn.pgconn.transaction_status == _IDLE
+            and PIPELINE_SYNC_NO_WAIT
+        ):
+            run_beginning(self, query, params, prepare)
+            return self
+        super().execute(query, params, prepare=prepare, binary=binary)
+        return self
 
 
 def _first_value(results: list[Any]) -> bytes | None:
