@@ -332,6 +332,30 @@ def test_promote_repoints_the_other_replica(fresh_replica_cluster: LocalCluster)
 
 
 @pytest.mark.destructive
+def test_promote_rewinds_a_replica_that_got_wal_the_new_primary_never_had(
+    fresh_replica_cluster: LocalCluster,
+) -> None:
+    """Asynchronous replication: at the kill, replica2 had replayed old-primary WAL that
+    replica1 never received. It says the new timeline forked off before its recovery
+    point and cannot follow as it is; promote() rewinds it onto the new timeline."""
+    lc = fresh_replica_cluster
+    lc.execute("primary", "CREATE TABLE diverge (v int)")
+    lc.wait_replicated()
+    lc.stop("replica1", mode="fast")
+    lc.execute("primary", "INSERT INTO diverge SELECT generate_series(1, 1000)")
+    lc.wait_replicated()  # replica2 only: replica1 is stopped
+    lc.stop("primary", mode="immediate")
+    lc.start("replica1")  # without the thousand rows: nowhere to get them now
+    lc.promote("replica1")
+    assert lc.execute("replica1", "SELECT application_name, state FROM pg_stat_replication") == [
+        ("replica2", "streaming")
+    ]
+    lc.execute("replica1", "INSERT INTO diverge VALUES (-1)")
+    lc.wait_replicated()
+    assert lc.execute("replica2", "SELECT count(*), sum(v) FROM diverge") == [(1, -1)]
+
+
+@pytest.mark.destructive
 def test_promote_while_old_primary_runs_and_a_replica_is_paused(
     fresh_replica_cluster: LocalCluster,
 ) -> None:

@@ -569,7 +569,7 @@ class LocalCluster:
                 if self.is_running(f.name) and not self._replay_paused(f.name)
             ]
             if ready:
-                self._wait_streaming(name, ready, deadline)
+                self._wait_streaming(name, ready, deadline, rewind_diverged=True)
 
     def rejoin(self, name: str, timeout: float = 60.0) -> None:
         """Bring ``name`` back as a replica of the current primary: stop it, ``pg_rewind``
@@ -1005,12 +1005,17 @@ class LocalCluster:
                 )
             time.sleep(_POLL)
 
-    def _wait_streaming(self, upstream: str, names: list[str], deadline: float) -> None:
+    def _wait_streaming(
+        self, upstream: str, names: list[str], deadline: float, *, rewind_diverged: bool = False
+    ) -> None:
         """Wait until each replica in ``names`` streams from ``upstream`` on its timeline.
 
         The upstream must list the replica as ``streaming`` *and* the replica must
         receive on the upstream's current timeline: after a promotion a replica
         first streams the old timeline's tail from the new primary, then reconnects.
+        ``rewind_diverged``: a replica that says the new timeline forked off before its
+        own recovery point (it replayed old-primary WAL the promoted node never got)
+        can never follow as it is: it is rewound onto the new timeline (:meth:`rejoin`).
         """
         _, directory = self._require_open()
         pending = set(names)
@@ -1036,6 +1041,14 @@ class LocalCluster:
                     "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'",
                 )
                 pending -= on_timeline & {r[0] for r in streaming}
+                if rewind_diverged:
+                    for name in sorted(pending):
+                        if self._diverged(directory / f"{name}.log", timeline):
+                            logger.warning(
+                                "%s diverged from %s's timeline: rewinding", name, upstream
+                            )
+                            self.rejoin(name, timeout=max(1.0, deadline - time.monotonic()))
+                            pending.discard(name)
                 if not pending:
                     return
                 last_error = None
@@ -1053,6 +1066,11 @@ class LocalCluster:
                     + f":\n{logs}"
                 )
             time.sleep(_POLL)
+
+    def _diverged(self, log: Path, timeline: int) -> bool:
+        """The replica's log says ``timeline`` forked off before its recovery point."""
+        text = self._log_tail(log, lines=40)
+        return f"new timeline {timeline} forked off current database system timeline" in text
 
     def _start_bouncers(self, bouncer: _pgbouncer.PgBouncer, deadline: float) -> None:
         """A PgBouncer per node, each on a free port; returns once all listen."""
