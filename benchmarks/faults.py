@@ -434,15 +434,32 @@ def discarded_rows(h: History) -> Callable[[str, float], int]:
     return count
 
 
+def unacknowledged_commits(h: History) -> Callable[[float, float], int]:
+    """How many writes started before ``seen`` and were not yet acknowledged at
+    ``asked``: commits a replica may show before their primary does. PostgreSQL flushes
+    a commit record (which its replicas may then replay, making the row visible there)
+    before it marks the transaction committed in its own snapshots, and answers the
+    client only after that; a primary snapshot taken in between does not see the row."""
+    writes = [op for op in h.ops if op.kind == "write"]
+
+    def count(seen: float, asked: float) -> int:
+        return sum(1 for w in writes if w.start < seen and w.end > asked)
+
+    return count
+
+
 def monotonic_regressions(h: History) -> list[str]:
     """In a scope of a ``monotonic_reads=True`` cluster, no read sees less than an earlier
     one, except by rows the earlier read's node held on a discarded timeline tail
-    (``discarded_rows``): the data it saw is gone, and nothing can read it again."""
+    (``discarded_rows``): the data it saw is gone, and nothing can read it again; and,
+    for a read on the primary after one on a replica, by commits not yet acknowledged
+    when it began (``unacknowledged_commits``: not visible on the primary yet)."""
     sequences: dict[tuple[int, int], list[Op]] = collections.defaultdict(list)
     for op in h.ops:
         if op.kind == "read-mono" and op.ok and op.seq is not None and op.value is not None:
             sequences[(op.client, op.seq)].append(op)
     gone = discarded_rows(h)
+    pending = unacknowledged_commits(h)
     out = []
     for (client, seq), ops in sorted(sequences.items()):
         best: Op | None = None
@@ -450,6 +467,9 @@ def monotonic_regressions(h: History) -> list[str]:
             value = op.value or 0
             if best is not None and value < (best.value or 0):
                 survived = (best.value or 0) - gone(h.node(best.port), best.end)
+                node = h.node(op.port)
+                if node != h.node(best.port) and any(e.covers(node, op.start) for e in h.epochs):
+                    survived -= pending(best.end, op.start)  # visible on the replica first
                 if value < survived:
                     out.append(
                         f"client {client} sequence {seq} at {h.t(op.start)}: step {op.step} "

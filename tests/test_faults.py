@@ -165,6 +165,29 @@ def test_a_monotonic_sequence_may_lose_only_rows_discarded_with_an_old_timeline(
     assert [m.split(" (")[0] for m in faults.lost_writes(h)] == ["client 0: write 7"]
 
 
+def test_a_primary_read_may_miss_only_commits_not_yet_acknowledged_when_it_began() -> None:
+    """PostgreSQL makes a commit visible in the primary's snapshots after flushing its
+    record, which a replica may replay first: a read on the primary right after one on a
+    replica may miss a write whose client had not been answered yet, and only that."""
+
+    def mono(seq: int, step: int, value: int, port: int, at: float) -> Any:
+        return Op(1, "read-mono", "read()", at, at + 0.01, seq=seq, step=step, value=value,
+                  port=port)  # fmt: skip
+
+    ops = [
+        write(1, start=1.0, end=1.1),
+        write(2, start=2.0, end=2.4),  # acknowledged only at 2.4
+        mono(1, 0, 2, REPLICA1, 2.1),  # the replica shows write 2 already
+        mono(1, 1, 1, PRIMARY, 2.2),  # the primary's snapshot does not yet: allowed
+        mono(2, 0, 2, REPLICA1, 2.1),
+        mono(2, 1, 1, PRIMARY, 2.5),  # after the acknowledgement: went back
+        mono(3, 0, 2, PRIMARY, 2.1),
+        mono(3, 1, 1, REPLICA1, 2.2),  # a replica behind the floor: never allowed
+    ]
+    found = faults.monotonic_regressions(history(ops=ops))
+    assert [m.split(" at ")[0] for m in found] == ["client 1 sequence 2", "client 1 sequence 3"]
+
+
 def test_rows_inserted_where_no_primary_epoch_covers_them_are_misplaced() -> None:
     epochs = [Epoch("primary", 0.0, 10.0), Epoch("replica1", 10.0)]
     rows = [
