@@ -57,6 +57,7 @@ def test_async_routing_transactions_and_session_state(
                         await conn.execute(f"INSERT INTO {table} VALUES (2, 'x')")
                         raise psycopg.Rollback(inner)
                 await conn.set_read_only(True)
+                lc.wait_replicated()  # so that a replica has this scope's writes
                 async with conn.transaction():
                     ro = await async_port_of(conn)
                     assert ro in replicas
