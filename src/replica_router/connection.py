@@ -1283,32 +1283,25 @@ class RoutedPipeline:
             if error is not None:
                 raise error
             return
-        if link.conn.pgconn.pipeline_status != _PIPELINE_OFF:
+        stray = link.conn.pgconn.pipeline_status != _PIPELINE_OFF
+        if stray:
             # psycopg stopped reading at the error and left the rest of the block's
             # results on the connection, still in pipeline mode: the next statement
             # there would read them as its own. Closed; the position, if one is owed,
-            # comes from another connection to the node (any read after the Sync
-            # covers what the part committed).
+            # comes from another connection to the node.
             link.conn.close()
             conn._forget(link)
             cluster._checkin(link.lease)
-            if primary_part and (wanted is not None or cluster._monotonic):
-                at = cluster._position_elsewhere(link.node, error)
-                if wanted is not None:
-                    cluster._note_write(at if wanted else None)
-                if cluster._monotonic:
-                    cluster._raise_floor(at)
-            if error is not None:
-                raise error
-            return
         if primary_part and (wanted is not None or cluster._monotonic):
             # The position after the last Sync covers whatever the part committed (an
             # error rolls back only its own implicit transaction).
             at = None
-            if position is not None:
+            if stray:
+                at = cluster._position_elsewhere(link.node, error)
+            elif position is not None:
                 with contextlib.suppress(psycopg.Error):
                     at = lsn_of(position)
-            if at is None and measure:
+            if at is None and measure and not stray:
                 with contextlib.suppress(psycopg.Error):
                     cursor = link.conn.cursor(row_factory=tuple_row)
                     cursor.execute(POSITION_SQL)
@@ -1317,7 +1310,7 @@ class RoutedPipeline:
                 cluster._note_write(at if wanted else None)
             if cluster._monotonic:
                 cluster._raise_floor(at)
-        elif link.role == "read" and cluster._monotonic and error is None:
+        elif link.role == "read" and cluster._monotonic and error is None and not stray:
             conn._note_read(link)
         if error is not None:
             raise error
