@@ -972,6 +972,29 @@ class ClientPool:
 # -- the faults (run by the scheduler in the main process) ------------------------
 
 
+def _group_alive(group: int) -> bool:
+    """Whether a process of ``group`` still runs (a zombie does not: it holds no socket)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == group:  # state, ppid, pgrp
+            return True
+    return False
+
+
 class Faults:
     """Operates the sandbox and records each step, and who is the primary when."""
 
@@ -1007,11 +1030,17 @@ class Faults:
         return int(text.split("\n", 1)[0])
 
     def kill9(self, node: str) -> None:
-        """SIGKILL to the node's postmaster and every backend at once (its process group)."""
+        """SIGKILL to the node's postmaster and every backend at once (its process group).
+
+        The step ends when no process of the group is left, not when the postmaster
+        is: a backend takes its own moment to die, and until it has, a connection to it
+        looks alive (its socket has nothing to read) and what is sent on it is in
+        flight on a killed server."""
         with self._step("kill9", node):
-            os.killpg(os.getpgid(self._postmaster(node)), signal.SIGKILL)
+            group = os.getpgid(self._postmaster(node))
+            os.killpg(group, signal.SIGKILL)
             deadline = time.time() + 10
-            while self.lc.is_running(node) and time.time() < deadline:
+            while (self.lc.is_running(node) or _group_alive(group)) and time.time() < deadline:
                 time.sleep(0.01)
         self.frozen.discard(node)
 
