@@ -301,44 +301,74 @@ def backend_activity(lc: LocalCluster, node: str, pid: int) -> tuple[str, Any]:
 
 
 @pytest.mark.parametrize("purpose", ["read", "write"])
-def test_the_reset_is_sent_on_return_and_the_next_checkout_sends_nothing(
-    lc: LocalCluster, purpose: str
+def test_the_reset_goes_with_the_next_users_first_statement(
+    lc: LocalCluster, purpose: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Hot paths: the reset goes out when a connection comes back, not when it is
-    handed out again; the next checkout reads its answer and sends nothing, so it
-    costs no round trip (the user's query is the first thing the server sees)."""
+    """Hot paths: nothing is sent when a connection comes back nor when it is handed
+    out again; the next user's first statement carries the reset (one round trip, not
+    a reset of its own first), and that statement already sees a reset session."""
+    settled: list[object] = []
+    monkeypatch.setattr(sources, "settle_reset", settled.append)  # never a reset on its own
     node = "replica1" if purpose == "read" else "primary"
     replicas = [lc.dsn("replica1")] if purpose == "read" else []
     with one_connection_cluster(lc, replicas) as cluster:
         block = cluster.read if purpose == "read" else cluster.write
         with block() as conn:
             pid = conn.info.backend_pid
+            conn.execute("SET search_path = pg_catalog")
             conn.execute("SELECT 'the user''s last query'")
-        _, returned_at = wait_until(
-            lambda: (a := backend_activity(lc, node, pid))[0] == "DISCARD ALL" and a,
-            what="the reset to reach the server",
-        )
+        last = backend_activity(lc, node, pid)  # the block's last statement
+        assert last[0] != "DISCARD ALL"
         with block() as conn:
             assert conn.info.backend_pid == pid
-            assert backend_activity(lc, node, pid) == ("DISCARD ALL", returned_at)
+            assert backend_activity(lc, node, pid) == last  # nothing sent on return or checkout
+            path = conn.execute("SELECT current_setting('search_path')").fetchone()
+        assert path == ('"$user", public',)
+        assert settled == []
 
 
-def test_a_waiting_async_checkout_gets_the_connection_with_its_reset_on_the_way(
+@pytest.mark.parametrize("first", ["transaction", "copy", "pipeline", "client cursor"])
+def test_the_reset_goes_first_whatever_the_first_use(lc: LocalCluster, first: str) -> None:
+    """A first use other than a statement on the block's own cursor class still finds
+    the session reset: the connection sends the reset it owes before any I/O."""
+    with one_connection_cluster(lc, [lc.dsn("replica1")]) as cluster:
+        with cluster.read() as conn:
+            pid = conn.info.backend_pid
+            conn.execute("SET search_path = pg_catalog")
+        with cluster.read() as conn:
+            assert conn.info.backend_pid == pid
+            query = "SELECT current_setting('search_path')"
+            if first == "transaction":
+                with conn.transaction():
+                    path = conn.execute(query).fetchone()
+            elif first == "copy":
+                with conn.cursor().copy(f"COPY ({query}) TO STDOUT") as copy:
+                    path = tuple(next(iter(copy.rows())))
+            elif first == "pipeline":
+                with conn.pipeline():
+                    cursor = conn.execute(query)
+                path = cursor.fetchone()
+            else:
+                path = psycopg.ClientCursor(conn).execute(query).fetchone()
+        assert path == ('"$user", public',)
+
+
+def test_a_waiting_async_checkout_gets_the_connection_owing_its_reset(
     lc: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Hot paths, under contention: a checkout waiting for the only connection gets it
-    straight from the block that hands it back, the reset sent and not waited for by the
-    returning task; the waiting checkout reads the reset's answer, so the session is
-    still reset before its first query."""
-    readers: list[str] = []
-    finish = sources.afinish_reset
+    straight from the block that hands it back, nothing sent by the returning task; the
+    waiter's first statement carries the reset (no round trip of its own), so the
+    session is still reset before its query."""
+    settled: list[str] = []
+    settle = sources.asettle_reset
 
-    async def recording(conn: Any, reset: Any, timeout: float) -> None:
+    async def recording(conn: Any) -> None:
         task = asyncio.current_task()
-        readers.append(task.get_name() if task is not None else "")
-        await finish(conn, reset, timeout)
+        settled.append(task.get_name() if task is not None else "")
+        await settle(conn)
 
-    monkeypatch.setattr(sources, "afinish_reset", recording)
+    monkeypatch.setattr(sources, "asettle_reset", recording)
 
     async def main() -> tuple[int, int, Any, list[str]]:
         async with AsyncCluster(
@@ -361,14 +391,14 @@ def test_a_waiting_async_checkout_gets_the_connection_with_its_reset_on_the_way(
                 waiting = asyncio.create_task(waiter(), name="waiter")
                 while not (source._asking or getattr(source, "_waiting", None)):
                     await asyncio.sleep(0.001)  # poll: the waiter is queued for a connection
-                readers.clear()
+                settled.clear()
             second, path = await waiting
-            return first, second, path, list(readers)  # before close reads the last reset
+            return first, second, path, list(settled)
 
-    first, second, path, readers = run(main())
+    first, second, path, settled = run(main())
     assert second == first  # the same connection, handed over
     assert path == ('"$user", public',)  # reset before the waiter's first query
-    assert readers == ["waiter"]  # the answer read by the waiting checkout, not the returner
+    assert settled == []  # with that query, not in a round trip of its own
 
 
 def test_a_waiting_async_checkout_cancelled_as_it_is_handed_a_connection_passes_it_on(

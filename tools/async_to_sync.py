@@ -63,6 +63,7 @@ NAMES = {
     "__aiter__": "__iter__",
     "__anext__": "__next__",
     "acommit_and_capture": "commit_and_capture",
+    "aset_autocommit_owing": "set_autocommit_owing",
     "alearn_functions": "learn_functions",
     "asynccontextmanager": "contextmanager",
     "async_pool_sources": "pool_sources",

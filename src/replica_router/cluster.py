@@ -397,6 +397,10 @@ class Cluster(ClusterBase):
                     continue
                 message = f"connection check failed: {self._scrub(node, str(exc).strip())}"
                 raise NodeUnavailableError(node, message, broken=True) from None
+            if conn.cursor_factory is psycopg.Cursor:  # not one the user configured
+                # The first statement carries what must go before it (the reset the
+                # connection owes, a BEGIN) in its own round trip.
+                conn.cursor_factory = BeginningCursor
             self._count_out(node, routes)
             return Lease(conn, node, purpose, source)
 
@@ -668,14 +672,9 @@ class _Block:
 
     def __enter__(self) -> psycopg.Connection[Any]:
         cluster = self._cluster
-        if not self._write:
-            self._lease = lease = cluster._acquire_read(*self._args)
-            return lease.conn
-        self._lease = lease = cluster._acquire_write()
-        conn = lease.conn
-        if conn.cursor_factory is psycopg.Cursor:  # not one the user configured
-            conn.cursor_factory = BeginningCursor  # BEGIN goes with the first statement
-        return conn
+        acquire = cluster._acquire_write() if self._write else cluster._acquire_read(*self._args)
+        self._lease = lease = acquire
+        return lease.conn
 
     def __exit__(
         self,

@@ -406,6 +406,10 @@ class AsyncCluster(ClusterBase):
                     continue
                 message = f"connection check failed: {self._scrub(node, str(exc).strip())}"
                 raise NodeUnavailableError(node, message, broken=True) from None
+            if conn.cursor_factory is psycopg.AsyncCursor:  # not one the user configured
+                # The first statement carries what must go before it (the reset the
+                # connection owes, a BEGIN) in its own round trip.
+                conn.cursor_factory = AsyncBeginningCursor
             self._count_out(node, routes)
             return Lease(conn, node, purpose, source)
 
@@ -680,14 +684,9 @@ class _AsyncBlock:
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
         cluster = self._cluster
-        if not self._write:
-            self._lease = lease = await cluster._acquire_read(*self._args)
-            return lease.conn
-        self._lease = lease = await cluster._acquire_write()
-        conn = lease.conn
-        if conn.cursor_factory is psycopg.AsyncCursor:  # not one the user configured
-            conn.cursor_factory = AsyncBeginningCursor  # BEGIN goes with the first statement
-        return conn
+        acquire = cluster._acquire_write() if self._write else cluster._acquire_read(*self._args)
+        self._lease = lease = await acquire
+        return lease.conn
 
     async def __aexit__(
         self,

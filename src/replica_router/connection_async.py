@@ -98,6 +98,7 @@ from .session import (
     uses_copy,
     writes_data,
 )
+from .sources import RESET_SQL, aset_autocommit_owing, take_owed_reset
 
 if TYPE_CHECKING:
     from psycopg import IsolationLevel, Notify
@@ -137,7 +138,8 @@ async def run_capturing(
     position); raises the statement's error (the position query after the Sync runs
     anyway). Results go to ``cursor`` as its ``execute()`` would hand them. Only
     where :data:`PIPELINE_SYNC_NO_WAIT` and ``pipelines_position(st)``
-    hold; the framework integrations use it too."""
+    hold; the framework integrations use it too. A reset the pooled connection owes
+    goes first, in the same round trip."""
     conn = cursor.connection
     statement = _prepare_cursor(cursor, query, params, prepare)
     prepared = conn._prepared
@@ -149,6 +151,7 @@ async def run_capturing(
         pgconn = conn.pgconn
         pgconn.enter_pipeline_mode()
         try:
+            owed = _send_owed_reset(conn)
             key = _send_statement(cursor, statement)
             if not wrote:
                 pgconn.send_query_params(_WROTE_QUERY, None)
@@ -162,9 +165,10 @@ async def run_capturing(
             at_key = prepared.maybe_add_to_cache(_POSITION_PGQ, at_prep, at_name)
             pgconn.pipeline_sync()
             expected = (statement.prep is _SHOULD) + (at_prep is _SHOULD) + (4 if wrote else 5)
-            groups = await conn.wait(exchange_gen(pgconn, expected))
+            groups = await conn.wait(exchange_gen(pgconn, expected + owed))
         finally:
             _leave_pipeline(pgconn)
+        _check_reset(conn, groups, owed)
         if at_key is not None:
             prepared.validate(at_key, at_prep, at_name, groups[-2])
         await _hand_over(cursor, query, statement, key, groups)
@@ -181,27 +185,59 @@ async def run_capturing(
 async def run_beginning(
     cursor: psycopg.AsyncCursor[Any], query: Any, params: Any, prepare: bool | None = None
 ) -> None:
-    """Run the first statement of a transaction with the ``BEGIN`` psycopg would send
-    before it (its isolation level, read only, deferrable), in one round trip: libpq's
-    pipeline mode sends both and a Sync, which leaves an explicit transaction open.
-    psycopg waits for its BEGIN on its own. The connection must be idle, not in
-    autocommit and not in a pipeline; results and errors as ``execute()``'s."""
+    """Run a checked-out connection's first statement with what must go before it, in
+    one round trip (libpq's pipeline mode): the reset the pooled connection owes (and a
+    Sync, so that the statement's transaction cannot undo it), then, unless in
+    autocommit, the ``BEGIN`` psycopg would send (its isolation level, read only,
+    deferrable), the statement and a Sync, which leaves that transaction open. psycopg
+    waits for its BEGIN on its own. The connection must be idle and not in a
+    pipeline; results and errors as ``execute()``'s."""
     conn = cursor.connection
     statement = _prepare_cursor(cursor, query, params, prepare)
     async with conn.lock:
         pgconn = conn.pgconn
+        begin = not conn._autocommit
         pgconn.enter_pipeline_mode()
         try:
-            pgconn.send_query_params(conn._get_tx_start_command(), None)
+            owed = _send_owed_reset(conn)
+            if begin:
+                pgconn.send_query_params(conn._get_tx_start_command(), None)
             key = _send_statement(cursor, statement)
             pgconn.pipeline_sync()
-            groups = await conn.wait(exchange_gen(pgconn, (statement.prep is _SHOULD) + 3))
+            expected = owed + begin + (statement.prep is _SHOULD) + 2
+            groups = await conn.wait(exchange_gen(pgconn, expected))
         finally:
             _leave_pipeline(pgconn)
-        (began,) = groups.pop(0)
-        if began.status == _FATAL_ERROR:
-            raise psycopg.errors.error_from_result(began, encoding=pgconn._encoding)
+        _check_reset(conn, groups, owed)
+        if begin:
+            (began,) = groups.pop(0)
+            if began.status == _FATAL_ERROR:
+                raise psycopg.errors.error_from_result(began, encoding=pgconn._encoding)
         await _hand_over(cursor, query, statement, key, groups)
+
+
+def _send_owed_reset(conn: Any) -> int:
+    """Queue the reset a pooled connection owes, and a Sync, at the head of a pipeline;
+    the result groups they add (0 when nothing is owed)."""
+    if not take_owed_reset(conn):
+        return 0
+    conn.pgconn.send_query_params(RESET_SQL, None)
+    conn.pgconn.pipeline_sync()
+    return 2
+
+
+def _check_reset(conn: Any, groups: list[Any], owed: int) -> None:
+    """Take the owed reset's answer off the front of ``groups``. Should it have failed,
+    the session still carries its last user's state: the connection is closed (its pool
+    replaces it) and the error raised, whatever the statement after it did."""
+    if not owed:
+        return
+    (discarded,) = groups.pop(0)
+    groups.pop(0)  # its Sync
+    if discarded.status != _COMMAND_OK:
+        message = discarded.error_message.decode(errors="replace").strip()
+        conn.pgconn.finish()
+        raise psycopg.OperationalError(f"session reset failed: {message or 'no answer'}")
 
 
 class _Statement(NamedTuple):
@@ -284,8 +320,9 @@ async def _hand_over(
 
 
 class AsyncBeginningCursor(psycopg.AsyncCursor[Any]):
-    """The cursor of a ``write()`` block's connection: a statement that starts the
-    transaction goes with its BEGIN in one round trip (:func:`run_beginning`);
+    """The cursor class of a checked-out pooled connection: a statement that starts a
+    transaction, or the first one after the connection was handed back (which owes its
+    reset), goes with what must precede it in one round trip (:func:`run_beginning`);
     anything else as psycopg runs it."""
 
     async def execute(
@@ -295,7 +332,7 @@ class AsyncBeginningCursor(psycopg.AsyncCursor[Any]):
         conn = self._conn
         if (
             binary is None
-            and not conn._autocommit
+            and (not conn._autocommit or getattr(conn, "owed_since", None) is not None)
             and conn._pipeline is None
             and conn.pgconn.transaction_status == _IDLE
             and PIPELINE_SYNC_NO_WAIT
@@ -332,6 +369,7 @@ def _converted(query: str) -> PostgresQuery:
 _POSITION_PGQ: Final = _converted(POSITION_SQL)
 _TUPLES_OK: Final = psycopg.pq.ExecStatus.TUPLES_OK
 _FATAL_ERROR: Final = psycopg.pq.ExecStatus.FATAL_ERROR
+_COMMAND_OK: Final = psycopg.pq.ExecStatus.COMMAND_OK
 _NO: Final = Prepare.NO
 _SHOULD: Final = Prepare.SHOULD
 _IDLE: Final = TransactionStatus.IDLE
@@ -836,7 +874,9 @@ class AsyncRoutedConnection(PsycopgSession):
             await self._release(link)
         lease = await self._cluster._acquire_write()
         try:
-            await lease.conn.set_autocommit(True)  # statements commit one by one; BEGIN opens
+            # Statements commit one by one; BEGIN opens. (No I/O: a reset the connection
+            # owes stays owed, for its first statement to carry.)
+            await aset_autocommit_owing(lease.conn, True)
         except BaseException:
             await self._cluster._checkin(lease)
             raise

@@ -27,18 +27,24 @@ it.) Values given at connect time survive it (``RESET ALL`` goes back to them): 
 read pools' ``default_transaction_read_only`` stays on, ``connect_kwargs={"options":
 ...}`` stays, and a pool's ``configure`` callback is run again after it.
 
-The reset costs the checkout no round trip of its own. It is *sent* when the
-connection comes back, without waiting, and the connection is parked beside its pool;
-the next checkout takes the newest parked one and reads the answer, which has
-usually arrived meanwhile (then it is one ``recv``). That answer is also the proof
-the connection works, so there is no other check. A connection parked longer than a
-second goes back into the pool (where ``max_idle`` and ``max_lifetime`` apply), reset
-and known alive at that moment; handed out again within half a second, it is checked
-by polling its socket (a server that went away sends FIN or RST, a terminated backend
-its FATAL error, and an idle healthy connection has nothing to read: HikariCP's 500
-ms), later with the empty query. A connection that comes back in a transaction, or
-while a checkout waits on the pool, takes the old path (reset at checkout, or reset
-at once and handed to the waiter). A hung server cannot be told from a slow one
+The reset costs no round trip of its own. A connection that comes back idle gets its
+client side put back at once and *owes* its ``DISCARD ALL``, which goes to the server
+with the next user's first statement, in the same round trip (libpq's pipeline mode:
+``DISCARD ALL``, a Sync, the statement, a Sync; the Sync keeps the reset out of the
+statement's transaction, so an error there cannot roll it back). That is
+``connection.BeginningCursor``, the cursor class of ``cluster.read()`` and
+``write()`` blocks; anything else that does I/O on the connection first
+(``transaction()``, ``copy()``, a pipeline, another cursor class) sends the reset
+before it, as its own round trip (:class:`PooledConnection`). Meanwhile the connection
+is parked beside its pool and the next checkout takes the newest parked one; parked
+longer than a second, it goes back into the pool (where ``max_idle`` and
+``max_lifetime`` apply). A checkout within half a second of the connection's last
+answer looks only at its socket (a server that went away sends FIN or RST, a
+terminated backend its FATAL error, and an idle healthy connection has nothing to
+read: HikariCP's 500 ms); later, or on any event, it sends the reset and waits for
+it, which proves the connection alive. A connection that comes back in a transaction
+or broken, or from a pool with a ``configure`` callback (which must run after the
+reset), is reset at its next checkout. A hung server cannot be told from a slow one
 without waiting: a checkout in the moment between a node freezing and the monitor
 noticing gets a connection whose first query fails when the monitor abandons it
 (design rule 10), where a checkout round trip would have moved on.
@@ -122,7 +128,7 @@ _INSTEAD = {
 _READ_ONLY_OPTION = "-c default_transaction_read_only=on"
 # Everything a session can carry, back to what the connection started with (see the
 # module docstring). Never prepared: it deallocates the statement it would run as.
-_RESET_SQL = b"DISCARD ALL"
+RESET_SQL = b"DISCARD ALL"
 
 
 class ConnectionSource(Protocol):
@@ -303,20 +309,18 @@ class _Reset:
     (one object per pool; the bookkeeping, not the I/O).
 
     A connection is *fresh* (never handed out: the pool's own check is enough),
-    *sent* (handed back, its ``DISCARD ALL`` on the way: the answer is read at the
-    next checkout), *clean* (reset and known alive at a time: checked by polling its
-    socket) or *dirty* (handed back in a transaction or an error: reset at checkout).
+    *owing* (handed back idle: its client side is put back and its ``DISCARD ALL``
+    goes with its next user's first statement; ``PooledConnection.owed_since``) or
+    *dirty* (handed back in a transaction or an error: reset at checkout).
     """
 
     __slots__ = (
         "autocommit",
-        "clean",
         "configure",
         "cursor_factory",
         "ending",
         "handed_out",
         "row_factory",
-        "sent",
     )
 
     def __init__(self, connect_kwargs: Mapping[str, Any], settings: Mapping[str, Any]) -> None:
@@ -325,8 +329,6 @@ class _Reset:
         self.cursor_factory = connect_kwargs.get("cursor_factory")
         self.configure = settings.get("configure")
         self.handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.sent: set[Any] = set()
-        self.clean: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self.ending: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def fresh(self, conn: Any) -> bool:
@@ -353,6 +355,16 @@ class _Reset:
                 self.ending.add(c)
 
         conn.add_notice_handler(heard)
+
+    def can_owe(self, conn: Any) -> bool:
+        """Whether a connection handed back may owe its reset: idle, ours, and no
+        ``configure`` to run after the reset (such a pool resets at checkout)."""
+        return (
+            self.configure is None
+            and isinstance(conn, (PooledConnection, AsyncPooledConnection))
+            and not conn.closed
+            and conn.pgconn.transaction_status == TransactionStatus.IDLE
+        )
 
     def client_side(self, conn: Any) -> None:
         """Put back what psycopg keeps on the connection object (no round trip)."""
@@ -387,7 +399,7 @@ def _send_reset(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) ->
     if conn.closed or pgconn.transaction_status != TransactionStatus.IDLE:
         return False
     try:
-        pgconn.send_query(_RESET_SQL)
+        pgconn.send_query(RESET_SQL)
         while pgconn.flush():  # a few bytes: sent at once unless the socket is full
             if not _wait_socket(pgconn.socket, _HUNG_PEER_SECONDS, write=True):
                 return False
@@ -448,10 +460,9 @@ def reset_session(conn: psycopg.Connection[Any], reset: _Reset) -> None:
     finish_reset(conn, reset, _HUNG_PEER_SECONDS)
 
 
-def finish_reset(conn: psycopg.Connection[Any], reset: _Reset, timeout: float) -> None:
-    """Read the answer to a reset sent before (at once if it arrived), then put back
-    the client side; raises if the connection is dead or no answer came in ``timeout``."""
-    reset.sent.discard(conn)
+def _read_answer(conn: psycopg.Connection[Any], timeout: float) -> None:
+    """Wait for the answer to the reset sent on ``conn``; raises if the connection is
+    dead, the reset failed or no answer came in ``timeout``."""
     if not _answer_ready(conn):
         deadline = time.monotonic() + timeout
         while not _answer_ready(conn):
@@ -459,6 +470,20 @@ def finish_reset(conn: psycopg.Connection[Any], reset: _Reset, timeout: float) -
             if remaining <= 0 or not _wait_socket(conn.pgconn.socket, remaining):
                 raise psycopg.OperationalError("no answer to the session reset in time")
     _take_answer(conn)
+
+
+def settle_reset(conn: psycopg.Connection[Any]) -> None:
+    """Send the ``DISCARD ALL`` ``conn`` owes and wait for it (one round trip)."""
+    conn.owed_since = None  # type: ignore[attr-defined]
+    if not _send_reset(conn):
+        raise psycopg.OperationalError("session reset failed: the connection is not idle")
+    _read_answer(conn, _HUNG_PEER_SECONDS)
+
+
+def finish_reset(conn: psycopg.Connection[Any], reset: _Reset, timeout: float) -> None:
+    """Read the answer to a reset sent before (at once if it arrived), then put back
+    the client side; raises if the connection is dead or no answer came in ``timeout``."""
+    _read_answer(conn, timeout)
     if not reset.settled(conn):
         ConnectionPool.check_connection(conn)
     reset.client_side(conn)
@@ -489,9 +514,8 @@ async def areset_session(conn: psycopg.AsyncConnection[Any], reset: _Reset) -> N
     await afinish_reset(conn, reset, _HUNG_PEER_SECONDS)
 
 
-async def afinish_reset(conn: psycopg.AsyncConnection[Any], reset: _Reset, timeout: float) -> None:
-    """:func:`finish_reset` for an async connection."""
-    reset.sent.discard(conn)
+async def _aread_answer(conn: psycopg.AsyncConnection[Any], timeout: float) -> None:
+    """:func:`_read_answer` for an async connection."""
     if not _answer_ready(conn):
         deadline = time.monotonic() + timeout
         while not _answer_ready(conn):
@@ -499,6 +523,19 @@ async def afinish_reset(conn: psycopg.AsyncConnection[Any], reset: _Reset, timeo
             if remaining <= 0 or not await _await_socket(conn.pgconn.socket, remaining):
                 raise psycopg.OperationalError("no answer to the session reset in time")
     _take_answer(conn)
+
+
+async def asettle_reset(conn: psycopg.AsyncConnection[Any]) -> None:
+    """:func:`settle_reset` for an async connection."""
+    conn.owed_since = None  # type: ignore[attr-defined]
+    if not _send_reset(conn):
+        raise psycopg.OperationalError("session reset failed: the connection is not idle")
+    await _aread_answer(conn, _HUNG_PEER_SECONDS)
+
+
+async def afinish_reset(conn: psycopg.AsyncConnection[Any], reset: _Reset, timeout: float) -> None:
+    """:func:`finish_reset` for an async connection."""
+    await _aread_answer(conn, timeout)
     if not reset.settled(conn):
         await AsyncConnectionPool.check_connection(conn)
     reset.client_side(conn)
@@ -508,10 +545,96 @@ async def afinish_reset(conn: psycopg.AsyncConnection[Any], reset: _Reset, timeo
         await reset.configure(conn)
 
 
+class PooledConnection(psycopg.Connection[Any]):
+    """The pools' connection class. One handed back idle *owes* its ``DISCARD ALL``
+    (``owed_since``: when it last answered) until its next user's first statement
+    carries it (``connection.BeginningCursor``); any other I/O through psycopg sends
+    it first, so nothing reaches the server ahead of the reset."""
+
+    owed_since: float | None = None
+
+    def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.owed_since is not None:
+            settle_reset(self)
+        return super().wait(gen, *args, **kwargs)
+
+
+class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
+    """:class:`PooledConnection` for asyncio."""
+
+    owed_since: float | None = None
+
+    async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.owed_since is not None:
+            await asettle_reset(self)
+        return await super().wait(gen, *args, **kwargs)
+
+
+def take_owed_reset(conn: Any) -> bool:
+    """Whether ``conn`` owes its reset; if so the caller sends ``RESET_SQL`` ahead of
+    its statement (in a pipeline, a Sync between them), and it is owed no longer."""
+    if getattr(conn, "owed_since", None) is None:
+        return False
+    conn.owed_since = None
+    return True
+
+
+def set_autocommit_owing(conn: psycopg.Connection[Any], value: bool) -> None:
+    """``conn.autocommit = value`` on an idle connection, which psycopg does without
+    I/O: the reset it may owe stays owed, for its first statement to carry."""
+    owed, conn.owed_since = getattr(conn, "owed_since", None), None  # type: ignore[attr-defined]
+    try:
+        conn.set_autocommit(value)
+    finally:
+        conn.owed_since = owed  # type: ignore[attr-defined]
+
+
+async def aset_autocommit_owing(conn: psycopg.AsyncConnection[Any], value: bool) -> None:
+    """:func:`set_autocommit_owing` for an async connection."""
+    owed, conn.owed_since = getattr(conn, "owed_since", None), None  # type: ignore[attr-defined]
+    try:
+        await conn.set_autocommit(value)
+    finally:
+        conn.owed_since = owed  # type: ignore[attr-defined]
+
+
+def _owe_reset(conn: psycopg.Connection[Any], reset: _Reset, now: float) -> bool:
+    """A connection handed back: its client side put back and its reset owed (no I/O);
+    False when it cannot owe one (in a transaction, broken, a ``configure`` pool)."""
+    if not reset.can_owe(conn):
+        return False
+    reset.client_side(conn)
+    if conn.autocommit != reset.autocommit:
+        set_autocommit_owing(conn, reset.autocommit)
+    if conn.owed_since is None:  # type: ignore[attr-defined]
+        conn.owed_since = now  # type: ignore[attr-defined]  # (unless its user sent nothing)
+    return True
+
+
+async def _aowe_reset(conn: psycopg.AsyncConnection[Any], reset: _Reset, now: float) -> bool:
+    """:func:`_owe_reset` for an async connection."""
+    if not reset.can_owe(conn):
+        return False
+    reset.client_side(conn)
+    if conn.autocommit != reset.autocommit:
+        await aset_autocommit_owing(conn, reset.autocommit)
+    if conn.owed_since is None:  # type: ignore[attr-defined]
+        conn.owed_since = now  # type: ignore[attr-defined]  # (unless its user sent nothing)
+    return True
+
+
+def _pooled_class(settings: dict[str, Any], ours: type[Any]) -> type[Any]:
+    """The pool's connection class: ours, or one made of ours and the user's."""
+    theirs = settings.pop("connection_class", None)
+    if theirs is None or issubclass(theirs, ours):
+        return ours
+    return type(f"Pooled{theirs.__name__}", (ours, theirs), {})
+
+
 class PoolSource:
     """A ``psycopg_pool.ConnectionPool`` for one node and purpose, with the connections
-    handed back most recently parked beside it while their reset is on the way (see
-    the module docstring): the next checkout takes the newest of them."""
+    handed back most recently parked beside it, owing their reset (see the module
+    docstring): the next checkout takes the newest of them."""
 
     __slots__ = ("_asking", "_check", "_lock", "_parked", "_reset", "pool")
 
@@ -527,8 +650,10 @@ class PoolSource:
         self._parked: deque[tuple[psycopg.Connection[Any], float]] = deque()
         self._asking = 0  # checkouts waiting on the pool: a connection handed back goes there
         self._lock = threading.Lock()
+        connection_class = _pooled_class(pool_settings, PooledConnection)
         self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             spec.dsn,
+            connection_class=connection_class,
             kwargs=dict(connect_kwargs),
             open=False,
             name=f"replica-router/{spec.name}/{purpose}",
@@ -558,45 +683,34 @@ class PoolSource:
     def putconn(self, conn: psycopg.Connection[Any]) -> None:
         now = time.monotonic()
         pool = self.pool
-        if self._asking or pool.closed or _lifetime_over(conn, now):
-            self._hand_back(conn)
-        elif _send_reset(conn):
-            self._reset.sent.add(conn)
+        if _owe_reset(conn, self._reset, now) and not (
+            self._asking or pool.closed or _lifetime_over(conn, now)
+        ):
             self._parked.append((conn, now))
             if pool.closed:  # closed meanwhile: nobody else would close it
                 self._unpark(0.0, math.inf)
-        else:
-            pool.putconn(conn)  # in a transaction or broken: the pool sees to it
+        else:  # for a waiting checkout, to be replaced, in a transaction or broken
+            pool.putconn(conn)
         self._unpark(_PARKED_FOR, now)
 
     def check(self, conn: psycopg.Connection[Any]) -> None:
-        """The checkout check: a parked connection's reset answer proves it alive, as
-        does a reset at checkout; a clean one reset within the window whose socket is
-        quiet needs nothing more; a fresh one gets the pool's usual check."""
+        """The checkout check: one that owes its reset and answered within the window,
+        its socket quiet, needs nothing (its first statement carries the reset); later,
+        or on a socket event, the reset is sent now and its answer proves it alive, as
+        does a reset at checkout; a fresh one gets the pool's usual check."""
         reset, check = self._reset, self._check
-        if conn in reset.sent:
-            finish_reset(conn, reset, _HUNG_PEER_SECONDS)
+        owed_since = getattr(conn, "owed_since", None)
+        if owed_since is not None:
+            if time.monotonic() - owed_since >= _ALIVE_WINDOW or not reset.settled(conn):
+                settle_reset(conn)
             proven = True
         elif reset.fresh(conn):
             proven = False
-        elif (since := reset.clean.pop(conn, None)) is None:
+        else:
             reset_session(conn, reset)  # handed back in a transaction or an error
             proven = True
-        else:
-            proven = time.monotonic() - since < _ALIVE_WINDOW and reset.settled(conn)
         if check is not None and not (proven and check is ConnectionPool.check_connection):
             check(conn)
-
-    def _hand_back(self, conn: psycopg.Connection[Any]) -> None:
-        """Into the pool, reset if it can be (one round trip, for a waiting checkout)."""
-        reset = self._reset
-        try:
-            if conn in reset.sent or (not self.pool.closed and _send_reset(conn)):
-                finish_reset(conn, reset, _HUNG_PEER_SECONDS)
-                reset.clean[conn] = time.monotonic()
-        except psycopg.Error:
-            pass  # closed: the pool replaces it
-        self.pool.putconn(conn)
 
     def _unpark(self, older_than: float, now: float) -> None:
         """Hand back into the pool what has been parked longer than ``older_than``."""
@@ -606,7 +720,7 @@ class PoolSource:
                 conn, _ = parked.popleft()
             except IndexError:
                 return
-            self._hand_back(conn)
+            self.pool.putconn(conn)  # still owing its reset
 
     def __repr__(self) -> str:
         return f"<PoolSource {self.pool.name}>"
@@ -617,11 +731,10 @@ class AsyncPoolSource:
 
     When every connection of the pool is out with this source's users (handed out or
     parked), a checkout does not queue on the pool: it waits here, and a connection
-    handed back goes straight to the oldest such waiter with its reset on the way, as
-    a parked one would (the waiter reads the answer). Queued on the pool, it would get
-    the connection only after the returning task had waited for the reset's answer
-    (the pool takes back only idle connections): one round trip per checkout under
-    contention, and the event-loop hand-offs of the pool's own queue.
+    handed back goes straight to the oldest such waiter, owing its reset, as a parked
+    one would (the waiter's first statement carries it). Queued on the pool, each
+    waiter would get its connection only through the pool's own queue and its
+    event-loop hand-offs.
     """
 
     __slots__ = ("_asking", "_check", "_out", "_parked", "_reset", "_waiting", "pool")
@@ -640,8 +753,10 @@ class AsyncPoolSource:
         self._out = 0  # connections taken from the pool and not given back to it
         # Checkouts waiting here for a connection handed back (None: ask the pool).
         self._waiting: deque[asyncio.Future[psycopg.AsyncConnection[Any] | None]] = deque()
+        connection_class = _pooled_class(pool_settings, AsyncPooledConnection)
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
             spec.dsn,
+            connection_class=connection_class,
             kwargs=dict(connect_kwargs),
             open=False,
             name=f"replica-router/{spec.name}/{purpose}",
@@ -679,33 +794,29 @@ class AsyncPoolSource:
     async def putconn(self, conn: psycopg.AsyncConnection[Any]) -> None:
         now = time.monotonic()
         pool = self.pool
-        if pool.closed or _lifetime_over(conn, now) or (self._asking and not self._waiting):
-            await self._hand_back(conn)
-        elif _send_reset(conn):
-            self._reset.sent.add(conn)
-            if not self._give(conn):
-                self._parked.append((conn, now))
-                if pool.closed:  # closed meanwhile: nobody else would close it
-                    await self._unpark(0.0, math.inf)
-        else:
-            await self._to_pool(conn)  # in a transaction or broken: the pool sees to it
+        if not await _aowe_reset(conn, self._reset, now) or (
+            pool.closed or _lifetime_over(conn, now) or (self._asking and not self._waiting)
+        ):  # in a transaction or broken, to be replaced, or for a checkout waiting there
+            await self._to_pool(conn)
+        elif not self._give(conn):
+            self._parked.append((conn, now))
+            if pool.closed:  # closed meanwhile: nobody else would close it
+                await self._unpark(0.0, math.inf)
         await self._unpark(_PARKED_FOR, now)
 
     async def check(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """The checkout check: a parked connection's reset answer proves it alive, as
-        does a reset at checkout; a clean one reset within the window whose socket is
-        quiet needs nothing more; a fresh one gets the pool's usual check."""
+        """:meth:`PoolSource.check` for asyncio."""
         reset, check = self._reset, self._check
-        if conn in reset.sent:
-            await afinish_reset(conn, reset, _HUNG_PEER_SECONDS)
+        owed_since = getattr(conn, "owed_since", None)
+        if owed_since is not None:
+            if time.monotonic() - owed_since >= _ALIVE_WINDOW or not reset.settled(conn):
+                await asettle_reset(conn)
             proven = True
         elif reset.fresh(conn):
             proven = False
-        elif (since := reset.clean.pop(conn, None)) is None:
+        else:
             await areset_session(conn, reset)  # handed back in a transaction or an error
             proven = True
-        else:
-            proven = time.monotonic() - since < _ALIVE_WINDOW and reset.settled(conn)
         if check is not None and not (proven and check is AsyncConnectionPool.check_connection):
             await check(conn)
 
@@ -750,17 +861,6 @@ class AsyncPoolSource:
         finally:
             self._give(None)
 
-    async def _hand_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Into the pool, reset if it can be (one round trip, for a waiting checkout)."""
-        reset = self._reset
-        try:
-            if conn in reset.sent or (not self.pool.closed and _send_reset(conn)):
-                await afinish_reset(conn, reset, _HUNG_PEER_SECONDS)
-                reset.clean[conn] = time.monotonic()
-        except psycopg.Error:
-            pass  # closed: the pool replaces it
-        await self._to_pool(conn)
-
     async def _unpark(self, older_than: float, now: float) -> None:
         """Hand back into the pool what has been parked longer than ``older_than``."""
         parked = self._parked
@@ -769,7 +869,7 @@ class AsyncPoolSource:
                 conn, _ = parked.popleft()
             except IndexError:
                 return
-            await self._hand_back(conn)
+            await self._to_pool(conn)  # still owing its reset
 
     def __repr__(self) -> str:
         return f"<AsyncPoolSource {self.pool.name}>"
