@@ -326,7 +326,10 @@ class BeginningCursor(psycopg.Cursor[Any]):
     """The cursor class of a checked-out pooled connection: a statement that starts a
     transaction, or the first one after the connection was handed back (which owes its
     reset), goes with what must precede it in one round trip (:func:`run_beginning`);
-    anything else as psycopg runs it."""
+    anything else as psycopg runs it. In autocommit, once nothing is owed, the
+    connection's later cursors are psycopg's own again."""
+
+    __slots__ = ()
 
     def execute(
         self, query: Any, params: Any = None, *, prepare: bool | None = None,
@@ -341,8 +344,10 @@ class BeginningCursor(psycopg.Cursor[Any]):
             and PIPELINE_SYNC_NO_WAIT
         ):
             run_beginning(self, query, params, prepare)
-            return self
-        super().execute(query, params, prepare=prepare, binary=binary)
+        else:
+            super().execute(query, params, prepare=prepare, binary=binary)
+        if conn._autocommit and conn.cursor_factory is BeginningCursor:
+            conn.cursor_factory = psycopg.Cursor  # nothing left to carry
         return self
 
 

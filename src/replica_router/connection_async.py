@@ -323,7 +323,10 @@ class AsyncBeginningCursor(psycopg.AsyncCursor[Any]):
     """The cursor class of a checked-out pooled connection: a statement that starts a
     transaction, or the first one after the connection was handed back (which owes its
     reset), goes with what must precede it in one round trip (:func:`run_beginning`);
-    anything else as psycopg runs it."""
+    anything else as psycopg runs it. In autocommit, once nothing is owed, the
+    connection's later cursors are psycopg's own again."""
+
+    __slots__ = ()
 
     async def execute(
         self, query: Any, params: Any = None, *, prepare: bool | None = None,
@@ -338,8 +341,10 @@ class AsyncBeginningCursor(psycopg.AsyncCursor[Any]):
             and PIPELINE_SYNC_NO_WAIT
         ):
             await run_beginning(self, query, params, prepare)
-            return self
-        await super().execute(query, params, prepare=prepare, binary=binary)
+        else:
+            await super().execute(query, params, prepare=prepare, binary=binary)
+        if conn._autocommit and conn.cursor_factory is AsyncBeginningCursor:
+            conn.cursor_factory = psycopg.AsyncCursor  # nothing left to carry
         return self
 
 
