@@ -704,22 +704,6 @@ class ClusterBase:
         topology = (self._monitor or self._require_monitor()).topology
         return topology, current_scope().mark(self.system_identifier)
 
-    def _read_attempt(
-        self,
-        max_lag: float | None = None,
-        max_lag_bytes: int | None = None,
-        max_staleness: float | None = None,
-        *,
-        catch_up: bool = True,
-        prefer: str | None = None,
-    ) -> tuple[Monitor, Topology, ReadAttempt]:
-        """The monitor, its snapshot and a new read's steps (see ``ReadAttempt``)."""
-        monitor = self._monitor or self._require_monitor()
-        topology = monitor.topology
-        plan = self._plan_read(topology, max_lag, max_lag_bytes, max_staleness)
-        attempt = ReadAttempt(self._rules, plan, catch_up=catch_up, prefer=prefer)
-        return monitor, topology, attempt
-
     def _node_failed(self, attempt: ReadAttempt, exc: NodeUnavailableError) -> Topology:
         """``exc.node`` failed this read: suspect it if its connection broke, leave it
         out of the next steps; returns the snapshot to go on with."""

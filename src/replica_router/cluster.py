@@ -285,7 +285,17 @@ class Cluster(ClusterBase):
         retries another node). Raises ``NoReplicaAvailable`` (or
         ``ConsistencyTimeout``) like ``read()``.
         """
-        monitor, topology, attempt = self._read_attempt(max_lag, catch_up=False, prefer=prefer)
+        monitor = self._monitor or self._require_monitor()
+        topology = monitor.topology
+        plan = self._plan_read(topology, max_lag)
+        if exclude == ():
+            # The common case takes one decision, as read()'s does: a replica within
+            # bounds (what the first step would say; the steps are for the rest).
+            first = self._rules.decide(topology, plan, prefer=prefer)
+            if first.fallback is None and first.target is not None:
+                self._count_route("read", first.target, "replica")
+                return first.target
+        attempt = ReadAttempt(self._rules, plan, catch_up=False, prefer=prefer)
         attempt.exclude = frozenset(exclude)
         while True:
             step = attempt.step(topology, time.monotonic())
