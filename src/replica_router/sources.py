@@ -32,8 +32,8 @@ client side put back at once and *owes* its ``DISCARD ALL``, which goes to the s
 with the next user's first statement, in the same round trip (libpq's pipeline mode:
 ``DISCARD ALL``, a Sync, the statement, a Sync; the Sync keeps the reset out of the
 statement's transaction, so an error there cannot roll it back). That is
-``connection.BeginningCursor``, the cursor class of ``cluster.read()`` and
-``write()`` blocks; anything else that does I/O on the connection first
+``connection.BeginningCursor``, the cursor class the cluster installs on every
+connection it checks out; anything else that does I/O on the connection first
 (``transaction()``, ``copy()``, a pipeline, another cursor class) sends the reset
 before it, as its own round trip (:class:`PooledConnection`). Meanwhile the connection
 is parked beside its pool and the next checkout takes the newest parked one; parked
