@@ -476,7 +476,7 @@ def settle_reset(conn: psycopg.Connection[Any]) -> None:
     """Send the ``DISCARD ALL`` ``conn`` owes and wait for it (one round trip)."""
     conn.owed_since = None  # type: ignore[attr-defined]
     if not _send_reset(conn):
-        raise psycopg.OperationalError("session reset failed: the connection is not idle")
+        raise psycopg.OperationalError("session reset failed: the connection is closed or busy")
     _read_answer(conn, _HUNG_PEER_SECONDS)
 
 
@@ -529,7 +529,7 @@ async def asettle_reset(conn: psycopg.AsyncConnection[Any]) -> None:
     """:func:`settle_reset` for an async connection."""
     conn.owed_since = None  # type: ignore[attr-defined]
     if not _send_reset(conn):
-        raise psycopg.OperationalError("session reset failed: the connection is not idle")
+        raise psycopg.OperationalError("session reset failed: the connection is closed or busy")
     await _aread_answer(conn, _HUNG_PEER_SECONDS)
 
 
