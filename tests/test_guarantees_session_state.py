@@ -438,3 +438,53 @@ def test_a_waiting_async_checkout_cancelled_as_it_is_handed_a_connection_passes_
     first, again, path = run(main())
     assert again == first  # the replica's only connection, not a fallback to the primary
     assert path == ('"$user", public',)
+
+
+class _TaggedConnection(psycopg.Connection[Any]):
+    """A user's own connection class."""
+
+
+def test_a_users_connection_class_still_gets_the_reset(lc: LocalCluster) -> None:
+    """``pool_kwargs={"replica": {"connection_class": ...}}``: the pool's connections are
+    the user's class and still owe their reset, which the next user's first statement
+    carries."""
+    settings = {**ONE, "connection_class": _TaggedConnection}
+    with Cluster(
+        lc.primary_dsn,
+        [lc.dsn("replica1")],
+        max_lag=None,
+        pool_kwargs={"primary": ONE, "replica": settings},
+        **FAST,  # type: ignore[arg-type]
+    ) as cluster:
+        with cluster.read() as conn:
+            assert isinstance(conn, _TaggedConnection)
+            assert isinstance(conn, sources.PooledConnection)
+            conn.execute("SET search_path = pg_catalog")
+        with cluster.read() as conn:
+            path = conn.execute("SELECT current_setting('search_path')").fetchone()
+    assert path == ('"$user", public',)
+
+
+def test_a_pools_configure_runs_after_the_reset(lc: LocalCluster) -> None:
+    """A pool with a ``configure`` callback resets at checkout (the callback must run
+    after the reset): the next user finds the previous one's settings gone and the
+    callback's in place."""
+
+    def configure(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SET application_name = 'configured'")
+
+    with Cluster(
+        lc.primary_dsn,
+        [lc.dsn("replica1")],
+        max_lag=None,
+        pool_kwargs={"primary": ONE, "replica": {**ONE, "configure": configure}},
+        **FAST,  # type: ignore[arg-type]
+    ) as cluster:
+        with cluster.read() as conn:
+            conn.execute("SET search_path = pg_catalog")
+            conn.execute("SET application_name = 'the last user'")
+        with cluster.read() as conn:
+            row = conn.execute(
+                "SELECT current_setting('search_path'), current_setting('application_name')"
+            ).fetchone()
+    assert row == ('"$user", public', "configured")
