@@ -32,7 +32,11 @@ def lc(replica_cluster: LocalCluster) -> LocalCluster:
 
 @pytest.fixture
 def cluster(lc: LocalCluster) -> Iterator[Cluster]:
-    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as c:  # type: ignore[arg-type]
+    """Each test is a unit of work of its own, as a request is: code outside every
+    session shares the process's root scope, so an earlier test's writes to this
+    sandbox would otherwise send its first reads to the primary until the monitor
+    saw the replicas replay them."""
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **FAST) as c, c.session(inherit=False):  # type: ignore[arg-type]
         yield c
     routed.close_pools(c)
 
