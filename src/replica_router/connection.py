@@ -905,7 +905,7 @@ class RoutedConnection(PsycopgSession):
                 if link.dirty:
                     conn.execute("DISCARD ALL")
                 if link.role == "write":
-                    conn.set_autocommit(False)
+                    set_autocommit_owing(conn, False)  # idle: no I/O
         except psycopg.Error as exc:
             log.warning("closing a connection to %s that could not be cleaned: %s", link.node, exc)
             conn.close()

@@ -904,7 +904,7 @@ class AsyncRoutedConnection(PsycopgSession):
                 if link.dirty:
                     await conn.execute("DISCARD ALL")
                 if link.role == "write":
-                    await conn.set_autocommit(False)
+                    await aset_autocommit_owing(conn, False)  # idle: no I/O
         except psycopg.Error as exc:
             log.warning("closing a connection to %s that could not be cleaned: %s", link.node, exc)
             await conn.close()
