@@ -435,6 +435,8 @@ class Cluster(ClusterBase):
 
     def _checkin(self, lease: Lease[psycopg.Connection[Any]]) -> None:
         self._untrack(lease.node, lease.conn)
+        if lease.conn.cursor_factory is BeginningCursor:  # as _checkout found it
+            lease.conn.cursor_factory = psycopg.Cursor
         try:
             lease.source.putconn(lease.conn)
         finally:
@@ -562,8 +564,6 @@ class Cluster(ClusterBase):
         self, lease: Lease[psycopg.Connection[Any]], error: BaseException | None
     ) -> None:
         conn = lease.conn
-        if conn.cursor_factory is BeginningCursor:
-            conn.cursor_factory = psycopg.Cursor
         try:
             status = conn.pgconn.transaction_status
             if error is None and status == TransactionStatus.INTRANS:
@@ -682,8 +682,8 @@ class _Block:
 
     def __enter__(self) -> psycopg.Connection[Any]:
         cluster = self._cluster
-        acquire = cluster._acquire_write() if self._write else cluster._acquire_read(*self._args)
-        self._lease = lease = acquire
+        acquired = cluster._acquire_write() if self._write else cluster._acquire_read(*self._args)
+        self._lease = lease = acquired
         return lease.conn
 
     def __exit__(

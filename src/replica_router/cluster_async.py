@@ -444,6 +444,8 @@ class AsyncCluster(ClusterBase):
 
     async def _checkin(self, lease: Lease[psycopg.AsyncConnection[Any]]) -> None:
         self._untrack(lease.node, lease.conn)
+        if lease.conn.cursor_factory is AsyncBeginningCursor:  # as _checkout found it
+            lease.conn.cursor_factory = psycopg.AsyncCursor
         try:
             await lease.source.putconn(lease.conn)
         finally:
@@ -574,8 +576,6 @@ class AsyncCluster(ClusterBase):
         self, lease: Lease[psycopg.AsyncConnection[Any]], error: BaseException | None
     ) -> None:
         conn = lease.conn
-        if conn.cursor_factory is AsyncBeginningCursor:
-            conn.cursor_factory = psycopg.AsyncCursor
         try:
             status = conn.pgconn.transaction_status
             if error is None and status == TransactionStatus.INTRANS:
@@ -694,8 +694,8 @@ class _AsyncBlock:
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
         cluster = self._cluster
-        acquire = cluster._acquire_write() if self._write else cluster._acquire_read(*self._args)
-        self._lease = lease = await acquire
+        acquired = cluster._acquire_write() if self._write else cluster._acquire_read(*self._args)
+        self._lease = lease = await acquired
         return lease.conn
 
     async def __aexit__(
