@@ -23,7 +23,12 @@ the client's own work with the server taken out: the held connection is replaced
 a stub that answers at once, on both sides, and the difference is what the router
 adds per call whatever the machine's load (best of 9).
 
-    .venv/bin/python benchmarks/peewee_overhead.py [--rounds 100] [--ops 50]
+With ``--pause-replay`` the write sections run with the replica's replay paused (it
+still receives the WAL): pinned so, the replica's processes share the servers' core
+with the primary's backend, and its replay of each commit changes what the round
+trips after a commit cost (``benchmarks/capture_floor.py`` measures that alone).
+
+    .venv/bin/python benchmarks/peewee_overhead.py [--rounds 100] [--ops 50] [--pause-replay]
 """
 
 from __future__ import annotations
@@ -209,6 +214,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--ops", type=int, default=50)
+    parser.add_argument(
+        "--pause-replay",
+        action="store_true",
+        help="the write sections with the replica's replay paused",
+    )
     args = parser.parse_args()
 
     out: list[str] = []
@@ -267,6 +277,8 @@ def main() -> None:
                     same = _Borrowed(writer.conn)
                     plain, borrowed = model(own), model(same)
                     plain.create(name="warm")
+                    if args.pause_replay:
+                        lc.pause_replay("replica1")
                     pin_servers([lc.directory])
                     results = compare(
                         {
@@ -290,6 +302,8 @@ def main() -> None:
                     same.close()
                     own.close()
                     assert routed_db.token is not None  # the writes advanced the token
+                    if args.pause_replay:
+                        lc.resume_replay("replica1")
                 rounds = max(args.rounds // 2, 4)
                 return [
                     *table(f"Model.create (primary, autocommit), {rounds} rounds", results,
