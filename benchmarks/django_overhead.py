@@ -12,6 +12,8 @@ rounds (A B C C B A) so that drift on a busy machine hits every side:
 * ``static``: a one-line router sending reads to ``replica1`` (seed 004's, minus the
   random choice), no middleware: the same kind of server as ``routed`` reads from,
   so this ratio is the router's own work, not the difference between two servers.
+* ``static+mw``: ``static`` with ``ConsistencyMiddleware`` (the middleware's half);
+* ``router``: ``ReplicaRouter`` without the middleware (the router's half).
 
 The method is vs_proxies.py's (its helpers, not a copy): this process (client,
 Django, the router's monitor) pinned to CPU 0, the servers' postmasters and their
@@ -143,6 +145,9 @@ def main() -> None:
             "routed": {},
             "static": {"DATABASE_ROUTERS": [f"{__name__}.StaticRouter"],
                        "MIDDLEWARE": plain_middleware},
+            # The two halves of ``routed``, each on its own:
+            "static+mw": {"DATABASE_ROUTERS": [f"{__name__}.StaticRouter"]},
+            "router": {"MIDDLEWARE": plain_middleware},
         }  # fmt: skip
         clients = {}
         for name, overrides in sides.items():
@@ -161,7 +166,7 @@ def main() -> None:
                 return ((time.perf_counter() - wall) / args.ops,
                         (time.thread_time() - cpu) / args.ops)  # fmt: skip
 
-        order = ["plain", "routed", "static"]
+        order = list(sides)
         walls: dict[str, list[float]] = {name: [] for name in order}
         cpus: dict[str, list[float]] = {name: [] for name in order}
         for i in range(args.rounds):
@@ -178,7 +183,7 @@ def main() -> None:
           + (f"client on CPU 0, {servers} server processes on CPU 1"
              if pinned else "not pinned"))  # fmt: skip
     print("median of per-round ratios [IQR]")
-    print(f"{'side':<8} {'wall/request':>13} {'wall vs plain':>22} {'wall vs static':>22}"
+    print(f"{'side':<9} {'wall/request':>13} {'wall vs plain':>22} {'wall vs static':>22}"
           f" {'client CPU':>11} {'CPU vs plain':>22}")  # fmt: skip
 
     def cell(side: list[float], base: list[float]) -> str:
@@ -186,7 +191,7 @@ def main() -> None:
         return f"{median:.3f}x [{q1:.3f}-{q3:.3f}]"
 
     for name in order:
-        print(f"{name:<8} {statistics.median(walls[name]) * 1e6:>10.1f} us "
+        print(f"{name:<9} {statistics.median(walls[name]) * 1e6:>10.1f} us "
               f"{cell(walls[name], walls['plain']):>22} {cell(walls[name], walls['static']):>22} "
               f"{statistics.median(cpus[name]) * 1e6:>8.1f} us "
               f"{cell(cpus[name], cpus['plain']):>22}")  # fmt: skip
