@@ -179,7 +179,8 @@ class AsyncRoutedPostgresqlDatabase(AsyncDatabaseMixin, RoutedPostgresqlDatabase
         (the pools are the cluster's: ``await cluster.close()`` closes them)."""
         while self._releasing:
             await asyncio.gather(*list(self._releasing), return_exceptions=True)
-        if not self.is_closed() or self._links().writer or self._links().reader:
+        links = self._links()
+        if not self.is_closed() or links.writer or links.reader:
             await self.aclose()
 
     # -- seed 003's management, awaited ------------------------------------------------------
