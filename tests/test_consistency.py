@@ -185,6 +185,29 @@ def test_session_scope_survives_an_exception_and_restores_the_parent() -> None:
     run_in_fresh_context(body)
 
 
+def test_session_as_a_decorator_opens_a_scope_per_call_and_recursion() -> None:
+    seen: list[Scope] = []
+
+    @session(inherit=False)
+    def job(depth: int) -> None:
+        mine = current_scope()
+        seen.append(mine)
+        mine.advance(Token(100 + depth, SYSID))
+        if depth:
+            job(depth - 1)
+        assert current_scope() is mine  # the inner call's scope is gone again
+
+    def body() -> None:
+        outer = current_scope()
+        job(1)
+        job(0)
+        assert len({id(scope) for scope in seen}) == 3  # each call its own scope
+        assert current_scope() is outer
+        assert outer.token is None  # inherit=False hands nothing back
+
+    run_in_fresh_context(body)
+
+
 def test_a_thread_outside_every_session_shares_the_root_and_a_session_keeps_its_own() -> None:
     def body() -> None:
         current_scope().advance(Token(99, 1))

@@ -55,6 +55,10 @@ class Incoming:
     https: bool = False  # the client reached us over https (directly or via a trusted proxy)
 
 
+_NOTHING = Incoming(None)
+_NOTHING_OVER_HTTPS = Incoming(None, https=True)
+
+
 @dataclass(frozen=True, slots=True)
 class TokenTransport:
     """Where the token travels (cookie and/or header) and the cookie's attributes."""
@@ -91,6 +95,10 @@ class TokenTransport:
         self, header_value: str | None, cookie_header: str | None, *, https: bool = False
     ) -> Incoming:
         """The first usable token of: the header, then each cookie of our name."""
+        if (header_value is None or not self.use_header) and (
+            not cookie_header or not self.use_cookie or self.cookie_name not in cookie_header
+        ):
+            return _NOTHING_OVER_HTTPS if https else _NOTHING  # most requests
         if self.use_header and header_value is not None:
             token = _parse_or_warn(header_value, f"header {self.header_name}")
             if token is not None:

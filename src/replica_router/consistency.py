@@ -26,7 +26,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ContextDecorator, contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -324,10 +324,9 @@ def unit_of_work() -> Iterator[Scope]:
         _ROOT.absorb(scope)
 
 
-@contextmanager
 def session(
     token: Token | str | None = None, *, user_id: str | None = None, inherit: bool = True
-) -> Iterator[Scope]:
+) -> _Session:
     """Open a nested consistency scope for the ``with`` block.
 
     It starts with everything the enclosing scope knows (plus ``token``), and on
@@ -342,16 +341,37 @@ def session(
     long-lived thread or task neither leaks one request's writes into the next
     nor accumulates them all.
     """
-    if isinstance(token, str):
-        token = Token.parse(token)
-    parent = current_scope() if inherit else None
-    scope = Scope(parent, user_id=user_id)
-    if token is not None:
-        scope.advance(token)
-    reset = _SCOPE.set(scope)
-    try:
-        yield scope
-    finally:
+    return _Session(token, user_id, inherit)
+
+
+class _Session(ContextDecorator):
+    """:func:`session`'s context manager. A class rather than a generator: every web
+    request opens one, and the generator's machinery cost twice the scope itself.
+    Usable as a decorator too (a fresh one per call), as the generator was."""
+
+    _entered: tuple[Scope, Scope | None, contextvars.Token[Scope]]  # set by __enter__
+
+    def __init__(self, token: Token | str | None, user_id: str | None, inherit: bool) -> None:
+        self._token = token
+        self._user_id = user_id
+        self._inherit = inherit
+
+    def _recreate_cm(self) -> _Session:
+        return _Session(self._token, self._user_id, self._inherit)
+
+    def __enter__(self) -> Scope:
+        token = self._token
+        if isinstance(token, str):
+            token = Token.parse(token)
+        parent = current_scope() if self._inherit else None
+        scope = Scope(parent, user_id=self._user_id)
+        if token is not None:
+            scope.advance(token)
+        self._entered = (scope, parent, _SCOPE.set(scope))
+        return scope
+
+    def __exit__(self, *exc_info: object) -> None:
+        scope, parent, reset = self._entered
         _SCOPE.reset(reset)
         if parent is not None:
             parent.absorb(scope)
