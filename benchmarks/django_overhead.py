@@ -13,7 +13,9 @@ rounds (A B C C B A) so that drift on a busy machine hits every side:
   random choice), no middleware: the same kind of server as ``routed`` reads from,
   so this ratio is the router's own work, not the difference between two servers.
 * ``static+mw``: ``static`` with ``ConsistencyMiddleware`` (the middleware's half);
-* ``router``: ``ReplicaRouter`` without the middleware (the router's half).
+* ``router``: ``ReplicaRouter`` without the middleware (the router's half);
+* ``alternate`` (two replicas): a one-line router alternating over the two replicas,
+  no middleware: what reading from either replica by turns costs by itself.
 
 The method is vs_proxies.py's (its helpers, not a copy): this process (client,
 Django, the router's monitor) pinned to CPU 0, the servers' postmasters and their
@@ -35,6 +37,7 @@ either replica from one request to the next, while ``static`` always reads from
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -60,6 +63,16 @@ class StaticRouter:
 
     def db_for_write(self, model: Any, **hints: Any) -> str:
         return "default"
+
+
+class AlternatingRouter(StaticRouter):
+    """Seed 004's router with a turn instead of the random choice: reads alternate
+    over two replicas, as the cluster's round robin does."""
+
+    turn = itertools.cycle(("replica1", "replica2"))
+
+    def db_for_read(self, model: Any, **hints: Any) -> str:
+        return next(self.turn)
 
 
 def own_work(model: Any) -> dict[str, float]:
@@ -149,6 +162,9 @@ def main() -> None:
             "static+mw": {"DATABASE_ROUTERS": [f"{__name__}.StaticRouter"]},
             "router": {"MIDDLEWARE": plain_middleware},
         }  # fmt: skip
+        if args.replicas == 2:
+            sides["alternate"] = {"DATABASE_ROUTERS": [f"{__name__}.AlternatingRouter"],
+                                  "MIDDLEWARE": plain_middleware}  # fmt: skip
         clients = {}
         for name, overrides in sides.items():
             with override_settings(**overrides):
