@@ -488,10 +488,37 @@ def latency(sides: dict[str, Op], rounds: int, ops: int) -> dict[str, list[float
     return medians
 
 
-def throughput(sides: dict[str, list[Op]], rounds: int, seconds: float) -> dict[str, list[float]]:
-    """Per side, operations per second of each round, one thread per client op."""
+Ticks = dict[int, tuple[int, int]]  # per CPU, (busy, total) ticks
 
-    def run(clients: list[Op], seconds: float) -> float:
+
+def cpu_ticks() -> Ticks:
+    """Per CPU, (busy, total) ticks since boot (``/proc/stat``; busy = not idle or iowait)."""
+    ticks = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                values = [int(v) for v in fields[:8]]
+                ticks[int(name[3:])] = (sum(values) - values[3] - values[4], sum(values))
+    return ticks
+
+
+def busy_between(before: Ticks, after: Ticks, cpu: int) -> float:
+    """The fraction of the time ``cpu`` was busy between two :func:`cpu_ticks`."""
+    busy, total = (a - b for a, b in zip(after[cpu], before[cpu], strict=True))
+    return busy / total if total else 0.0
+
+
+def throughput(
+    sides: dict[str, list[Op]],
+    rounds: int,
+    seconds: float,
+    busy: dict[str, list[tuple[float, float]]] | None = None,
+) -> dict[str, list[float]]:
+    """Per side, operations per second of each round, one thread per client op; with
+    ``busy``, also per round how busy the client's and the servers' CPUs were."""
+
+    def run(clients: list[Op], seconds: float, name: str | None = None) -> float:
         stop = threading.Event()
         counts = [0] * len(clients)
         start = threading.Barrier(len(clients) + 1)
@@ -508,11 +535,16 @@ def throughput(sides: dict[str, list[Op]], rounds: int, seconds: float) -> dict[
         for thread in threads:
             thread.start()
         start.wait()
-        began = time.perf_counter()
+        began, ticks = time.perf_counter(), cpu_ticks()
         time.sleep(seconds)  # the measured interval itself, not a wait for a condition
         stop.set()
         for thread in threads:
             thread.join()
+        if busy is not None and name is not None:
+            after = cpu_ticks()
+            busy.setdefault(name, []).append(
+                (busy_between(ticks, after, CLIENT_CPU), busy_between(ticks, after, SERVER_CPU))
+            )
         return sum(counts) / (time.perf_counter() - began)
 
     for clients in sides.values():
@@ -521,7 +553,7 @@ def throughput(sides: dict[str, list[Op]], rounds: int, seconds: float) -> dict[
     items = list(sides.items())
     for r in range(rounds):
         for name, clients in items if r % 2 == 0 else reversed(items):
-            rates[name].append(run(clients, seconds))
+            rates[name].append(run(clients, seconds, name))
     return rates
 
 
@@ -804,8 +836,8 @@ def concurrency_section(setup: Setup, args: argparse.Namespace) -> list[str]:
         f"Concurrency: point lookups, pools of {size} on the replica, raw pools without a "
         f"checkout check; {args.tp_rounds} rounds x {args.seconds:g} s",
         "",
-        "| side | operations/s | x raw pool |",
-        "|---|---|---|",
+        "| side | operations/s | x raw pool | client CPU busy, us/op | server CPU busy, us/op |",
+        "|---|---|---|---|---|",
     ]
     with (
         ConnectionPool(replica, kwargs=raw_kwargs, min_size=size, max_size=size) as pool,
@@ -822,16 +854,20 @@ def concurrency_section(setup: Setup, args: argparse.Namespace) -> list[str]:
                 return point_lookup(conn, i)
 
         pin_servers(setup.directories)
+        busy: dict[str, list[tuple[float, float]]] = {}
         got = throughput(
             {"raw ConnectionPool": [raw] * args.threads, "cluster.read()": [routed] * args.threads},
             args.tp_rounds,
             args.seconds,
+            busy,
         )
     base = got["raw ConnectionPool"]
     for name, rates in got.items():
+        rate = statistics.median(rates)
+        client, server = (statistics.median(b[i] for b in busy[name]) for i in (0, 1))
         lines.append(
-            f"| {args.threads} threads, {name} | {statistics.median(rates):,.0f} | "
-            f"{ratio(rates, base)[0]:.2f} |"
+            f"| {args.threads} threads, {name} | {rate:,.0f} | {ratio(rates, base)[0]:.2f} | "
+            f"{client:.2f}, {client / rate * 1e6:.0f} | {server:.2f}, {server / rate * 1e6:.0f} |"
         )
 
     async def async_side() -> dict[str, list[float]]:
