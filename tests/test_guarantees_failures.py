@@ -18,7 +18,9 @@ import pytest
 
 from helpers import FAST, HUNG_BOUND, port_of, run, wait_until, within
 from replica_router import AsyncCluster, Cluster, ConfigurationError, Error
+from replica_router._cluster_base import died_while_pooled
 from replica_router.sandbox import LocalCluster
+from replica_router.sources import AsyncPooledConnection, PooledConnection
 
 # -- defect 12: a restarted primary -----------------------------------------------------------
 
@@ -107,6 +109,43 @@ def test_reads_and_writes_after_their_pooled_backends_are_terminated(
             assert acluster.topology.by_name["replica1"].consecutive_failures == 0
 
     run(main())
+
+
+class _Lost:
+    """A connection the checkout check found closed."""
+
+    broken = True
+
+    def __init__(self, connect_started: float | None, created_at: float) -> None:
+        self.connect_started = connect_started
+        self._created_at = created_at
+
+
+def test_a_connection_begun_before_the_loss_is_not_fresh_whenever_the_pool_stamped_it() -> None:
+    """Rule 9: an asyncio pool stamps a connection when its task next runs, after the
+    handshake; a backend killed before then (the event loop was busy) looked fresh and
+    its loss was counted against a healthy node (the terminated-backends test above
+    failed so about 1 run in 3). What counts is when its connect began."""
+    loss = 100.0
+    assert died_while_pooled(_Lost(connect_started=99.9, created_at=100.2), loss)
+    assert not died_while_pooled(_Lost(connect_started=100.1, created_at=100.2), loss)
+    assert died_while_pooled(_Lost(connect_started=None, created_at=99.0), loss)  # another class
+    assert not died_while_pooled(_Lost(connect_started=None, created_at=101.0), loss)
+
+
+def test_pooled_connections_say_when_their_connect_began(replica_cluster: LocalCluster) -> None:
+    lc = replica_cluster
+    before = time.monotonic()
+    with PooledConnection.connect(lc.primary_dsn) as conn:
+        assert conn.connect_started is not None
+        assert before <= conn.connect_started <= time.monotonic()
+
+    async def main() -> float | None:
+        async with await AsyncPooledConnection.connect(lc.primary_dsn) as aconn:
+            return aconn.connect_started
+
+    began = run(main())
+    assert began is not None and before <= began <= time.monotonic()
 
 
 def backend_pids(cluster: Cluster, n: int) -> list[int]:

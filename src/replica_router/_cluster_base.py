@@ -87,10 +87,15 @@ def died_while_pooled(conn: Any, fresh_after: float) -> bool:
     failure says nothing about the node now. Try the next one; only a connection made
     since that fails too counts against the node. A source
     whose connections carry no connect time (``psycopg_pool`` sets ``_created_at``)
-    counts every one as old: its retries are bounded by ``DEAD_POOLED_RETRIES``."""
+    counts every one as old: its retries are bounded by ``DEAD_POOLED_RETRIES``. Our
+    pools' connections say when their connect began (``connect_started``), which is
+    what counts: one begun before the loss may have been hit by it, whenever the pool
+    saw its handshake end."""
     if not getattr(conn, "broken", False):
         return False  # an error from a live server: the node answered
-    created = getattr(conn, "_created_at", None)
+    created = getattr(conn, "connect_started", None)
+    if not isinstance(created, float):
+        created = getattr(conn, "_created_at", None)
     return not isinstance(created, float) or created < fresh_after
 
 

@@ -399,9 +399,8 @@ class Cluster(ClusterBase):
                     source.putconn(conn)  # a broken one is replaced by the pool
                 if lost and dead < DEAD_POOLED_RETRIES:
                     dead += 1  # design rule 9: lost while idle, try the next one
-                    # What the pool made until now may have been connecting when the
-                    # backends died (an asyncio pool stamps a connection when its task
-                    # resumes, after the connect): only later ones count as fresh.
+                    # What the pool began connecting until now may have been hit by the
+                    # same event: only connections begun later count as fresh.
                     since = time.monotonic()
                     wait = max(CHECKOUT_SLICE, budget - (since - started))
                     continue

@@ -545,13 +545,30 @@ async def afinish_reset(conn: psycopg.AsyncConnection[Any], reset: _Reset, timeo
         await reset.configure(conn)
 
 
+_Pooled = TypeVar("_Pooled", bound="PooledConnection")
+_APooled = TypeVar("_APooled", bound="AsyncPooledConnection")
+
+
 class PooledConnection(psycopg.Connection[Any]):
     """The pools' connection class. One handed back idle *owes* its ``DISCARD ALL``
     (``owed_since``: when it last answered) until its next user's first statement
     carries it (``connection.BeginningCursor``); any other I/O through psycopg sends
-    it first, so nothing reaches the server ahead of the reset."""
+    it first, so nothing reaches the server ahead of the reset.
+
+    ``connect_started`` is when its connect began: a connection started before a loss
+    was seen may have been hit by the same event (``died_while_pooled``). psycopg_pool
+    stamps a connection only once its handshake is over, which an asyncio pool sees
+    when its task next runs: a backend killed meanwhile looked like a fresh one."""
 
     owed_since: float | None = None
+    connect_started: float | None = None
+
+    @classmethod
+    def connect(cls: type[_Pooled], *args: Any, **kwargs: Any) -> _Pooled:
+        started = time.monotonic()
+        conn = super().connect(*args, **kwargs)
+        conn.connect_started = started
+        return conn
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         if self.owed_since is not None:
@@ -563,6 +580,14 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
     """:class:`PooledConnection` for asyncio."""
 
     owed_since: float | None = None
+    connect_started: float | None = None
+
+    @classmethod
+    async def connect(cls: type[_APooled], *args: Any, **kwargs: Any) -> _APooled:
+        started = time.monotonic()
+        conn = await super().connect(*args, **kwargs)
+        conn.connect_started = started
+        return conn
 
     async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         if self.owed_since is not None:
