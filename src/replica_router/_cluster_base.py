@@ -703,6 +703,15 @@ class ClusterBase:
             snapshot_age=now - topology.taken_at,
         )
 
+    def _replica_at_once(
+        self, topology: Topology, plan: ReadPlan, prefer: str | None = None
+    ) -> str | None:
+        """The replica a read takes in the common case, in one decision: one within
+        bounds (what the first step would say); None when the steps must decide (a
+        fallback, a wait, an error)."""
+        first = self._rules.decide(topology, plan, prefer=prefer)
+        return first.target if first.fallback is None else None
+
     def _read_key(self) -> tuple[Topology, Mark | None]:
         """The snapshot and this cluster's mark in the current scope (identity-compared
         by routed connections to skip a decision when neither changed)."""

@@ -294,13 +294,11 @@ class AsyncCluster(ClusterBase):
         monitor = self._monitor or self._require_monitor()
         topology = monitor.topology
         plan = self._plan_read(topology, max_lag)
-        if exclude == ():
-            # The common case takes one decision, as read()'s does: a replica within
-            # bounds (what the first step would say; the steps are for the rest).
-            first = self._rules.decide(topology, plan, prefer=prefer)
-            if first.fallback is None and first.target is not None:
-                self._count_route("read", first.target, "replica")
-                return first.target
+        if exclude == ():  # the common case takes one decision, as read()'s does
+            target = self._replica_at_once(topology, plan, prefer)
+            if target is not None:
+                self._count_route("read", target, "replica")
+                return target
         attempt = ReadAttempt(self._rules, plan, catch_up=False, prefer=prefer)
         attempt.exclude = frozenset(exclude)
         while True:
@@ -459,17 +457,15 @@ class AsyncCluster(ClusterBase):
         monitor = self._monitor or self._require_monitor()
         topology = monitor.topology
         plan = self._plan_read(topology, max_lag, max_lag_bytes, max_staleness)
-        first = self._rules.decide(topology, plan)
-        if first.fallback is None and first.target is not None:
-            # The common case takes one decision: a replica within bounds (what the
-            # first step would say; the steps are for fallbacks, waits and retries).
+        target = self._replica_at_once(topology, plan)
+        if target is not None:  # the common case: one decision, the steps for the rest
             try:
-                lease = await self._checkout(first.target, "read", routes=self._reads)
+                lease = await self._checkout(target, "read", routes=self._reads)
             except NodeUnavailableError as exc:
                 attempt = ReadAttempt(self._rules, plan)
                 topology = self._node_failed(attempt, exc)
             else:
-                self._served(first.target, None)
+                self._served(target, None)
                 return lease
         else:
             attempt = ReadAttempt(self._rules, plan)

@@ -101,7 +101,7 @@ from .session import (
     uses_copy,
     writes_data,
 )
-from .sources import RESET_SQL, set_autocommit_owing, take_owed_reset
+from .sources import check_queued_reset, queue_owed_reset, set_autocommit_owing
 
 if TYPE_CHECKING:
     from psycopg import IsolationLevel, Notify
@@ -154,7 +154,7 @@ def run_capturing(
         pgconn = conn.pgconn
         pgconn.enter_pipeline_mode()
         try:
-            owed = _send_owed_reset(conn)
+            owed = queue_owed_reset(conn)
             key = _send_statement(cursor, statement)
             if not wrote:
                 pgconn.send_query_params(_WROTE_QUERY, None)
@@ -171,7 +171,7 @@ def run_capturing(
             groups = conn.wait(exchange_gen(pgconn, expected + owed))
         finally:
             _leave_pipeline(pgconn)
-        _check_reset(conn, groups, owed)
+        check_queued_reset(conn, groups, owed)
         if at_key is not None:
             prepared.validate(at_key, at_prep, at_name, groups[-2])
         _hand_over(cursor, query, statement, key, groups)
@@ -202,7 +202,7 @@ def run_beginning(
         begin = not conn._autocommit
         pgconn.enter_pipeline_mode()
         try:
-            owed = _send_owed_reset(conn)
+            owed = queue_owed_reset(conn)
             if begin:
                 pgconn.send_query_params(conn._get_tx_start_command(), None)
             key = _send_statement(cursor, statement)
@@ -211,36 +211,12 @@ def run_beginning(
             groups = conn.wait(exchange_gen(pgconn, expected))
         finally:
             _leave_pipeline(pgconn)
-        _check_reset(conn, groups, owed)
+        check_queued_reset(conn, groups, owed)
         if begin:
             (began,) = groups.pop(0)
             if began.status == _FATAL_ERROR:
                 raise psycopg.errors.error_from_result(began, encoding=pgconn._encoding)
         _hand_over(cursor, query, statement, key, groups)
-
-
-def _send_owed_reset(conn: Any) -> int:
-    """Queue the reset a pooled connection owes, and a Sync, at the head of a pipeline;
-    the result groups they add (0 when nothing is owed)."""
-    if not take_owed_reset(conn):
-        return 0
-    conn.pgconn.send_query_params(RESET_SQL, None)
-    conn.pgconn.pipeline_sync()
-    return 2
-
-
-def _check_reset(conn: Any, groups: list[Any], owed: int) -> None:
-    """Take the owed reset's answer off the front of ``groups``. Should it have failed,
-    the session still carries its last user's state: the connection is closed (its pool
-    replaces it) and the error raised, whatever the statement after it did."""
-    if not owed:
-        return
-    (discarded,) = groups.pop(0)
-    groups.pop(0)  # its Sync
-    if discarded.status != _COMMAND_OK:
-        message = discarded.error_message.decode(errors="replace").strip()
-        conn.pgconn.finish()
-        raise psycopg.OperationalError(f"session reset failed: {message or 'no answer'}")
 
 
 class _Statement(NamedTuple):
@@ -377,7 +353,6 @@ def _converted(query: str) -> PostgresQuery:
 _POSITION_PGQ: Final = _converted(POSITION_SQL)
 _TUPLES_OK: Final = psycopg.pq.ExecStatus.TUPLES_OK
 _FATAL_ERROR: Final = psycopg.pq.ExecStatus.FATAL_ERROR
-_COMMAND_OK: Final = psycopg.pq.ExecStatus.COMMAND_OK
 _NO: Final = Prepare.NO
 _SHOULD: Final = Prepare.SHOULD
 _IDLE: Final = TransactionStatus.IDLE

@@ -595,13 +595,31 @@ class AsyncPooledConnection(psycopg.AsyncConnection[Any]):
         return await super().wait(gen, *args, **kwargs)
 
 
-def take_owed_reset(conn: Any) -> bool:
-    """Whether ``conn`` owes its reset; if so the caller sends ``RESET_SQL`` ahead of
-    its statement (in a pipeline, a Sync between them), and it is owed no longer."""
+def queue_owed_reset(conn: Any) -> int:
+    """Queue the reset ``conn`` owes, and a Sync, at the head of a pipeline (it is owed
+    no longer); the result groups they add (0 when nothing is owed). The Sync keeps the
+    statement after it from undoing the reset: in one implicit transaction a failing
+    statement would roll back its GUC part."""
     if getattr(conn, "owed_since", None) is None:
-        return False
+        return 0
     conn.owed_since = None
-    return True
+    conn.pgconn.send_query_params(RESET_SQL, None)
+    conn.pgconn.pipeline_sync()
+    return 2
+
+
+def check_queued_reset(conn: Any, groups: list[Any], owed: int) -> None:
+    """Take the queued reset's answer off the front of ``groups``. Should it have failed,
+    the session still carries its last user's state: the connection is closed (its pool
+    replaces it) and the error raised, whatever the statement after it did."""
+    if not owed:
+        return
+    (discarded,) = groups.pop(0)
+    groups.pop(0)  # its Sync
+    if discarded.status != ExecStatus.COMMAND_OK:
+        message = discarded.error_message.decode(errors="replace").strip()
+        conn.pgconn.finish()
+        raise psycopg.OperationalError(f"session reset failed: {message or 'no answer'}")
 
 
 def set_autocommit_owing(conn: psycopg.Connection[Any], value: bool) -> None:
