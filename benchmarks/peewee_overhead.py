@@ -13,6 +13,10 @@ On a LocalCluster (primary + 1 replica), in the same run, interleaved rounds (A 
   ``create`` is an autocommit INSERT whose WAL position is read right after it on
   the same connection, so the scope's token advances (read-your-writes).
 * ``routed, ryw off``: the same with ``Cluster(read_your_writes=None)``.
+* ``plain + position`` (``create``): Peewee's own database on a connection of its own
+  that reads the WAL position after each statement's commit in the statement's round
+  trip, as the routed side does (:func:`~replica_router.connection.run_capturing`),
+  with no routing around it: what the token's capture costs alone.
 * ``Model.create in db.atomic()``: the same INSERT in a transaction, where the
   position comes back in the COMMIT's own round trip (``commit_and_capture``).
 
@@ -26,7 +30,7 @@ adds per call whatever the machine's load (best of 9).
 With ``--pause-replay`` the write sections run with the replica's replay paused (it
 still receives the WAL): pinned so, the replica's processes share the servers' core
 with the primary's backend, and its replay of each commit changes what the round
-trips after a commit cost (``benchmarks/capture_floor.py`` measures that alone).
+trips after a commit cost (``benchmarks/floors.py`` measures that alone).
 
     .venv/bin/python benchmarks/peewee_overhead.py [--rounds 100] [--ops 50] [--pause-replay]
 """
@@ -46,6 +50,7 @@ import psycopg
 from vs_proxies import pin_client, pin_servers, ratio
 
 from replica_router import Cluster
+from replica_router.connection import run_capturing
 from replica_router.integrations.peewee import RoutedPostgresqlDatabase
 from replica_router.sandbox import LocalCluster
 
@@ -97,6 +102,16 @@ class _Borrowed(peewee.PostgresqlDatabase):
 
     def _close(self, conn: Any) -> None:
         pass
+
+
+class _Capturing(peewee.PostgresqlDatabase):
+    """Peewee's own database, with each statement's commit position read in its round trip."""
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        with peewee.__exception_wrapper__:
+            cursor = self.cursor()
+            run_capturing(cursor, sql, params or (), wrote=True)
+        return cursor
 
 
 class _StubResult:
@@ -275,8 +290,10 @@ def main() -> None:
                     assert writer is not None and writer.node == "primary"
                     own = peewee.PostgresqlDatabase(lc.primary_dsn, prefer_psycopg3=True)
                     same = _Borrowed(writer.conn)
-                    plain, borrowed = model(own), model(same)
+                    capturing = _Capturing(lc.primary_dsn, prefer_psycopg3=True)
+                    plain, borrowed, floor = model(own), model(same), model(capturing)
                     plain.create(name="warm")
+                    floor.create(name="warm")
                     if args.pause_replay:
                         lc.pause_replay("replica1")
                     pin_servers([lc.directory])
@@ -284,6 +301,7 @@ def main() -> None:
                         {
                             "plain": lambda i: plain.create(name="p"),
                             "plain, same conn": lambda i: borrowed.create(name="s"),
+                            "plain + position": lambda i: floor.create(name="f"),
                             "routed": lambda i: routed.create(name="r"),
                             "routed, ryw off": lambda i: off.create(name="o"),
                         },
@@ -301,6 +319,7 @@ def main() -> None:
                     base, mine = own_work(writer, routed, borrowed, lambda m: m.create(name="x"))
                     same.close()
                     own.close()
+                    capturing.close()
                     assert routed_db.token is not None  # the writes advanced the token
                     if args.pause_replay:
                         lc.resume_replay("replica1")
