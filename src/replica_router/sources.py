@@ -93,6 +93,7 @@ __all__ = [
     "async_pool_sources",
     "hung_peer_kwargs",
     "pool_sources",
+    "server_hung_up",
     "shut_down_socket",
     "socket_of",
     "validate_pool_kwargs",
@@ -345,7 +346,7 @@ class _Reset:
         say it is ending the session (a backend terminated while idle sends its FATAL
         error before it closes the socket, so that message may be all there is yet)."""
         conn.pgconn.is_busy()  # parses what arrived: an error while idle is a notice
-        return conn not in self.ending and _quiet(conn)
+        return conn not in self.ending and not server_hung_up(conn)
 
     def _listen(self, conn: Any) -> None:
         ref = weakref.ref(conn)
@@ -437,11 +438,17 @@ def _take_answer(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -
         raise psycopg.OperationalError(f"session reset failed: {why}")
 
 
-def _quiet(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
-    """Whether an idle connection's socket has nothing to read. A server that went away
-    or is ending the session (FIN, RST, a termination message) makes it readable; then
-    only a round trip tells whether the connection still works."""
-    return not _wait_socket(conn.pgconn.socket, 0)
+def server_hung_up(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an idle connection is closed, broken, or has something to read: a server
+    that went away or is ending the session (FIN, RST, a termination message) makes its
+    socket readable. One socket poll, no round trip; a quiet socket still says nothing
+    of a hung server (only a timeout tells that)."""
+    if conn.closed or conn.broken:
+        return True
+    try:
+        return _wait_socket(conn.pgconn.socket, 0)
+    except (OSError, ValueError):
+        return False
 
 
 def _lifetime_over(conn: Any, now: float) -> bool:

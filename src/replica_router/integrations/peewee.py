@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import select
 import threading
 import time
 import weakref
@@ -71,6 +70,7 @@ from ..errors import NodeUnavailable, NoReplicaAvailable, PrimaryUnavailable
 from ..lsn import parse_lsn
 from ..routing import route_write
 from ..session import PINNING_EFFECTS, pipelines_position
+from ..sources import server_hung_up
 from ..topology import Role
 
 if TYPE_CHECKING:
@@ -319,18 +319,6 @@ def _as_is(done: T) -> T:
 
 def _lsn(row: tuple[Any, ...] | None) -> int | None:
     return None if row is None or row[0] is None else parse_lsn(str(row[0]))
-
-
-def _server_hung_up(conn: psycopg.Connection[Any]) -> bool:
-    """An idle connection with something to read was closed (or is being closed) by
-    the server: a restart, ``pg_terminate_backend``, an idle timeout."""
-    if conn.closed or conn.broken:
-        return True
-    try:
-        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return bool(readable)
 
 
 class _ConnectionContext(peewee.ConnectionContext):
@@ -673,7 +661,7 @@ class RoutedPostgresqlDatabase(peewee.PostgresqlDatabase):
             if busy:
                 if still_primary(cluster.topology, lease.node):
                     return lease
-            elif route_write(cluster.topology) == lease.node and not _server_hung_up(lease.conn):
+            elif route_write(cluster.topology) == lease.node and not server_hung_up(lease.conn):
                 return lease
             links.writer = None
             self._give_back(lease, broken=True)
