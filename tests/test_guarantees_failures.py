@@ -20,7 +20,7 @@ from helpers import FAST, HUNG_BOUND, port_of, run, wait_until, within
 from replica_router import AsyncCluster, Cluster, ConfigurationError, Error
 from replica_router._cluster_base import died_while_pooled
 from replica_router.sandbox import LocalCluster
-from replica_router.sources import AsyncPooledConnection, PooledConnection
+from replica_router.sources import AsyncPooledConnection, PooledConnection, server_hung_up
 
 # -- defect 12: a restarted primary -----------------------------------------------------------
 
@@ -146,6 +146,24 @@ def test_pooled_connections_say_when_their_connect_began(replica_cluster: LocalC
 
     began = run(main())
     assert began is not None and before <= began <= time.monotonic()
+
+
+def test_an_idle_connection_the_server_ended_is_told_by_one_poll(
+    replica_cluster: LocalCluster,
+) -> None:
+    """What the checkout and the Peewee primary link ask before they use an idle
+    connection: quiet while the backend lives; once it is terminated, its socket is
+    readable; a closed connection counts as hung up too."""
+    lc = replica_cluster
+    conn = psycopg.connect(lc.primary_dsn, autocommit=True)
+    try:
+        assert not server_hung_up(conn)
+        pid = conn.info.backend_pid
+        lc.execute("primary", "SELECT pg_terminate_backend(%s)", (pid,))
+        wait_until(lambda: server_hung_up(conn), what="the terminated backend's socket readable")
+    finally:
+        conn.close()
+    assert server_hung_up(conn)
 
 
 def backend_pids(cluster: Cluster, n: int) -> list[int]:
