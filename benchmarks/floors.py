@@ -51,6 +51,7 @@ from replica_router.sandbox import LocalCluster
 _SYNC = pq.ExecStatus.PIPELINE_SYNC
 INSERT = "INSERT INTO w (v) VALUES (%s)"
 LOOKUP = b"SELECT * FROM t WHERE id = $1"
+PSYCOPG_LOOKUP = "SELECT * FROM t WHERE id = %s"
 WRITE_STATEMENTS = {
     b"ins": b"INSERT INTO w (v) VALUES ($1)",
     b"pos": b"SELECT pg_current_wal_insert_lsn()",
@@ -96,10 +97,16 @@ def captured_side(pgconn: PGconn) -> Callable[[], None]:
 
 
 def lookup_sides(dsn: str) -> dict[str, Callable[[], None]]:
-    """The point lookup prepared (a held connection), unprepared, and after a reset."""
+    """The point lookup through psycopg on a held connection (the issue's baseline, which
+    psycopg prepares after its fifth run), and on libpq alone prepared, unprepared, and
+    after a reset."""
     prepared, unprepared, reset = held(dsn, {b"get": LOOKUP}), held(dsn, {}), held(dsn, {})
     keys = [str(i % ROWS + 1).encode() for i in range(ROWS)]
     at = iter(range(1 << 62))
+    conn = psycopg.connect(dsn, autocommit=True)
+
+    def run_psycopg() -> None:
+        conn.execute(PSYCOPG_LOOKUP, (next(at) % ROWS + 1,)).fetchone()
 
     def run_prepared() -> None:
         prepared.send_query_prepared(b"get", [keys[next(at) % ROWS]])
@@ -119,6 +126,7 @@ def lookup_sides(dsn: str) -> dict[str, Callable[[], None]]:
         wait_syncs(reset, 2)
 
     return {
+        "psycopg, held": run_psycopg,
         "prepared": run_prepared,
         "unprepared": run_unprepared,
         "DISCARD ALL, Sync, unprepared": run_after_reset,
@@ -182,8 +190,12 @@ def pairs(lc: LocalCluster, cluster: Cluster) -> list[Pair]:
         with cluster.write() as conn:
             conn.execute(INSERT, ("x",))
 
+    def raw_insert() -> None:
+        raw.execute(INSERT, ("x",))
+
     return [
         ("INSERT, Sync, position, Sync (libpq)", plain_side(plain), captured_side(captured)),
+        ("the same against psycopg's own INSERT", raw_insert, captured_side(captured)),
         (
             "write()'s messages (libpq) vs raw transaction()",
             raw_transaction,
@@ -196,7 +208,7 @@ def pairs(lc: LocalCluster, cluster: Cluster) -> list[Pair]:
 def row(what: str, base: list[float], side: list[float]) -> str:
     median, q1, q3 = ratio(side, base)
     return (
-        f"{what:<56} {statistics.median(base) * 1e6:6.1f} -> "
+        f"{what:<62} {statistics.median(base) * 1e6:6.1f} -> "
         f"{statistics.median(side) * 1e6:6.1f} us  x{median:.3f} [{q1:.3f}-{q3:.3f}]"
     )
 
@@ -221,10 +233,9 @@ def main() -> None:
             compared = pairs(lc, cluster)
             servers = pin_servers([lc.directory]) if pinned else 0
             results = compare(lookups, args.rounds, args.ops)
-            for name in list(lookups)[1:]:
-                lines.append(
-                    row(f"point lookup (replica): {name}", results["prepared"], results[name])
-                )
+            for base in ("prepared", "psycopg, held"):
+                for name in ("unprepared", "DISCARD ALL, Sync, unprepared"):
+                    lines.append(row(f"lookup: {name} vs {base}", results[base], results[name]))
             for replay in ("replaying", "paused"):
                 if replay == "paused":
                     lc.pause_replay("replica1")
