@@ -442,13 +442,14 @@ def server_hung_up(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any])
     """Whether an idle connection is closed, broken, or has something to read: a server
     that went away or is ending the session (FIN, RST, a termination message) makes its
     socket readable. One socket poll, no round trip; a quiet socket still says nothing
-    of a hung server (only a timeout tells that)."""
+    of a hung server (only a timeout tells that). A socket that cannot be polled is not
+    trusted either."""
     if conn.closed or conn.broken:
         return True
     try:
         return _wait_socket(conn.pgconn.socket, 0)
-    except (OSError, ValueError):
-        return False
+    except (OSError, ValueError, psycopg.Error):
+        return True
 
 
 def _lifetime_over(conn: Any, now: float) -> bool:
