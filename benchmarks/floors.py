@@ -1,18 +1,23 @@
 """What the guarantees' own statements cost on libpq alone: the floors under the hot paths.
 
 Without the router, libpq's pipeline mode driven directly on held connections (the
-shapes the router sends), so that no implementation keeping the guarantee can do less:
+shapes the router sends), so that no implementation keeping the guarantee can do less;
+each against libpq without the guarantee and against psycopg on a held connection (the
+issues' own baseline):
 
 * the reset before a read (issue 11 rule 5: no session state, prepared statements
   included, passes to the next user of a pooled connection), on the replica:
-  ``prepared``, a point lookup prepared and a Sync, as a held connection runs it once
-  psycopg has prepared it, against ``unprepared`` (the same lookup parsed and planned,
-  as on a session just reset) and ``DISCARD ALL, Sync, unprepared`` (what
-  ``cluster.read()`` sends after a checkout);
+  ``unprepared`` (the lookup parsed and planned, as on a session just reset),
+  ``empty query, Sync, unprepared`` (the protocol's share) and ``DISCARD ALL, Sync,
+  unprepared`` (what ``cluster.read()`` sends after a checkout), against ``prepared``
+  and ``psycopg, held`` (see :func:`lookup_sides`);
 * the position after an autocommit write, on the primary: ``plain``, the INSERT and a
-  Sync (its commit), against ``captured``, the INSERT, a Sync,
-  ``SELECT pg_current_wal_insert_lsn()``, a Sync, one wait (both statements prepared):
-  the position is at or past the commit record because it is read after the Sync;
+  Sync (its commit), and psycopg's own INSERT, against ``captured``, the INSERT, a
+  Sync, ``SELECT pg_current_wal_insert_lsn()``, a Sync, one wait (both statements
+  prepared): the position is at or past the commit record because it is read after
+  the Sync;
+* a ``write()`` block's messages (:func:`write_block_messages`) against psycopg's
+  ``with conn.transaction(): conn.execute(INSERT)``;
 
 and, through the router, ``with cluster.write() as c: c.execute(INSERT)`` (the reset
 and BEGIN go with the INSERT, the position query with the COMMIT) against psycopg's
@@ -36,6 +41,7 @@ measure with the replay running, as the issue's method has it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -69,11 +75,16 @@ def held(dsn: str, prepared: dict[bytes, bytes]) -> PGconn:
 
 
 def wait_syncs(pgconn: PGconn, syncs: int) -> None:
+    """Read the results up to the ``syncs``-th Sync; an error is raised, not timed."""
     seen = 0
     while seen < syncs:
         result = pgconn.get_result()
-        if result is not None and result.status == _SYNC:
+        if result is None:
+            continue
+        if result.status == _SYNC:
             seen += 1
+        elif result.status == pq.ExecStatus.FATAL_ERROR:
+            raise psycopg.errors.error_from_result(result)
 
 
 def plain_side(pgconn: PGconn) -> Callable[[], None]:
@@ -96,41 +107,54 @@ def captured_side(pgconn: PGconn) -> Callable[[], None]:
     return op
 
 
-def lookup_sides(dsn: str) -> dict[str, Callable[[], None]]:
-    """The point lookup through psycopg on a held connection (the issue's baseline, which
-    psycopg prepares after its fifth run), and on libpq alone prepared, unprepared, and
-    after a reset."""
-    prepared, unprepared, reset = held(dsn, {b"get": LOOKUP}), held(dsn, {}), held(dsn, {})
-    keys = [str(i % ROWS + 1).encode() for i in range(ROWS)]
-    at = iter(range(1 << 62))
+LookupSide = tuple[int, Callable[[int], None]]  # (its backend's pid, run the lookup of a key)
+
+
+def lookup_sides(dsn: str) -> dict[str, LookupSide]:
+    """The point lookup through psycopg on a held connection (the issues' baseline,
+    which psycopg prepares after its fifth run), and on libpq alone: prepared,
+    unprepared, after an empty query and a Sync (the protocol's share), and after
+    ``DISCARD ALL`` and a Sync (what ``cluster.read()`` sends after a checkout). Each
+    side has a connection of its own: a reset on a shared one would drop the prepared
+    side's statement."""
+    keys = [str(key).encode() for key in range(ROWS + 1)]
     conn = psycopg.connect(dsn, autocommit=True)
+    prepared = held(dsn, {b"get": LOOKUP})
 
-    def run_psycopg() -> None:
-        conn.execute(PSYCOPG_LOOKUP, (next(at) % ROWS + 1,)).fetchone()
+    def run_psycopg(key: int) -> None:
+        conn.execute(PSYCOPG_LOOKUP, (key,)).fetchone()
 
-    def run_prepared() -> None:
-        prepared.send_query_prepared(b"get", [keys[next(at) % ROWS]])
+    def run_prepared(key: int) -> None:
+        prepared.send_query_prepared(b"get", [keys[key]])
         prepared.pipeline_sync()
         wait_syncs(prepared, 1)
 
-    def run_unprepared() -> None:
-        unprepared.send_query_params(LOOKUP, [keys[next(at) % ROWS]])
-        unprepared.pipeline_sync()
-        wait_syncs(unprepared, 1)
+    def unprepared_after(first: bytes | None) -> LookupSide:
+        pgconn = held(dsn, {})
 
-    def run_after_reset() -> None:
-        reset.send_query_params(b"DISCARD ALL", None)
-        reset.pipeline_sync()  # as the router sends it: the reset cannot be undone
-        reset.send_query_params(LOOKUP, [keys[next(at) % ROWS]])
-        reset.pipeline_sync()
-        wait_syncs(reset, 2)
+        def run(key: int) -> None:
+            if first is not None:
+                pgconn.send_query_params(first, None)
+                pgconn.pipeline_sync()  # as the router sends it: the reset cannot be undone
+            pgconn.send_query_params(LOOKUP, [keys[key]])
+            pgconn.pipeline_sync()
+            wait_syncs(pgconn, 1 if first is None else 2)
+
+        return pgconn.backend_pid, run
 
     return {
-        "psycopg, held": run_psycopg,
-        "prepared": run_prepared,
-        "unprepared": run_unprepared,
-        "DISCARD ALL, Sync, unprepared": run_after_reset,
+        "psycopg, held": (conn.info.backend_pid, run_psycopg),
+        "prepared": (prepared.backend_pid, run_prepared),
+        "unprepared": unprepared_after(None),
+        "empty query, Sync, unprepared": unprepared_after(b""),
+        "DISCARD ALL, Sync, unprepared": unprepared_after(b"DISCARD ALL"),
     }
+
+
+def cycling(run: Callable[[int], None]) -> Callable[[], None]:
+    """``run`` over the keys 1..ROWS in turn, one per call."""
+    keys = itertools.count()
+    return lambda: run(next(keys) % ROWS + 1)
 
 
 def write_block_messages(dsn: str) -> Callable[[], None]:
@@ -229,13 +253,21 @@ def main() -> None:
         )
         lc.wait_replicated()
         with Cluster(lc.primary_dsn, lc.replica_dsns) as cluster:
-            lookups = lookup_sides(lc.replica_dsns[0])
+            lookups = {
+                name: cycling(run) for name, (_, run) in lookup_sides(lc.replica_dsns[0]).items()
+            }
             compared = pairs(lc, cluster)
             servers = pin_servers([lc.directory]) if pinned else 0
             results = compare(lookups, args.rounds, args.ops)
-            for base in ("prepared", "psycopg, held"):
-                for name in ("unprepared", "DISCARD ALL, Sync, unprepared"):
-                    lines.append(row(f"lookup: {name} vs {base}", results[base], results[name]))
+            for against in ("prepared", "psycopg, held"):
+                for name in (
+                    "unprepared",
+                    "empty query, Sync, unprepared",
+                    "DISCARD ALL, Sync, unprepared",
+                ):
+                    lines.append(
+                        row(f"lookup: {name} vs {against}", results[against], results[name])
+                    )
             for replay in ("replaying", "paused"):
                 if replay == "paused":
                     lc.pause_replay("replica1")
