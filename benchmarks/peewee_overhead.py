@@ -104,14 +104,13 @@ class _Borrowed(peewee.PostgresqlDatabase):
         pass
 
 
-class _Capturing(peewee.PostgresqlDatabase):
-    """Peewee's own database, with each statement's commit position read in its round trip."""
+class _CapturingCursor(psycopg.Cursor[Any]):
+    """A psycopg cursor that reads each statement's commit position in its round trip:
+    Peewee's own database with it keeps Peewee's whole path (logging, hooks, errors)."""
 
-    def execute_sql(self, sql: str, params: Any = None) -> Any:
-        with peewee.__exception_wrapper__:
-            cursor = self.cursor()
-            run_capturing(cursor, sql, params or (), wrote=True)
-        return cursor
+    def execute(self, query: Any, params: Any = None, **options: Any) -> _CapturingCursor:
+        run_capturing(self, query, params, wrote=True)
+        return self
 
 
 class _StubResult:
@@ -290,7 +289,9 @@ def main() -> None:
                     assert writer is not None and writer.node == "primary"
                     own = peewee.PostgresqlDatabase(lc.primary_dsn, prefer_psycopg3=True)
                     same = _Borrowed(writer.conn)
-                    capturing = _Capturing(lc.primary_dsn, prefer_psycopg3=True)
+                    capturing = peewee.PostgresqlDatabase(
+                        lc.primary_dsn, prefer_psycopg3=True, cursor_factory=_CapturingCursor
+                    )
                     plain, borrowed, floor = model(own), model(same), model(capturing)
                     plain.create(name="warm")
                     floor.create(name="warm")
