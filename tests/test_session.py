@@ -42,19 +42,30 @@ class _Monitor:
 
 
 class _Cluster:
-    """Just what the bookkeeping touches: the classifier and the monitor."""
+    """Just what the bookkeeping touches: the classifier, the monitor, the settings and
+    the scope's notes (recorded here instead of a scope)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ryw: str | None = "lsn", monotonic: bool = False) -> None:
         self.classifier = Classifier()
         self.monitor = _Monitor()
+        self._ryw = ryw
+        self._monotonic = monotonic
+        self.writes: list[int | None] = []
+        self.floors: list[int | None] = []
+
+    def _note_write(self, position: int | None) -> None:
+        self.writes.append(position)
+
+    def _raise_floor(self, position: int | None) -> None:
+        self.floors.append(position)
 
 
 class Session(RoutedSession):
     _errors = psycopg
 
 
-def session() -> Session:
-    return Session(_Cluster(), autocommit=True, read_only=None)
+def session(ryw: str | None = "lsn", monotonic: bool = False) -> Session:
+    return Session(_Cluster(ryw, monotonic), autocommit=True, read_only=None)
 
 
 def topology(primary: str) -> Topology:
@@ -216,3 +227,98 @@ def test_which_autocommit_statements_get_their_position_in_their_round_trip(
     sql: str, expected: bool
 ) -> None:
     assert pipelines_position(Classifier().analyze(sql)) is expected
+
+
+def test_an_autocommit_statement_committed_what_the_server_says() -> None:
+    s = session()
+    analyze = s._cluster.classifier.analyze
+    writer = Link(_Lease("primary"), "write")
+    assert s._after_autocommit(writer, analyze("INSERT INTO t VALUES (1)"), TX_IDLE, "INSERT 0 1")
+    assert s._after_autocommit(writer, analyze("SELECT f()"), TX_IDLE, "SELECT 1") == (True, False)
+    assert s._after_autocommit(writer, analyze("ROLLBACK"), TX_IDLE, "ROLLBACK") == (False, False)
+    assert s._after_autocommit(writer, analyze("SET search_path = app"), TX_IDLE, "SET") == (
+        False,
+        True,  # a SET the session replays: read back what the server now has
+    )
+    assert s._tx is None
+    # A string that opened a transaction is the session's transaction from here. It
+    # has transaction control, so it may have committed before (``...; COMMIT; BEGIN``),
+    # and whether the open one wrote is asked of the server at its COMMIT.
+    st = analyze("BEGIN; INSERT INTO t VALUES (1)")
+    assert s._after_autocommit(writer, st, TX_INTRANS, "INSERT 0 1") == (True, False)
+    assert s._tx is writer and not s._tx_wrote
+
+
+def test_in_a_transaction_only_a_commit_the_server_made_is_covered() -> None:
+    s = session(monotonic=True)
+    analyze = s._cluster.classifier.analyze
+    writer = Link(_Lease("primary"), "write")
+    s._begin_transaction_on(writer)
+    st = analyze("INSERT INTO t VALUES (1)")
+    assert s._after_in_transaction(writer, st, TX_INTRANS, "INSERT 0 1") == (False, True, False)
+    assert s._after_in_transaction(writer, analyze("COMMIT"), TX_IDLE, "COMMIT") == (
+        True,
+        False,
+        True,
+    )
+    # An aborted transaction's COMMIT answers ROLLBACK: nothing to cover.
+    s._commit_owed = False
+    assert s._after_in_transaction(writer, analyze("COMMIT"), TX_IDLE, "ROLLBACK") == (
+        False,
+        False,
+        True,
+    )
+    # A commit owed from before is asked once the transaction is not aborted.
+    s._commit_owed = True
+    assert s._after_in_transaction(writer, st, TX_INERROR, None)[0] is False
+    assert s._after_in_transaction(writer, st, TX_INTRANS, "INSERT 0 1")[0] is True
+    # On a replica nothing is committed, whatever the tag.
+    reader = Link(_Lease("r1"), "read")
+    s._commit_owed = False
+    assert s._after_in_transaction(reader, analyze("COMMIT"), TX_IDLE, "COMMIT") == (
+        False,
+        False,
+        True,
+    )
+
+
+def test_a_failed_statement_that_may_have_committed_owes_the_token_a_commit() -> None:
+    s = session()
+    analyze = s._cluster.classifier.analyze
+    writer = Link(_Lease("primary"), "write")
+    s._writer = writer
+    several = analyze("INSERT INTO t VALUES (1); COMMIT; SELECT 1/0")
+    assert s._after_failure_on(writer, several, TX_IDLE, in_transaction=False, many=False)
+    assert s._commit_owed
+    s._commit_owed = False
+    one = analyze("INSERT INTO t VALUES (1)")
+    assert not s._after_failure_on(writer, one, TX_IDLE, in_transaction=False, many=False)
+    assert not s._commit_owed
+    # executemany failing at its third row: the first two committed
+    assert s._after_failure_on(writer, one, TX_IDLE, in_transaction=False, many=True)
+    # owed, but not askable in an aborted transaction
+    s._begin_transaction_on(writer)
+    st = analyze("INSERT INTO t VALUES (1); COMMIT; BEGIN; SELECT 1/0")
+    assert not s._after_failure_on(writer, st, TX_INERROR, in_transaction=True, many=False)
+    assert s._commit_owed
+    # a link the session no longer holds: nothing can be said of it
+    s._commit_owed = False
+    gone = Link(_Lease("old-primary"), "write")
+    assert not s._after_failure_on(gone, several, TX_IDLE, in_transaction=False, many=False)
+    assert not s._commit_owed
+
+
+@pytest.mark.parametrize(
+    ("ryw", "monotonic", "asked"),
+    [("lsn", False, True), ("window", False, False), (None, False, None),
+     (None, True, True), ("window", True, True)],
+)  # fmt: skip
+def test_a_committed_write_asks_the_position_only_when_something_uses_it(
+    ryw: str | None, monotonic: bool, asked: bool | None
+) -> None:
+    s = session(ryw, monotonic)
+    assert s._position_after_write() is asked
+    s._written_at(42 if asked else None)
+    cluster = s._cluster
+    assert cluster.writes == [42 if asked else None]  # the cluster ignores it with ryw off
+    assert cluster.floors == ([42] if monotonic else [])

@@ -90,7 +90,6 @@ from .session import (
     ROUTE_SETTING,
     SESSION_SETTINGS_SQL,
     Link,
-    commit_possible,
     pipelines_position,
     refuse_on_replica,
     refused_read,
@@ -355,7 +354,6 @@ _SHOULD: Final = Prepare.SHOULD
 _IDLE: Final = TransactionStatus.IDLE
 _PIPELINE_OFF: Final = psycopg.pq.PipelineStatus.OFF
 _INTRANS: Final = TransactionStatus.INTRANS
-_INERROR: Final = TransactionStatus.INERROR
 _READ: Final = Intent.READ
 
 
@@ -727,21 +725,14 @@ class AsyncRoutedConnection(PsycopgSession):
         if captured is not None:  # the position came back with the statement
             wrote, position = captured
             if wrote:
-                self._cluster._note_write(position)
-                if self._cluster._monotonic:
-                    self._cluster._raise_floor(position)
+                self._written_at(position)
             return
-        status = link.conn.pgconn.transaction_status
-        if status != _IDLE:  # e.g. "BEGIN; INSERT ..."
-            self._begin_transaction_on(link)
-            self._tx_wrote = writes_data(st)
-        # The statement ran in autocommit on the primary: it ended its transaction(s).
-        # The classifier may say "write" (no need to ask); only the server says "no".
-        if writes_data(st) or commit_possible(
-            st, in_transaction=False, status=status, failed=False, tag=rc.statusmessage
-        ):
+        committed, settings = self._after_autocommit(
+            link, st, link.conn.pgconn.transaction_status, rc.statusmessage
+        )
+        if committed:
             await self._after_write(link)
-        if status == _IDLE and "set" in st.session and not self._pinned:
+        if settings:
             await self._capture_settings(link)
 
     async def _in_transaction(
@@ -766,18 +757,14 @@ class AsyncRoutedConnection(PsycopgSession):
                 await self._end_transaction(link)  # e.g. "INSERT ...; COMMIT; SELECT 1/0"
             raise
         self._count(link, st)
-        status = link.conn.pgconn.transaction_status
-        if link.role == "write":
-            if commit_possible(
-                st, in_transaction=True, status=status, failed=False, tag=rc.statusmessage
-            ):  # COMMIT (AND CHAIN), or a string with a COMMIT in it: what the server did
-                self._commit_owed = True
-                self._tx_wrote = False
-            if self._commit_owed and status != _INERROR:
-                await self._settle(link)
-        if status == _INTRANS and self._cluster._monotonic:
+        settle, note_read, ended = self._after_in_transaction(
+            link, st, link.conn.pgconn.transaction_status, rc.statusmessage
+        )
+        if settle:
+            await self._settle(link)
+        if note_read:
             await self._note_read(link)  # what the transaction read so far
-        if status == _IDLE:  # COMMIT, ROLLBACK, PREPARE TRANSACTION
+        if ended:  # COMMIT, ROLLBACK, PREPARE TRANSACTION
             await self._end_transaction(link)
 
     async def _run(
@@ -954,14 +941,10 @@ class AsyncRoutedConnection(PsycopgSession):
         (``INSERT ...; COMMIT; SELECT 1/0``, ``executemany`` in autocommit). The token
         follows the primary then; the statement's own error is the one raised."""
         conn = link.conn
-        if conn.broken or link not in (self._writer, self._tx):
+        if conn.broken:
             return  # lost: the outcome is unknown, and no position can be asked
-        status = conn.pgconn.transaction_status
-        if not commit_possible(st, in_transaction=in_transaction, status=status, failed=True,
-                               tag=None, many=many):  # fmt: skip
-            return
-        self._commit_owed = True
-        if status != _INERROR:
+        if self._after_failure_on(link, st, conn.pgconn.transaction_status,
+                                  in_transaction=in_transaction, many=many):  # fmt: skip
             with contextlib.suppress(psycopg.Error):
                 await self._settle(link)
 
@@ -972,27 +955,21 @@ class AsyncRoutedConnection(PsycopgSession):
 
     async def _after_write(self, link: Link) -> None:
         """A write committed on ``link`` (the primary): advance the scope past it."""
-        wanted = self._position_wanted()
-        monotonic = self._cluster._monotonic
-        if wanted is None and not monotonic:
-            return
-        position = None
-        if wanted or monotonic:
-            cursor = link.conn.cursor(row_factory=tuple_row)
-            await self._checked(link, cursor.execute, POSITION_SQL)
-            position = lsn_of(cursor)
-        if wanted is not None:
-            self._cluster._note_write(position)
-        if monotonic:
-            self._cluster._raise_floor(position)
+        ask = self._position_after_write()
+        if ask is not None:
+            self._written_at(await self._position_on(link, POSITION_SQL) if ask else None)
 
     async def _note_read(self, link: Link) -> None:
         """Monotonic reads: the floor rises when a read is served, not when the link
         goes back, to where ``link``'s node stands now (replayed on a replica, inserted
         on the primary): at or past what the read saw. One query more per read."""
+        self._cluster._raise_floor(await self._position_on(link, NODE_POSITION_SQL))
+
+    async def _position_on(self, link: Link, sql: str) -> int | None:
+        """The WAL position ``sql`` reads on ``link``."""
         cursor = link.conn.cursor(row_factory=tuple_row)
-        await self._checked(link, cursor.execute, NODE_POSITION_SQL)
-        self._cluster._raise_floor(lsn_of(cursor))
+        await self._checked(link, cursor.execute, sql)
+        return lsn_of(cursor)
 
     async def _capture_settings(self, link: Link) -> None:
         cursor = link.conn.cursor(row_factory=tuple_row)

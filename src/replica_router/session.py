@@ -531,6 +531,68 @@ class RoutedSession:
         if link.role == "write" and not self._tx_wrote and writes_data(st):
             self._tx_wrote = True  # a transaction on a replica writes nothing (the server refuses)
 
+    def _after_autocommit(
+        self, link: Link, st: Statement, status: int, tag: str | None
+    ) -> tuple[bool, bool]:
+        """An autocommit statement ran on the primary ``link``, which it left in
+        ``status``: (whether it committed a write, whether the session's settings are to
+        be read back). A string that opened a transaction (``BEGIN; INSERT ...``) is the
+        session's transaction from here. The classifier may say "write" (no need to
+        ask); only the server says "no"."""
+        if status != TX_IDLE:
+            self._begin_transaction_on(link)
+            self._tx_wrote = writes_data(st)
+        committed = writes_data(st) or commit_possible(
+            st, in_transaction=False, status=status, failed=False, tag=tag
+        )
+        return committed, status == TX_IDLE and "set" in st.session and not self._pinned
+
+    def _after_in_transaction(
+        self, link: Link, st: Statement, status: int, tag: str | None
+    ) -> tuple[bool, bool, bool]:
+        """A statement ran in the transaction on ``link``, which it left in ``status``:
+        (a commit to cover now, a read to note for monotonic reads, the transaction
+        over). A COMMIT (AND CHAIN), or a string with a COMMIT in it, is what the
+        server says it did, not what the classifier saw."""
+        settle = False
+        if link.role == "write":
+            if commit_possible(st, in_transaction=True, status=status, failed=False, tag=tag):
+                self._commit_owed = True
+                self._tx_wrote = False
+            settle = self._commit_owed and status != TX_INERROR
+        note_read = status == TX_INTRANS and self._cluster._monotonic
+        return settle, note_read, status == TX_IDLE
+
+    def _after_failure_on(
+        self, link: Link, st: Statement, status: int, *, in_transaction: bool, many: bool
+    ) -> bool:
+        """A statement failed on ``link``, still connected, leaving it in ``status``. It
+        may have committed before it failed (``INSERT ...; COMMIT; SELECT 1/0``,
+        ``executemany`` in autocommit): then a commit is owed to the token. True when
+        its position can be asked now (the transaction left is not aborted)."""
+        if link not in (self._writer, self._tx):
+            return False
+        if not commit_possible(st, in_transaction=in_transaction, status=status, failed=True,
+                               tag=None, many=many):  # fmt: skip
+            return False
+        self._commit_owed = True
+        return status != TX_INERROR
+
+    def _position_after_write(self) -> bool | None:
+        """After a committed write, whether the primary's position is asked first (for
+        read-your-writes by position, or monotonic reads); None: nothing is noted."""
+        if self._cluster._monotonic:
+            return True
+        return self._position_wanted()
+
+    def _written_at(self, position: int | None) -> None:
+        """A write committed at ``position`` (None: unknown, window mode still notes
+        it): the scope's token follows, and with monotonic reads its floor."""
+        cluster = self._cluster
+        cluster._note_write(position)
+        if cluster._monotonic:
+            cluster._raise_floor(position)
+
     def _record_setting(self, link: Link, query: Any, params: Any) -> bool:
         """A plain SET/RESET ran on ``link``; True when the list should be compacted."""
         self._settings.append((query, params))

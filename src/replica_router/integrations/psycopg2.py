@@ -84,15 +84,11 @@ from ..session import (
     ROUTE_BEGIN_WRITE,
     ROUTE_SETTING,
     SESSION_SETTINGS_SQL,
-    TX_INERROR,
-    TX_INTRANS,
     Link,
     RoutedSession,
-    commit_possible,
     refuse_on_replica,
     refused_read,
     route,
-    writes_data,
 )
 from ..sources import Purpose
 
@@ -680,15 +676,10 @@ class RoutedConnection(RoutedSession, psycopg2.extensions.connection):  # type: 
             self._after_failure(link, st, in_transaction=False, many=many)
             raise
         self._count(link, st)
-        status = _status(link)
-        if status != _IDLE:  # e.g. "BEGIN; INSERT ..."
-            self._begin_transaction_on(link)
-            self._tx_wrote = writes_data(st)
-        if writes_data(st) or commit_possible(
-            st, in_transaction=False, status=status, failed=False, tag=rc.statusmessage
-        ):  # it ran in autocommit on the primary: the server says whether it committed
+        committed, settings = self._after_autocommit(link, st, _status(link), rc.statusmessage)
+        if committed:
             self._after_write(link)
-        if status == _IDLE and "set" in st.session and not self._pinned:
+        if settings:
             self._capture_settings(link)
 
     def _in_transaction(
@@ -708,18 +699,14 @@ class RoutedConnection(RoutedSession, psycopg2.extensions.connection):  # type: 
                 self._end_transaction(link)  # e.g. "INSERT ...; COMMIT; SELECT 1/0"
             raise
         self._count(link, st)
-        status = _status(link)
-        if link.role == "write":
-            if commit_possible(
-                st, in_transaction=True, status=status, failed=False, tag=rc.statusmessage
-            ):  # COMMIT (AND CHAIN), or a string with a COMMIT in it: what the server did
-                self._commit_owed = True
-                self._tx_wrote = False
-            if self._commit_owed and status != TX_INERROR:
-                self._settle(link)
-        if status == TX_INTRANS and self._cluster.monotonic_reads:
+        settle, note_read, ended = self._after_in_transaction(
+            link, st, _status(link), rc.statusmessage
+        )
+        if settle:
+            self._settle(link)
+        if note_read:
             self._note_read(link)  # what the transaction read so far
-        if status == _IDLE:  # COMMIT, ROLLBACK, PREPARE TRANSACTION
+        if ended:  # COMMIT, ROLLBACK, PREPARE TRANSACTION
             self._end_transaction(link)
 
     def _text(self, query: Any) -> str:
@@ -896,15 +883,10 @@ class RoutedConnection(RoutedSession, psycopg2.extensions.connection):  # type: 
     ) -> None:
         """A statement failed on the primary link: it may have committed before it
         failed (``executemany`` in autocommit, ``INSERT ...; COMMIT; SELECT 1/0``)."""
-        conn = link.conn
-        if _broken(conn) or link not in (self._writer, self._tx):
-            return
-        status = _status(link)
-        if not commit_possible(st, in_transaction=in_transaction, status=status, failed=True,
-                               tag=None, many=many):  # fmt: skip
-            return
-        self._commit_owed = True
-        if status != TX_INERROR:
+        if _broken(link.conn):
+            return  # lost: the outcome is unknown, and no position can be asked
+        if self._after_failure_on(link, st, _status(link),
+                                  in_transaction=in_transaction, many=many):  # fmt: skip
             with contextlib.suppress(psycopg2.Error):  # the statement's error is raised
                 self._settle(link)
 
@@ -913,22 +895,18 @@ class RoutedConnection(RoutedSession, psycopg2.extensions.connection):  # type: 
         self._after_write(link)
 
     def _after_write(self, link: Link) -> None:
-        wanted = self._position_wanted()
-        monotonic = self._cluster.monotonic_reads
-        if wanted is None and not monotonic:
-            return
-        position = None
-        if wanted or monotonic:
-            row = self._send(link, POSITION_SQL).fetchone()
-            position = parse_lsn(row[0]) if row and row[0] else None
-        if wanted is not None:
-            self._cluster.record_write(position)
-        self._cluster.record_read(position)  # monotonic reads: a no-op without them
+        ask = self._position_after_write()
+        if ask is not None:
+            self._written_at(self._position_on(link, POSITION_SQL) if ask else None)
 
     def _note_read(self, link: Link) -> None:
         """Monotonic reads: the floor rises when a read is served (see RoutedConnection)."""
-        row = self._send(link, NODE_POSITION_SQL).fetchone()
-        self._cluster.record_read(row[0] if row and row[0] else None)
+        self._cluster.record_read(self._position_on(link, NODE_POSITION_SQL))
+
+    def _position_on(self, link: Link, sql: str) -> int | None:
+        """The WAL position ``sql`` reads on ``link``."""
+        row = self._send(link, sql).fetchone()
+        return parse_lsn(row[0]) if row and row[0] else None
 
     def _capture_settings(self, link: Link) -> None:
         self._replace_settings(link, self._send(link, SESSION_SETTINGS_SQL).fetchall())
