@@ -347,6 +347,87 @@ def test_a_read_in_flight_on_a_hung_replica_fails_within_the_bound(
 
 
 @pytest.mark.destructive
+def test_a_write_on_a_hung_primary_fails_within_the_bound_and_says_the_outcome_is_unknown(
+    fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
+) -> None:
+    """Design rule 10 for writes: a ``write()`` block whose primary hangs (SIGSTOP) before
+    its COMMIT is answered fails within the bound, saying that whether it committed is
+    unknown (so nothing is sent again), instead of waiting for the server to wake up; a
+    write begun while the primary is still hung fails within the bound too."""
+    lc = fresh_replica_cluster
+    lc.execute("primary", "CREATE TABLE hung_writes (id int)")
+    with Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None) as cluster:
+
+        def write(hang_before_commit: bool) -> None:
+            with cluster.write() as conn:
+                conn.execute("INSERT INTO hung_writes VALUES (1)")
+                if hang_before_commit:
+                    frozen("primary")
+
+        write(False)  # the write pool holds a connection: only the COMMIT meets the hang
+        done, outcome = within(HUNG_BOUND + 1.0, lambda: write(True))
+        assert done, "the COMMIT on the hung primary never returned"
+        assert isinstance(outcome, psycopg.OperationalError), outcome
+        assert "outcome unknown" in str(outcome)
+        done, outcome = within(HUNG_BOUND + 1.0, lambda: write(False))
+        assert done, "a write to the hung primary never returned"
+        assert isinstance(outcome, psycopg.OperationalError), outcome
+
+
+@pytest.mark.destructive
+def test_an_async_write_on_a_hung_primary_fails_within_the_bound(
+    fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
+) -> None:
+    """Design rule 10, asyncio: an ``AsyncCluster.write()`` block whose primary hangs
+    before its COMMIT is answered fails within the bound instead of waiting."""
+    lc = fresh_replica_cluster
+    lc.execute("primary", "CREATE TABLE hung_writes (id int)")
+
+    async def main() -> object:
+        async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, max_lag=None) as cluster:
+
+            async def write(hang_before_commit: bool) -> None:
+                async with cluster.write() as conn:
+                    await conn.execute("INSERT INTO hung_writes VALUES (1)")
+                    if hang_before_commit:
+                        frozen("primary")
+
+            await write(False)
+            try:
+                await asyncio.wait_for(write(True), HUNG_BOUND + 1.0)
+            except psycopg.OperationalError as exc:
+                return exc
+            except TimeoutError:
+                return "the COMMIT on the hung primary never returned"
+        return "no error"
+
+    outcome = run(main())
+    assert isinstance(outcome, psycopg.OperationalError), outcome
+
+
+@pytest.mark.destructive
+def test_a_routed_connections_write_on_a_hung_primary_fails_within_the_bound(
+    fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
+) -> None:
+    """Design rule 10: an autocommit write on a held ``cluster.connection()`` whose
+    primary then hangs fails within the bound with a connectivity error, and the
+    connection is still usable for reads, which the replicas serve."""
+    lc = fresh_replica_cluster
+    lc.execute("primary", "CREATE TABLE hung_writes (id int)")
+    cluster = Cluster(lc.primary_dsn, lc.replica_dsns, max_lag=None)
+    with cluster, cluster.connection() as conn:
+        conn.execute("INSERT INTO hung_writes VALUES (1)")  # holds the primary link
+        frozen("primary")
+        done, outcome = within(
+            HUNG_BOUND + 1.0, lambda: conn.execute("INSERT INTO hung_writes VALUES (2)")
+        )
+        assert done, "the write on the hung primary never returned"
+        assert isinstance(outcome, psycopg.OperationalError), outcome
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert conn.nodes.get("read") in ("replica1", "replica2"), conn.nodes
+
+
+@pytest.mark.destructive
 def test_an_async_read_in_flight_on_a_hung_replica_fails_within_the_bound(
     fresh_replica_cluster: LocalCluster, frozen: Callable[[str], None]
 ) -> None:
