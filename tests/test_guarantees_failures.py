@@ -54,6 +54,58 @@ def test_writes_after_a_primary_restart_succeed_and_keep_the_primary_in_routing(
         assert lc.execute("primary", "SELECT count(*) FROM guar_restart") == [(4,)]
 
 
+@pytest.mark.destructive
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_a_routed_connections_held_links_outlive_a_restart_of_their_nodes(
+    fresh_replica_cluster: LocalCluster, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rule 9 for held links: a routed connection whose primary and read replica were
+    restarted while it sat idle writes and reads on. The write never reaches the ended
+    session (its socket already says the server left, so a fresh connection takes it),
+    the read runs again elsewhere, and neither node is suspected for it: only a fresh
+    connection failing counts against a node."""
+    from replica_router.integrations import psycopg2 as routed2
+
+    lc = fresh_replica_cluster
+    lc.execute("primary", "CREATE TABLE held_restart (id int)")
+    settings: dict[str, Any] = {"max_lag": None, "read_your_writes": None, **FAST}
+    with Cluster(lc.primary_dsn, lc.replica_dsns, **settings) as cluster:
+        conn: Any = (
+            cluster.connection()
+            if driver == "psycopg"
+            else routed2.connect(cluster, autocommit=True)
+        )
+        try:
+            cursor = conn.cursor()
+            cursor.execute("INSERT INTO held_restart VALUES (1)")
+            cursor.execute("SELECT 1")
+            held = conn.nodes
+            assert set(held) == {"read", "write"}, held
+            for node in (held["write"], held["read"]):
+                lc.stop(node, mode="fast")
+                lc.start(node)
+
+            def back() -> bool:
+                topology = cluster.topology
+                return topology.primary == "primary" and all(
+                    n.consecutive_successes > 0 for n in topology.nodes
+                )
+
+            wait_until(back, what="the monitor to see both nodes back")
+            with caplog.at_level("WARNING", logger="replica_router.monitor"):
+                cursor.execute("INSERT INTO held_restart VALUES (2)")
+                cursor.execute("SELECT 1")
+                assert cursor.fetchone() == (1,)
+            assert "suspected" not in caplog.text, caplog.text
+        finally:
+            conn.close()
+            if driver == "psycopg2":
+                routed2.close_pools(cluster)
+    assert lc.execute("primary", "SELECT array_agg(id ORDER BY id) FROM held_restart") == [
+        ([1, 2],)
+    ]
+
+
 def test_reads_and_writes_after_their_pooled_backends_are_terminated(
     replica_cluster: LocalCluster,
 ) -> None:

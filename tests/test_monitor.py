@@ -353,6 +353,21 @@ def test_mark_suspect_unhealthy_at_threshold_then_probe_readmits(
     assert all("hunter2" not in repr(e) for e in recorder.events)
 
 
+def test_probe_soon_probes_at_once_and_counts_nothing_against_the_node(
+    replica_cluster: LocalCluster, make_monitor: MonitorFactory
+) -> None:
+    """A routed connection's held link ended (a restart, a terminated backend): the node
+    is probed now, not at the next interval, and stays healthy if it answers."""
+    monitor = make_monitor(replica_cluster, interval=5.0)  # only the request can probe now
+    monitor.start()
+    wait_for(monitor, lambda t: t.by_name["replica1"].consecutive_successes == 1, 3.0)
+    monitor.probe_soon("replica1")
+    state = wait_for(monitor, lambda t: t.by_name["replica1"].consecutive_successes == 2, 3.0)
+    assert state.by_name["replica1"].healthy
+    assert state.by_name["replica1"].consecutive_failures == 0
+    monitor.probe_soon("nonexistent")  # a node removed meanwhile: nothing to do
+
+
 def test_wait_for_returns_none_on_timeout_and_refresh_works_without_start(
     replica_cluster: LocalCluster, make_monitor: MonitorFactory
 ) -> None:

@@ -36,9 +36,13 @@ class _Lease:
 @dataclass
 class _Monitor:
     suspects: list[str] = field(default_factory=list)
+    probed: list[str] = field(default_factory=list)
 
     def mark_suspect(self, node: str, message: str) -> None:
         self.suspects.append(node)
+
+    def probe_soon(self, node: str) -> None:
+        self.probed.append(node)
 
 
 class _Cluster:
@@ -139,7 +143,7 @@ def test_a_write_link_is_kept_while_its_node_takes_writes() -> None:
     assert not s._keeps_writer(link, topology("b"))
 
 
-def test_a_lost_link_says_what_the_session_lost_and_suspects_the_node() -> None:
+def test_a_lost_link_says_what_the_session_lost_and_has_its_node_probed() -> None:
     s = session()
     writer = Link(_Lease("primary"), "write")
     s._writer = writer
@@ -149,7 +153,10 @@ def test_a_lost_link_says_what_the_session_lost_and_suspects_the_node() -> None:
     assert s._tx is None and s._writer is None
     with pytest.raises(psycopg.OperationalError, match="held this session's state"):
         s._check_open()
-    assert s._cluster.monitor.suspects == ["primary"]
+    # probed now, but not suspected: only a fresh connection failing too says the node
+    # is down (design rule 9); a restart ends held links on a healthy node
+    assert s._cluster.monitor.probed == ["primary"]
+    assert s._cluster.monitor.suspects == []
     assert "transaction was lost" in (s._tx_lost or "")
 
 

@@ -97,7 +97,12 @@ from .session import (
     uses_copy,
     writes_data,
 )
-from .sources import aset_autocommit_owing, check_queued_reset, queue_owed_reset
+from .sources import (
+    aset_autocommit_owing,
+    check_queued_reset,
+    queue_owed_reset,
+    server_hung_up,
+)
 
 if TYPE_CHECKING:
     from psycopg import IsolationLevel, Notify
@@ -832,13 +837,23 @@ class AsyncRoutedConnection(PsycopgSession):
         return self._hold(await self._cluster._acquire_read(), "read", topology, mark)
 
     async def _write_link(self) -> Link:
-        """The primary (the pinned session's node, whatever the topology says since)."""
+        """The primary (the pinned session's node, whatever the topology says since).
+
+        A held link the server ended while it sat idle (a restart, a terminated
+        backend: its socket is readable) is replaced before a write is sent on it, so
+        the write goes on a fresh connection instead of failing unsent (design rule 9);
+        a pinned session fails then, its state gone with that backend."""
         link = self._writer
         topology = self._cluster._require_monitor().topology
         if link is not None:
-            if self._keeps_writer(link, topology):
+            if server_hung_up(link.conn):
+                link.conn.close()
+                await self._lost(link)
+                self._check_open()
+            elif self._keeps_writer(link, topology):
                 return link
-            await self._release(link)
+            else:
+                await self._release(link)
         lease = await self._cluster._acquire_write()
         try:
             # Statements commit one by one; BEGIN opens. (No I/O: a reset the connection

@@ -500,6 +500,18 @@ class Monitor:
                 self._publish(states, pending)
         self._wake.set()
 
+    def probe_soon(self, name: str) -> None:
+        """A user-path connection to ``name`` ended under its user (the server went
+        away, restarted or ended the session): probe the node now instead of at the
+        next interval, counting nothing against it. Only a fresh connection that fails
+        too says the node is down (design rule 9)."""
+        with self._locked():
+            node = self._nodes.get(name)
+            if node is None:
+                return
+            node.next_attempt = 0.0
+        self._wake.set()
+
     def add_node(self, spec: NodeSpec) -> None:
         """Start probing another node (from the next round on)."""
         with self._locked() as pending:

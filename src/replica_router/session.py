@@ -660,7 +660,8 @@ class RoutedSession:
         return links
 
     def _note_lost(self, link: Link) -> None:
-        """``link``'s connection broke: forget it and say what the session lost."""
+        """``link``'s connection broke: forget it, say what the session lost, and have
+        its node probed now."""
         node = link.node
         self._attention = True
         if link is self._tx:
@@ -675,8 +676,8 @@ class RoutedSession:
             )
         self._forget(link)
         monitor = self._cluster.monitor
-        if monitor is not None:
-            monitor.mark_suspect(node, "a routed connection's link broke")
+        if monitor is not None:  # a link ending says nothing yet of its node (rule 9)
+            monitor.probe_soon(node)
 
     def _count(self, link: Link, st: Statement) -> None:
         self._last = link

@@ -93,6 +93,7 @@ __all__ = [
     "async_pool_sources",
     "hung_peer_kwargs",
     "pool_sources",
+    "readable_now",
     "server_hung_up",
     "shut_down_socket",
     "socket_of",
@@ -447,9 +448,15 @@ def server_hung_up(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any])
     if conn.closed or conn.broken:
         return True
     try:
-        return _wait_socket(conn.pgconn.socket, 0)
+        return readable_now(conn.pgconn.socket)
     except (OSError, ValueError, psycopg.Error):
         return True
+
+
+def readable_now(fd: int) -> bool:
+    """Whether socket ``fd`` has something to read (or an end of stream) right now: on
+    an idle client connection, the server went away or is ending the session."""
+    return _wait_socket(fd, 0)
 
 
 def _lifetime_over(conn: Any, now: float) -> bool:

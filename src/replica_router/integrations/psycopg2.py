@@ -90,7 +90,7 @@ from ..session import (
     refused_read,
     route,
 )
-from ..sources import Purpose
+from ..sources import Purpose, readable_now
 
 if TYPE_CHECKING:
     from ..classify import Statement
@@ -293,6 +293,18 @@ _NATIVE_AUTOCOMMIT: Final[Any] = _Connection.autocommit
 def _broken(conn: Any) -> bool:
     """Whether a node connection (or the routed connection's own) is closed."""
     return bool(_NATIVE_CLOSED.__get__(conn))
+
+
+def _hung_up(conn: Any) -> bool:
+    """:func:`~replica_router.sources.server_hung_up` for an idle psycopg2 node
+    connection: closed, or its socket readable (the server left or is ending the
+    session); one that cannot be polled is not trusted either."""
+    if _broken(conn):
+        return True
+    try:
+        return readable_now(conn.fileno())
+    except (OSError, ValueError, psycopg2.Error):
+        return True
 
 
 class _Socket:
@@ -781,12 +793,18 @@ class RoutedConnection(RoutedSession, psycopg2.extensions.connection):  # type: 
             return self._hold(lease, "read", topology, mark)
 
     def _write_link(self) -> Link:
+        """The primary; a held link the server ended while idle is replaced before a
+        write goes on it (see RoutedConnection)."""
         link = self._writer
         topology = self._cluster.topology
         if link is not None:
-            if self._keeps_writer(link, topology):
+            if _hung_up(link.conn):
+                self._lost(link)
+                self._check_open()
+            elif self._keeps_writer(link, topology):
                 return link
-            self._release(link)
+            else:
+                self._release(link)
         node = self._cluster.route_write()
         try:
             lease = self._home.take(node, "write") or self._pools.lease(node, "write")
