@@ -203,13 +203,17 @@ def test_pooled_connections_say_when_their_connect_began(replica_cluster: LocalC
 def test_an_idle_connection_the_server_ended_is_told_by_one_poll(
     replica_cluster: LocalCluster,
 ) -> None:
-    """What the checkout and the Peewee primary link ask before they use an idle
+    """What the checkout and the held primary links ask before they use an idle
     connection: quiet while the backend lives; once it is terminated, its socket is
-    readable; a closed connection counts as hung up too."""
+    readable; a closed connection counts as hung up too. The pools' connections keep
+    the poll they were asked with (made once, not at every checkout)."""
     lc = replica_cluster
-    conn = psycopg.connect(lc.primary_dsn, autocommit=True)
+    conn = PooledConnection.connect(lc.primary_dsn, autocommit=True)
     try:
         assert not server_hung_up(conn)
+        watch = conn.hangup_watch
+        assert watch is not None and watch.fd == conn.pgconn.socket
+        assert not server_hung_up(conn) and conn.hangup_watch is watch
         pid = conn.info.backend_pid
         lc.execute("primary", "SELECT pg_terminate_backend(%s)", (pid,))
         wait_until(lambda: server_hung_up(conn), what="the terminated backend's socket readable")

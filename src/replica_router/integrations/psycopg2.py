@@ -90,7 +90,7 @@ from ..session import (
     refused_read,
     route,
 )
-from ..sources import Purpose, readable_now
+from ..sources import Purpose, socket_readable
 
 if TYPE_CHECKING:
     from ..classify import Statement
@@ -302,7 +302,7 @@ def _hung_up(conn: Any) -> bool:
     if _broken(conn):
         return True
     try:
-        return readable_now(conn.fileno())
+        return socket_readable(conn, conn.fileno())
     except (OSError, ValueError, psycopg2.Error):
         return True
 
