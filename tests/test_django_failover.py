@@ -74,6 +74,40 @@ def test_after_a_promotion_writes_go_to_the_promoted_alias_and_succeed(
 
 
 @pytest.mark.destructive
+def test_a_request_after_a_restart_writes_on_a_fresh_connection(own_sandbox: LocalCluster) -> None:
+    """Design rule 9 with Django's persistent connections: the primary restarted between
+    two requests, so the connection Django kept for it was ended by the server while
+    idle. At the next request it is closed before any statement goes on it (one socket
+    poll per open alias, as ``close_old_connections`` closes an unusable one), and the
+    write connects afresh instead of failing unsent."""
+    from django.db import connections
+    from django.test import Client
+
+    from replica_router.integrations.django import get_cluster
+    from rr_django_app.models import Post
+
+    lc = own_sandbox
+    cluster = get_cluster()
+    client = Client()  # keeps the connections between requests, as CONN_MAX_AGE does
+    assert client.post("/create", {"title": "before"}).status_code == 200
+    kept = connections["default"].connection
+    assert kept is not None
+    lc.stop(lc.primary_name, mode="fast")
+    lc.start(lc.primary_name)
+    wait_until(  # node names are the aliases
+        lambda: (
+            cluster.topology.by_name["default"].consecutive_successes > 0
+            and cluster.topology.primary == "default"
+        ),
+        what="the monitor to see the primary back",
+    )
+    response = client.post("/create", {"title": "after"})
+    assert response.status_code == 200
+    assert connections["default"].connection is not kept
+    assert Post.objects.filter(pk=response.json()["pk"]).exists()
+
+
+@pytest.mark.destructive
 @pytest.mark.usefixtures("own_sandbox")
 def test_a_read_in_flight_on_a_hung_replica_fails_within_the_bound_then_reads_move(
     frozen: Callable[[str], None],

@@ -49,7 +49,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_asy
 from django.conf import settings
 from django.core import signing
 from django.core.exceptions import ImproperlyConfigured
-from django.core.signals import setting_changed
+from django.core.signals import request_started, setting_changed
 from django.db import DatabaseError, connections
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.signals import connection_created
@@ -62,7 +62,7 @@ from .._web import Incoming, TokenTransport, enter_scope
 from ..consistency import NODE_POSITION_SQL, POSITION_SQL, Scope, Token, current_scope
 from ..errors import ConfigurationError, Error, PrimaryUnavailable, TokenError
 from ..lsn import parse_lsn
-from ..sources import ConnectionSource, Purpose, SourceFactory, pool_sources
+from ..sources import ConnectionSource, Purpose, SourceFactory, pool_sources, socket_readable
 from ..topology import NodeSpec, Role
 
 __all__ = [
@@ -625,6 +625,31 @@ def _connection_created(*, connection: Any, **kwargs: Any) -> None:
 
 
 connection_created.connect(_connection_created, dispatch_uid="replica_router.django.guard")
+
+
+def _close_ended_connections(**kwargs: Any) -> None:
+    """``request_started``: close an alias's kept connection (``CONN_MAX_AGE``) whose
+    server ended it while it sat idle (a restart, a terminated backend: its socket is
+    readable), as Django's ``close_old_connections`` closes an unusable one, so that
+    the request's first statement connects afresh instead of failing unsent (design
+    rule 9). One socket poll per open alias, no round trip (``CONN_HEALTH_CHECKS``
+    sends a query); a connection in a transaction block is left to its owner."""
+    if getattr(settings, _SETTING, None) is None:
+        return
+    aliases = _settings().aliases
+    for conn in connections.all(initialized_only=True):
+        raw = conn.connection
+        if raw is None or conn.alias not in aliases or conn.in_atomic_block:
+            continue
+        try:
+            ended = bool(raw.closed) or socket_readable(raw, raw.fileno())
+        except Exception:  # whatever the driver raises: a socket it cannot name is not trusted
+            ended = True
+        if ended:
+            conn.close()
+
+
+request_started.connect(_close_ended_connections, dispatch_uid="replica_router.django.ended")
 
 
 # -- the router -------------------------------------------------------------------------
