@@ -106,6 +106,39 @@ def test_a_routed_connections_held_links_outlive_a_restart_of_their_nodes(
     ]
 
 
+@pytest.mark.destructive
+def test_an_async_routed_connections_held_primary_link_outlives_a_restart(
+    fresh_replica_cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same for ``AsyncCluster.connection()``: the write after the restart goes on a
+    fresh connection, and the primary is not suspected for the ended link."""
+    lc = fresh_replica_cluster
+    lc.execute("primary", "CREATE TABLE held_restart (id int)")
+
+    async def main() -> None:
+        settings: dict[str, Any] = {"max_lag": None, "read_your_writes": None, **FAST}
+        cluster = AsyncCluster(lc.primary_dsn, lc.replica_dsns, **settings)
+        async with cluster, cluster.connection() as conn:
+            await conn.execute("INSERT INTO held_restart VALUES (1)")
+            lc.stop("primary", mode="fast")
+            lc.start("primary")
+            wait_until(  # the monitor runs on a thread of its own
+                lambda: (
+                    cluster.topology.primary == "primary"
+                    and cluster.topology.by_name["primary"].consecutive_successes > 0
+                ),
+                what="the monitor to see the primary back",
+            )
+            with caplog.at_level("WARNING", logger="replica_router.monitor"):
+                await conn.execute("INSERT INTO held_restart VALUES (2)")
+            assert "suspected" not in caplog.text, caplog.text
+
+    run(main())
+    assert lc.execute("primary", "SELECT array_agg(id ORDER BY id) FROM held_restart") == [
+        ([1, 2],)
+    ]
+
+
 def test_reads_and_writes_after_their_pooled_backends_are_terminated(
     replica_cluster: LocalCluster,
 ) -> None:

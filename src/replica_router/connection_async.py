@@ -847,7 +847,7 @@ class AsyncRoutedConnection(PsycopgSession):
         topology = self._cluster._require_monitor().topology
         if link is not None:
             if server_hung_up(link.conn):
-                link.conn.close()
+                await link.conn.close()
                 await self._lost(link)
                 self._check_open()
             elif self._keeps_writer(link, topology):
