@@ -57,11 +57,16 @@ class _Cluster:
         self.writes: list[int | None] = []
         self.floors: list[int | None] = []
 
-    def _note_write(self, position: int | None) -> None:
+    @property
+    def monotonic_reads(self) -> bool:
+        return self._monotonic
+
+    def record_write(self, position: int | None) -> None:
         self.writes.append(position)
 
-    def _raise_floor(self, position: int | None) -> None:
-        self.floors.append(position)
+    def record_read(self, position: int | None) -> None:
+        if self._monotonic and position is not None:
+            self.floors.append(position)
 
 
 class Session(RoutedSession):

@@ -560,7 +560,7 @@ class RoutedSession:
                 self._commit_owed = True
                 self._tx_wrote = False
             settle = self._commit_owed and status != TX_INERROR
-        note_read = status == TX_INTRANS and self._cluster._monotonic
+        note_read = status == TX_INTRANS and self._cluster.monotonic_reads
         return settle, note_read, status == TX_IDLE
 
     def _after_failure_on(
@@ -581,17 +581,17 @@ class RoutedSession:
     def _position_after_write(self) -> bool | None:
         """After a committed write, whether the primary's position is asked first (for
         read-your-writes by position, or monotonic reads); None: nothing is noted."""
-        if self._cluster._monotonic:
+        if self._cluster.monotonic_reads:
             return True
         return self._position_wanted()
 
     def _written_at(self, position: int | None) -> None:
         """A write committed at ``position`` (None: unknown, window mode still notes
-        it): the scope's token follows, and with monotonic reads its floor."""
+        it): the scope's token follows, and with monotonic reads its floor (through
+        the public seam, as the psycopg2 adapter's writes always went)."""
         cluster = self._cluster
-        cluster._note_write(position)
-        if cluster._monotonic:
-            cluster._raise_floor(position)
+        cluster.record_write(position)
+        cluster.record_read(position)  # a no-op without monotonic reads
 
     def _record_setting(self, link: Link, query: Any, params: Any) -> bool:
         """A plain SET/RESET ran on ``link``; True when the list should be compacted."""
