@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +52,16 @@ def within(seconds: float, action: Callable[[], Any]) -> tuple[bool, Any]:
     thread.start()
     thread.join(seconds)
     return (not thread.is_alive(), outcome[0] if outcome else None)
+
+
+async def awithin(seconds: float, action: Awaitable[Any]) -> tuple[bool, Any]:
+    """:func:`within` for asyncio: (finished in time, its result or exception)."""
+    try:
+        return True, await asyncio.wait_for(action, seconds)
+    except TimeoutError:
+        return False, None
+    except Exception as exc:
+        return True, exc
 
 
 def hung_mid_flight(

@@ -3,7 +3,6 @@ a restarted primary, a forked process, a hung (SIGSTOPped) node."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from helpers import FAST, HUNG_BOUND, port_of, run, wait_until, within
+from helpers import FAST, HUNG_BOUND, awithin, port_of, run, wait_until, within
 from replica_router import AsyncCluster, Cluster, ConfigurationError, Error
 from replica_router._cluster_base import died_while_pooled
 from replica_router.sandbox import LocalCluster
@@ -472,7 +471,7 @@ def test_an_async_write_on_a_hung_primary_fails_within_the_bound(
     lc = fresh_replica_cluster
     lc.execute("primary", "CREATE TABLE hung_writes (id int)")
 
-    async def main() -> object:
+    async def main() -> tuple[bool, Any]:
         async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, max_lag=None) as cluster:
 
             async def write(hang_before_commit: bool) -> None:
@@ -482,15 +481,10 @@ def test_an_async_write_on_a_hung_primary_fails_within_the_bound(
                         frozen("primary")
 
             await write(False)
-            try:
-                await asyncio.wait_for(write(True), HUNG_BOUND + 1.0)
-            except psycopg.OperationalError as exc:
-                return exc
-            except TimeoutError:
-                return "the COMMIT on the hung primary never returned"
-        return "no error"
+            return await awithin(HUNG_BOUND + 1.0, write(True))
 
-    outcome = run(main())
+    done, outcome = run(main())
+    assert done, "the COMMIT on the hung primary never returned"
     assert isinstance(outcome, psycopg.OperationalError), outcome
 
 
@@ -525,21 +519,16 @@ def test_an_async_read_in_flight_on_a_hung_replica_fails_within_the_bound(
     lc = fresh_replica_cluster
     nodes = {"primary": lc.primary_dsn, "replica1": lc.dsn("replica1")}
 
-    async def main() -> object:
+    async def main() -> tuple[bool, Any]:
         cluster = AsyncCluster(nodes=nodes, max_lag=None)  # type: ignore[arg-type]
         async with cluster, cluster.read() as conn:
             cur = await conn.execute("SELECT inet_server_port()")
             assert await cur.fetchone() == (lc.port("replica1"),)
             frozen("replica1")
-            try:
-                await asyncio.wait_for(conn.execute("SELECT 1"), HUNG_BOUND + 1.0)
-            except psycopg.OperationalError as exc:
-                return exc
-            except TimeoutError:
-                return "the query on the hung replica never returned"
-        return "no error"
+            return await awithin(HUNG_BOUND + 1.0, conn.execute("SELECT 1"))
 
-    outcome = run(main())
+    done, outcome = run(main())
+    assert done, "the query on the hung replica never returned"
     assert isinstance(outcome, psycopg.OperationalError), outcome
 
 
@@ -601,23 +590,18 @@ def test_an_integrations_own_async_connection_in_flight_on_a_hung_replica_fails(
     """``AsyncCluster.using``: a plain ``with`` around an awaited query."""
     lc = fresh_replica_cluster
 
-    async def main() -> object:
+    async def main() -> tuple[bool, Any]:
         async with AsyncCluster(lc.primary_dsn, lc.replica_dsns, max_lag=None) as cluster:
             conn = await psycopg.AsyncConnection.connect(
                 cluster.conninfo("replica1"), autocommit=True
             )
             async with conn:
                 frozen("replica1")
-                try:
-                    with cluster.using("replica1", conn):
-                        await asyncio.wait_for(conn.execute("SELECT 1"), HUNG_BOUND + 1.0)
-                except psycopg.OperationalError as exc:
-                    return exc
-                except TimeoutError:
-                    return "the query on the hung replica never returned"
-        return "no error"
+                with cluster.using("replica1", conn):
+                    return await awithin(HUNG_BOUND + 1.0, conn.execute("SELECT 1"))
 
-    outcome = run(main())
+    done, outcome = run(main())
+    assert done, "the query on the hung replica never returned"
     assert isinstance(outcome, psycopg.OperationalError), outcome
 
 
