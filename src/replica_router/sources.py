@@ -95,8 +95,8 @@ __all__ = [
     "pool_sources",
     "server_hung_up",
     "shut_down_socket",
+    "socket_hung_up",
     "socket_of",
-    "socket_readable",
     "validate_pool_kwargs",
 ]
 
@@ -445,24 +445,24 @@ def server_hung_up(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any])
     socket readable. One socket poll, no round trip; a quiet socket still says nothing
     of a hung server (only a timeout tells that). A socket that cannot be polled is not
     trusted either. The poll is made once per connection (:class:`HangupWatch`)."""
-    if conn.closed or conn.broken:
-        return True
+    return conn.closed or conn.broken or socket_hung_up(conn)
+
+
+def socket_hung_up(conn: Any) -> bool:
+    """Whether the socket of ``conn``, an open psycopg or psycopg2 connection
+    (``fileno()``), is readable now, polled with the :class:`HangupWatch` kept on
+    ``conn`` (made on first use; each time for a class that cannot keep one). One that
+    cannot be polled counts as hung up: whatever the driver raises, it is not trusted."""
     try:
-        return socket_readable(conn, conn.pgconn.socket)
-    except (OSError, ValueError, psycopg.Error):
+        fd = conn.fileno()
+        watch: HangupWatch | None = getattr(conn, "hangup_watch", None)
+        if watch is None or watch.fd != fd:
+            watch = HangupWatch(fd)
+            with contextlib.suppress(AttributeError):
+                conn.hangup_watch = watch
+        return watch.readable()
+    except Exception:  # OSError, ValueError, psycopg's or psycopg2's own error
         return True
-
-
-def socket_readable(conn: Any, fd: int) -> bool:
-    """Whether ``fd``, the socket of ``conn`` (open), is readable now, polled with the
-    :class:`HangupWatch` kept on ``conn`` (made on first use; each time for a
-    connection class that cannot keep one)."""
-    watch: HangupWatch | None = getattr(conn, "hangup_watch", None)
-    if watch is None or watch.fd != fd:
-        watch = HangupWatch(fd)
-        with contextlib.suppress(AttributeError):
-            conn.hangup_watch = watch
-    return watch.readable()
 
 
 class HangupWatch:

@@ -62,7 +62,7 @@ from .._web import Incoming, TokenTransport, enter_scope
 from ..consistency import NODE_POSITION_SQL, POSITION_SQL, Scope, Token, current_scope
 from ..errors import ConfigurationError, Error, PrimaryUnavailable, TokenError
 from ..lsn import parse_lsn
-from ..sources import ConnectionSource, Purpose, SourceFactory, pool_sources, socket_readable
+from ..sources import ConnectionSource, Purpose, SourceFactory, pool_sources, socket_hung_up
 from ..topology import NodeSpec, Role
 
 __all__ = [
@@ -641,11 +641,7 @@ def _close_ended_connections(**kwargs: Any) -> None:
         raw = conn.connection
         if raw is None or conn.alias not in aliases or conn.in_atomic_block:
             continue
-        try:
-            ended = bool(raw.closed) or socket_readable(raw, raw.fileno())
-        except Exception:  # whatever the driver raises: a socket it cannot name is not trusted
-            ended = True
-        if ended:
+        if raw.closed or socket_hung_up(raw):
             conn.close()
 
 

@@ -90,7 +90,7 @@ from ..session import (
     refused_read,
     route,
 )
-from ..sources import Purpose, socket_readable
+from ..sources import Purpose, socket_hung_up
 
 if TYPE_CHECKING:
     from ..classify import Statement
@@ -299,12 +299,7 @@ def _hung_up(conn: Any) -> bool:
     """:func:`~replica_router.sources.server_hung_up` for an idle psycopg2 node
     connection: closed, or its socket readable (the server left or is ending the
     session); one that cannot be polled is not trusted either."""
-    if _broken(conn):
-        return True
-    try:
-        return socket_readable(conn, conn.fileno())
-    except (OSError, ValueError, psycopg2.Error):
-        return True
+    return _broken(conn) or socket_hung_up(conn)
 
 
 class _Socket:
