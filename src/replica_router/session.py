@@ -539,10 +539,11 @@ class RoutedSession:
         be read back). A string that opened a transaction (``BEGIN; INSERT ...``) is the
         session's transaction from here. The classifier may say "write" (no need to
         ask); only the server says "no"."""
+        wrote = writes_data(st)
         if status != TX_IDLE:
             self._begin_transaction_on(link)
-            self._tx_wrote = writes_data(st)
-        committed = writes_data(st) or commit_possible(
+            self._tx_wrote = wrote
+        committed = wrote or commit_possible(
             st, in_transaction=False, status=status, failed=False, tag=tag
         )
         return committed, status == TX_IDLE and "set" in st.session and not self._pinned
